@@ -1,0 +1,264 @@
+"""Weight download and lookup on the Hugging Face Hub.
+
+Each model is a `ModelSpec`: one Hub repo plus the glob patterns of the files the pipeline reads, so a
+download never pulls the parts of a repo we do not use (StableAvatar's repo also holds a 3 GB base DiT
+that its `.pt` files supersede, and a vocal separator).
+
+Environment: `HF_HOME` / `HF_HUB_CACHE` (cache location), `HF_ENDPOINT` (mirror) and `HF_HUB_OFFLINE`
+are honoured. huggingface_hub reads them once at import, so they are looked up again on every call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from tqdm.auto import tqdm
+
+from avatarcli.errors import AvatarError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One downloadable model: a Hub repo and the subset of its files the pipeline needs.
+
+    `required_files` must all exist in a usable copy. `required_any` lists groups of which at least
+    one file must exist (a weight published in either of two formats). `approx_size_gb` is the size of
+    the filtered download, used to warn about disk space.
+    """
+
+    repo_id: str
+    allow_patterns: tuple[str, ...]
+    description: str
+    ignore_patterns: tuple[str, ...] = ()
+    required_files: tuple[str, ...] = ()
+    required_any: tuple[tuple[str, ...], ...] = ()
+    revision: str | None = None
+    approx_size_gb: float = 0.0
+
+
+_WAV2VEC = "wav2vec2-base-960h"
+_WAN_BASE = "Wan2.1-Fun-V1.1-1.3B-InP"
+_UMT5_TOKENIZER = f"{_WAN_BASE}/google/umt5-xxl"
+
+# Layout of FrancisRing/StableAvatar per its README and wan_civitai.yaml. Left out on purpose:
+# the base diffusion_pytorch_model.safetensors (each transformer3d-*.pt is a full transformer state
+# dict), Kim_Vocal_2.onnx (optional vocal separation) and xlm-roberta-large/ (the CLIP tokenizer,
+# unused because the reference image is never captioned).
+STABLEAVATAR = ModelSpec(
+    repo_id="FrancisRing/StableAvatar",
+    description="StableAvatar 1.3B (square and rec-vec transformers) with its Wan2.1-Fun base parts and wav2vec2",
+    allow_patterns=(
+        f"{_WAV2VEC}/*",
+        f"{_WAN_BASE}/config.json",
+        f"{_WAN_BASE}/Wan2.1_VAE.pth",
+        f"{_WAN_BASE}/models_t5_umt5-xxl-enc-bf16.pth",
+        f"{_WAN_BASE}/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        f"{_UMT5_TOKENIZER}/*",
+        "StableAvatar-1.3B/transformer3d-square.pt",
+        "StableAvatar-1.3B/transformer3d-rec-vec.pt",
+    ),
+    # A copy of facebook/wav2vec2-base-960h may also carry TensorFlow / Flax weights we never read.
+    ignore_patterns=("*.h5", "*.msgpack", "*.ot"),
+    required_files=(
+        f"{_WAV2VEC}/config.json",
+        f"{_WAV2VEC}/preprocessor_config.json",
+        f"{_WAN_BASE}/config.json",
+        f"{_WAN_BASE}/Wan2.1_VAE.pth",
+        f"{_WAN_BASE}/models_t5_umt5-xxl-enc-bf16.pth",
+        f"{_WAN_BASE}/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        f"{_UMT5_TOKENIZER}/tokenizer_config.json",
+        "StableAvatar-1.3B/transformer3d-square.pt",
+        "StableAvatar-1.3B/transformer3d-rec-vec.pt",
+    ),
+    required_any=(
+        (f"{_WAV2VEC}/model.safetensors", f"{_WAV2VEC}/pytorch_model.bin"),
+        (f"{_UMT5_TOKENIZER}/tokenizer.json", f"{_UMT5_TOKENIZER}/spiece.model"),
+    ),
+    # umT5 11.4 + CLIP 4.7 + two transformers 7.0 + VAE 0.5 + wav2vec2 <1 (digest §2 sizes).
+    approx_size_gb=24.0,
+)
+
+MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR}
+
+
+def register_model(name: str, spec: ModelSpec) -> None:
+    """Add (or replace) a downloadable model under `name`."""
+    MODELS[name] = spec
+
+
+def model_spec(name: str) -> ModelSpec:
+    spec = MODELS.get(name)
+    if spec is None:
+        known = ", ".join(sorted(MODELS)) or "none"
+        raise AvatarError(f"unknown model '{name}': known models are {known}")
+    return spec
+
+
+def required_files(name: str) -> list[str]:
+    """Relative paths that must all exist in a usable copy of model `name`."""
+    return list(model_spec(name).required_files)
+
+
+def missing_files(name: str, folder: Path) -> list[str]:
+    """What `folder` lacks to be a usable copy of model `name` (empty list when complete)."""
+    spec = model_spec(name)
+    missing = [path for path in spec.required_files if not (folder / path).is_file()]
+    for alternatives in spec.required_any:
+        if not any((folder / path).is_file() for path in alternatives):
+            missing.append(" or ".join(alternatives))
+    return missing
+
+
+def hub_cache_dir() -> Path:
+    """The Hub cache folder as the current environment defines it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(hub_constants.HF_HUB_CACHE)
+
+
+def is_offline() -> bool:
+    # Read at call time so that a flag patched after import (tests, embedding apps) takes effect.
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def _endpoint() -> str | None:
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    return endpoint or None
+
+
+class _SilentTqdm(tqdm):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    reason = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _offline_message(name: str) -> str:
+    return (
+        f"{name} weights are not on this machine and HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE and run "
+        f"`avatarcli download {name}`, or pass --weights DIR pointing at a downloaded copy"
+    )
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 1.x talks through httpx, 2.x through httpx2; their errors are not OSErrors.
+    errors: list[type[BaseException]] = [OSError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        errors.append(module.HTTPError)
+    return tuple(errors)
+
+
+def _snapshot(spec: ModelSpec, local_dir: Path | None, local_files_only: bool, progress: bool) -> Path:
+    folder = huggingface_hub.snapshot_download(
+        spec.repo_id,
+        revision=spec.revision,
+        allow_patterns=list(spec.allow_patterns),
+        ignore_patterns=list(spec.ignore_patterns) or None,
+        local_dir=local_dir,
+        cache_dir=None if local_dir is not None else hub_cache_dir(),
+        local_files_only=local_files_only,
+        endpoint=_endpoint(),
+        tqdm_class=None if progress else _SilentTqdm,
+    )
+    return Path(folder)
+
+
+def download(name: str, local_dir: Path | None = None, progress: bool = True) -> Path:
+    """Fetch the files of model `name` (resuming partial downloads) and return the folder holding them.
+
+    Without `local_dir` the files go to the Hub cache and the snapshot folder is returned.
+    """
+    spec = model_spec(name)
+    try:
+        folder = _snapshot(spec, local_dir, local_files_only=False, progress=progress)
+    except RevisionNotFoundError as error:
+        raise AvatarError(f"revision {spec.revision} of {spec.repo_id} does not exist on the Hub: {_one_line(error)}")
+    except RepositoryNotFoundError:
+        raise AvatarError(
+            f"Hub repo {spec.repo_id} was not found at {_endpoint() or hub_constants.ENDPOINT} or is not "
+            f"accessible: check HF_ENDPOINT, or log in with `hf auth login` if the repo is gated"
+        )
+    except LocalEntryNotFoundError as error:
+        if is_offline():
+            raise AvatarError(_offline_message(name))
+        # huggingface_hub wraps the transport error in a long paragraph; its cause is the useful part.
+        reason = _one_line(error.__cause__ or error)
+        raise AvatarError(
+            f"could not download {name} from {spec.repo_id} ({reason}); check the network or "
+            f"HF_ENDPOINT and rerun `avatarcli download {name}` (it resumes), or pass --weights DIR"
+        )
+    except HfHubHTTPError as error:
+        raise AvatarError(f"the Hub refused the download of {spec.repo_id}: {_one_line(error)}")
+    except _transport_errors() as error:
+        raise AvatarError(
+            f"download of {name} failed ({_one_line(error)}); rerun `avatarcli download {name}` to resume"
+        )
+    missing = missing_files(name, folder)
+    if missing:
+        raise AvatarError(
+            f"{spec.repo_id} no longer provides {missing[0]}; the repo layout changed, pass --weights DIR "
+            f"with a complete copy"
+        )
+    return folder
+
+
+def cached_weights(name: str) -> Path | None:
+    """The complete cached copy of model `name`, or None. Makes no network request."""
+    spec = model_spec(name)
+    try:
+        folder = _snapshot(spec, None, local_files_only=True, progress=False)
+    except (LocalEntryNotFoundError, OSError):
+        return None
+    return folder if not missing_files(name, folder) else None
+
+
+def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -> Path:
+    """The folder to load model `name` from.
+
+    A user-given `weights_dir` is used as is and must be complete. Otherwise the Hub cache is used,
+    and if it lacks files the model is downloaded when `allow_download` is set and the Hub is online.
+    """
+    if weights_dir is not None:
+        weights_dir = Path(weights_dir).expanduser()
+        if not weights_dir.is_dir():
+            raise AvatarError(f"--weights folder {weights_dir} does not exist")
+        missing = missing_files(name, weights_dir)
+        if missing:
+            raise AvatarError(
+                f"--weights folder {weights_dir} lacks {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f": copy the missing files there, or drop --weights and run `avatarcli download {name}`"
+            )
+        return weights_dir
+
+    folder = cached_weights(name)
+    if folder is not None:
+        return folder
+    if is_offline():
+        raise AvatarError(_offline_message(name))
+    if not allow_download:
+        raise AvatarError(
+            f"{name} weights are not downloaded: run `avatarcli download {name}`, or pass --weights DIR"
+        )
+    return download(name)
