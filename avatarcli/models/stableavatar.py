@@ -1,0 +1,184 @@
+"""StableAvatar-1.3B: diffusers' Wan2.1 transformer plus the audio adapter and per-block audio key/value projections.
+
+Paper: arXiv 2508.08248. The backbone is Wan2.1-Fun-V1.1-1.3B-InP (an i2v DiT with 36 input channels and a CLIP
+branch). Two additions, both matched to the public reference code:
+  * `vocal_projector` (models/audio_adapter.py) turns wav2vec2 features into per-latent-frame audio context;
+  * every block's cross-attention gets `k_vocal`/`v_vocal`: the video tokens of latent frame f attend to that
+    frame's audio window, and the result is added to the text and image attention before the shared output
+    projection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+
+from avatarcli.models.audio_adapter import AudioAdapter
+
+NUM_IMAGE_TOKENS = 257  # CLIP ViT-H/14 penultimate hidden states, prepended to the text context
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos, sin] embedding computed in float64, as the reference does (float32 differs by ~1e-5 at t~1000)."""
+    half = dim // 2
+    t = timestep.double()
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+@dataclass
+class AudioConditioning:
+    """Audio input of one batched forward.
+
+    features: [A, T_a, audio_in_dim] wav2vec2 features, one row per distinct audio input.
+    branch_audio: for each batch element, the row of `features` it uses, or None for "no audio context"
+        (the adapter output replaced by zeros; k_vocal/v_vocal then still add their biases, as in the reference).
+    """
+
+    features: torch.Tensor
+    branch_audio: list[int | None]
+
+
+class AvatarAttnProcessor:
+    """Cross-attention of a StableAvatar block: image (257 tokens) + text + per-latent-frame audio, one output proj."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def _attend(self, q, k, v):
+        return dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=None).flatten(2, 3)
+
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask=None, rotary_emb=None, audio_context: torch.Tensor | None = None) -> torch.Tensor:
+        image_context = encoder_hidden_states[:, :NUM_IMAGE_TOKENS]
+        text_context = encoder_hidden_states[:, NUM_IMAGE_TOKENS:]
+        heads = attn.heads
+
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (heads, -1))
+        key = attn.norm_k(attn.to_k(text_context)).unflatten(2, (heads, -1))
+        value = attn.to_v(text_context).unflatten(2, (heads, -1))
+        key_img = attn.norm_added_k(attn.add_k_proj(image_context)).unflatten(2, (heads, -1))
+        value_img = attn.add_v_proj(image_context).unflatten(2, (heads, -1))
+
+        out = self._attend(query, key, value) + self._attend(query, key_img, value_img)
+        if audio_context is not None:
+            b, frames, width, _ = audio_context.shape
+            q_frames = query.reshape(b * frames, -1, heads, query.shape[-1])
+            k_audio = attn.k_vocal(audio_context).reshape(b * frames, width, heads, -1)
+            v_audio = attn.v_vocal(audio_context).reshape(b * frames, width, heads, -1)
+            out = out + self._attend(q_frames, k_audio, v_audio).reshape(b, -1, out.shape[-1])
+        out = out.type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class AvatarTransformerBlock(WanTransformerBlock):
+    """A Wan block whose cross-attention also receives the per-latent-frame audio context."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: str, cross_attn_norm: bool, eps: float,
+                 added_kv_proj_dim: int | None):
+        super().__init__(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
+        self.attn2.k_vocal = nn.Linear(dim, dim)
+        self.attn2.v_vocal = nn.Linear(dim, dim)
+        self.attn2.set_processor(AvatarAttnProcessor())
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, audio_context=None):
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+        x = hidden_states
+        y = self.attn1((self.norm1(x.float()) * (1 + scale) + shift).type_as(x), None, None, rotary_emb)
+        x = (x.float() + y * gate).type_as(x)
+        x = x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, audio_context=audio_context)
+        y = self.ffn((self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x))
+        return (x.float() + y.float() * c_gate).type_as(x)
+
+
+class StableAvatarTransformer3DModel(WanTransformer3DModel):
+    """Wan2.1-Fun-1.3B-InP + StableAvatar audio path. Input: [noisy 16 | mask 4 | reference latents 16] channels."""
+
+    _no_split_modules = ["AvatarTransformerBlock"]
+    _repeated_blocks = ["AvatarTransformerBlock"]
+
+    @register_to_config
+    def __init__(self, patch_size=(1, 2, 2), num_attention_heads: int = 12, attention_head_dim: int = 128,
+                 in_channels: int = 36, out_channels: int = 16, text_dim: int = 4096, freq_dim: int = 256,
+                 ffn_dim: int = 8960, num_layers: int = 30, cross_attn_norm: bool = True,
+                 qk_norm: str = "rms_norm_across_heads", eps: float = 1e-6, image_dim: int = 1280,
+                 added_kv_proj_dim: int | None = None, rope_max_seq_len: int = 1024, text_len: int = 512,
+                 audio_in_dim: int = 768, audio_adapter_heads: int = 8, audio_adapter_layers: int = 2,
+                 audio_window_expand: int = 4):
+        dim = num_attention_heads * attention_head_dim
+        super().__init__(patch_size=patch_size, num_attention_heads=num_attention_heads,
+                         attention_head_dim=attention_head_dim, in_channels=in_channels, out_channels=out_channels,
+                         text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=0,
+                         cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps, image_dim=image_dim,
+                         added_kv_proj_dim=added_kv_proj_dim or dim, rope_max_seq_len=rope_max_seq_len)
+        self.blocks = nn.ModuleList(
+            [AvatarTransformerBlock(dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps,
+                                    added_kv_proj_dim or dim) for _ in range(num_layers)]
+        )
+        self.vocal_projector = AudioAdapter(audio_in_dim, dim, dim, heads=audio_adapter_heads,
+                                            num_layers=audio_adapter_layers, window_expand=audio_window_expand,
+                                            eps=eps)
+        # The base constructor registered num_layers=0 (it builds no Wan blocks); record the real values.
+        self.register_to_config(num_layers=num_layers, added_kv_proj_dim=added_kv_proj_dim or dim)
+
+    def pad_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Zero-pad text embeddings to `text_len` rows; the reference pads before its text MLP and attends all rows."""
+        missing = self.config.text_len - text.shape[1]
+        if missing < 0:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={self.config.text_len}")
+        return torch.nn.functional.pad(text, (0, 0, 0, missing)) if missing else text
+
+    def audio_context(self, audio: AudioConditioning, tokens: torch.Tensor, e0: torch.Tensor, e: torch.Tensor,
+                      latent_frames: int) -> torch.Tensor:
+        """Run the adapter once per distinct audio row, then lay the results out per batch element."""
+        contexts = []
+        for row in range(audio.features.shape[0]):
+            src = audio.branch_audio.index(row)  # all branches share the noisy latent and timestep
+            contexts.append(self.vocal_projector(audio.features[row : row + 1].to(tokens.dtype), tokens[src : src + 1],
+                                                 e0[src : src + 1], e[src : src + 1], latent_frames))
+        zeros = torch.zeros_like(contexts[0])
+        return torch.cat([zeros if i is None else contexts[i] for i in audio.branch_audio])
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_hidden_states_image: torch.Tensor, audio: AudioConditioning | None = None) -> torch.Tensor:
+        """hidden_states [B, 36, F, h, w], timestep [B] (sigma * 1000), text [B, <=text_len, text_dim],
+        image [B, 257, image_dim] -> flow velocity [B, 16, F, h, w]."""
+        b, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        rotary_emb = self.rope(hidden_states)
+        tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        emb = self.condition_embedder
+        sinusoid = timestep_sinusoid(timestep, self.config.freq_dim)
+        e = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).type_as(tokens)
+        e0 = emb.time_proj(emb.act_fn(e)).unflatten(1, (6, -1))
+        context = torch.cat([emb.image_embedder(encoder_hidden_states_image).type_as(tokens),
+                             emb.text_embedder(self.pad_text(encoder_hidden_states)).type_as(tokens)], dim=1)
+
+        audio_context = None
+        if audio is not None:
+            if len(audio.branch_audio) != b:
+                raise ValueError(f"branch_audio has {len(audio.branch_audio)} entries for batch {b}")
+            audio_context = self.audio_context(audio, tokens, e0, e, frames // p_t)
+
+        x = tokens
+        for block in self.blocks:
+            x = block(x, context, e0, rotary_emb, audio_context)
+
+        shift, scale = (self.scale_shift_table + e.unsqueeze(1)).chunk(2, dim=1)
+        x = self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
+        x = x.reshape(b, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

@@ -1,0 +1,128 @@
+"""Sliding-window flow sampling over a whole video: the joint loop (oracle) and the streaming wavefront.
+
+Both run the same per-window step (`window_step`): guided velocity from the denoiser, one Euler step, then the
+blend of the overlap with the previous window's output of the same step (none at step 0), rounded to
+`state_dtype` when given (the reference stores its latents in bfloat16).
+
+The reference loop is timestep-outer / window-inner, so no frame is final before the last step of the whole video.
+The wavefront computes the same thing in another order: window k at step s needs only
+  * its own frames' state from step s-1 (written by k or by later windows covering the same frames), and
+  * window k-1's output of step s (for the blend),
+so windows can run staggered and each window's frames are final long before the video ends; the live state is
+bounded by the number of steps, not the video length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from avatarcli.sampling.schedule import euler_step
+from avatarcli.sampling.windows import Window, WindowPlan
+
+# (window, step index, window latents [1, C, F, h, w]) -> guided velocity, same shape
+Denoiser = Callable[[Window, int, torch.Tensor], torch.Tensor]
+
+
+def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tensor, sigmas: torch.Tensor,
+                denoise: Denoiser, previous: torch.Tensor | None, state_dtype: torch.dtype | None) -> torch.Tensor:
+    """One denoising step of one window. `previous` = window k-1's output of this step on the overlap frames."""
+    velocity = denoise(window, step, latents)
+    new = euler_step(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
+    if step > 0 and window.overlap:
+        w = plan.weights(window).to(new).view(1, 1, -1, 1, 1)
+        head = new[:, :, : window.overlap] * w + previous * (1 - w)
+        new = torch.cat([head, new[:, :, window.overlap :]], dim=2)
+    return new.to(state_dtype).to(new.dtype) if state_dtype is not None else new
+
+
+def sample_joint(plan: WindowPlan, sigmas: torch.Tensor, noise: torch.Tensor, denoise: Denoiser,
+                 state_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The reference order: every step runs every window left to right over the whole latent video."""
+    state = noise
+    for step in range(len(sigmas) - 1):
+        written = torch.zeros_like(state)
+        for window in plan.windows:
+            previous = written[:, :, window.start : window.start + window.overlap]
+            new = window_step(plan, window, step, state[:, :, window.start : window.end], sigmas, denoise,
+                              previous, state_dtype)
+            written[:, :, window.start : window.end] = new
+        state = written
+    return state
+
+
+@dataclass(frozen=True)
+class FinalFrames:
+    start: int  # first latent frame of this chunk
+    latents: torch.Tensor  # [1, C, n, h, w], final
+
+
+def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
+                     denoise: Denoiser, state_dtype: torch.dtype | None = None) -> Iterator[FinalFrames]:
+    """Same result as `sample_joint`, yielding final latent frames in order as soon as they are final.
+
+    `noise(start, end)` gives the initial noise of latent frames [start, end). Window k's next step is ready when
+    the writers of its frames have finished the previous step and window k-1 has finished this one; among ready
+    windows the wavefront order (step + index, later windows first) keeps about `steps` windows live.
+    """
+    steps, windows = len(sigmas) - 1, plan.windows
+    owner = [plan.owner(f) for f in range(plan.latent_frames)]
+    writers = [plan.writers(w) for w in windows]
+    readers = [[r for r in range(len(windows)) if k in writers[r]] for k in range(len(windows))]
+    done = [0] * len(windows)  # steps completed per window
+    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (window, step) -> its written latents
+    emitted = 0
+
+    def ready(k: int) -> bool:
+        s = done[k]
+        if s == steps:
+            return False
+        if s == 0:
+            return True
+        return all(done[w] >= s for w in writers[k]) and (not windows[k].overlap or done[k - 1] > s)
+
+    def gather(start: int, end: int, step: int) -> torch.Tensor:
+        """Frames [start, end) as written at `step` by their owners (the last window covering each frame)."""
+        parts, f = [], start
+        while f < end:
+            o, run = owner[f], f
+            while run < end and owner[run] == o:
+                run += 1
+            parts.append(outputs[(o, step)][:, :, f - windows[o].start : run - windows[o].start])
+            f = run
+        return torch.cat(parts, dim=2)
+
+    def needed(k: int, s: int) -> bool:
+        if s + 1 < steps and any(done[r] <= s + 1 for r in readers[k]):
+            return True  # a window still has to read it as its state for step s+1
+        if k + 1 < len(windows) and windows[k + 1].overlap and done[k + 1] <= s:
+            return True  # window k+1 still has to blend with it at step s
+        return s == steps - 1 and any(owner[f] == k for f in range(max(emitted, windows[k].start), windows[k].end))
+
+    first_open = 0  # windows before it have taken every step
+    while emitted < plan.latent_frames:
+        while done[first_open] == steps:
+            first_open += 1
+        # Only the next `steps + 2` windows can hold the smallest wavefront key (step + index).
+        span = range(first_open, min(len(windows), first_open + steps + 2))
+        k = min((i for i in span if ready(i)), key=lambda i: (done[i] + i, -i))
+        window, s = windows[k], done[k]
+        state = noise(window.start, window.end) if s == 0 else gather(window.start, window.end, s - 1)
+        previous = None
+        if s > 0 and window.overlap:
+            offset = window.start - windows[k - 1].start
+            previous = outputs[(k - 1, s)][:, :, offset : offset + window.overlap]
+        outputs[(k, s)] = window_step(plan, window, s, state, sigmas, denoise, previous, state_dtype)
+        done[k] += 1
+
+        final_end = emitted
+        while final_end < plan.latent_frames and done[owner[final_end]] == steps:
+            final_end += 1
+        if final_end > emitted:
+            chunk = gather(emitted, final_end, steps - 1)
+            emitted = final_end
+            yield FinalFrames(final_end - chunk.shape[2], chunk)
+        for key in [key for key in outputs if not needed(*key)]:
+            del outputs[key]
