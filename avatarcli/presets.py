@@ -1,0 +1,209 @@
+"""Named generation settings (presets/*.yaml) and the rules that turn "auto" values into concrete ones.
+
+A preset file is a flat YAML mapping of the `Preset` fields (its name is the file name). Every value is
+checked on load; a mistake is an AvatarError naming the file, the key and what is allowed. Sections for
+later features (such as step prediction) become nested mappings with their own dataclass field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import avatarcli
+from avatarcli.errors import AvatarError
+
+GUIDANCE_MODES = ("cfg", "ang")
+BLEND_SCHEMES = ("log", "uniform")
+CHECKPOINTS = ("auto", "square", "rec-vec")
+
+# StableAvatar was trained at these three resolutions (digest §1.1); "auto" picks one by aspect ratio.
+SQUARE_SIZE = (512, 512)
+PORTRAIT_SIZE = (480, 832)
+LANDSCAPE_SIZE = (832, 480)
+NEAR_SQUARE_ASPECT = (0.8, 1.25)
+
+_SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Settings for one generation run.
+
+    `guidance` picks the guidance rule: "cfg" is the public code's 3-branch text/audio CFG
+    (text_scale, audio_scale); "ang" is the paper's Audio Native Guidance (ang_alpha, ang_beta).
+    `overlap` counts latent frames shared by neighbouring windows, `blend` their weighting.
+    """
+
+    name: str
+    description: str
+    steps: int
+    guidance: str
+    overlap: int
+    blend: str
+    size: str
+    fps: int
+    # Defaults: the reference inference.sh CFG scales and the paper's ANG alpha/beta, so switching
+    # `guidance` through an override starts from the published values.
+    text_scale: float = 3.0
+    audio_scale: float = 5.0
+    ang_alpha: float = 4.5
+    ang_beta: float = 3.0
+    shift: float = 5.0
+    checkpoint: str = "auto"
+    seed: int | None = None
+
+    def with_overrides(self, **flags: Any) -> Preset:
+        """A copy with the given fields replaced and validated again.
+
+        A value of None means "not given" (how CLI options arrive) and keeps the preset's value.
+        """
+        given = {key: value for key, value in flags.items() if value is not None}
+        values = dataclasses.asdict(self)
+        values.update(given)
+        return _build(values, source=f"preset '{self.name}' with overrides", explicit=set(given))
+
+
+_FIELDS = {field.name: field for field in dataclasses.fields(Preset)}
+_REQUIRED_KEYS = ("description", "steps", "guidance", "overlap", "blend", "size", "fps")
+# Guidance scales only mean something for their own guidance rule; setting the other rule's scales
+# would be silently ignored, so it is rejected.
+_GUIDANCE_KEYS = {"cfg": ("text_scale", "audio_scale"), "ang": ("ang_alpha", "ang_beta")}
+
+
+def presets_dir() -> Path:
+    override = os.environ.get("AVATARCLI_PRESETS_DIR")
+    if override:
+        return Path(override).expanduser()
+    return Path(avatarcli.__file__).resolve().parent.parent / "presets"
+
+
+def load_preset(name_or_path: str | Path) -> Preset:
+    """Load a preset by name (a file in `presets_dir()`) or from a YAML file path."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise AvatarError(f"preset file {path} does not exist")
+        return _load_file(path)
+    path = presets_dir() / f"{text}.yaml"
+    if not path.is_file():
+        known = ", ".join(path.stem for path in sorted(presets_dir().glob("*.yaml"))) or "none"
+        raise AvatarError(f"unknown preset '{text}': choose one of {known}, or give a path to a .yaml file")
+    return _load_file(path)
+
+
+def list_presets() -> list[Preset]:
+    """All presets in `presets_dir()`, sorted by name."""
+    folder = presets_dir()
+    if not folder.is_dir():
+        return []
+    return [_load_file(path) for path in sorted(folder.glob("*.yaml"))]
+
+
+def _load_file(path: Path) -> Preset:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())
+        raise AvatarError(f"{path}: cannot read preset ({reason})")
+    if not isinstance(data, dict):
+        raise AvatarError(f"{path}: a preset must be a YAML mapping of settings")
+    for key in data:
+        if key == "name" or key not in _FIELDS:
+            allowed = ", ".join(name for name in _FIELDS if name != "name")
+            raise AvatarError(f"{path}: unknown key '{key}' (allowed keys: {allowed})")
+    for key in _REQUIRED_KEYS:
+        if key not in data:
+            raise AvatarError(f"{path}: missing key '{key}'")
+    return _build({**data, "name": path.stem}, source=str(path), explicit=set(data))
+
+
+def _build(values: dict[str, Any], source: str, explicit: set[str]) -> Preset:
+    checked = {key: _check_value(key, value, source) for key, value in values.items()}
+    guidance = checked["guidance"]
+    for mode, keys in _GUIDANCE_KEYS.items():
+        stray = [key for key in keys if key in explicit and mode != guidance]
+        if stray:
+            raise AvatarError(f"{source}: '{stray[0]}' applies only to guidance '{mode}', but guidance is '{guidance}'")
+    return Preset(**checked)
+
+
+def _check_value(key: str, value: Any, source: str) -> Any:
+    def fail(expected: str) -> AvatarError:
+        return AvatarError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    if key in ("name", "description"):
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if key in ("guidance", "blend", "checkpoint"):
+        allowed = {"guidance": GUIDANCE_MODES, "blend": BLEND_SCHEMES, "checkpoint": CHECKPOINTS}[key]
+        if value not in allowed:
+            raise fail("one of " + ", ".join(allowed))
+        return value
+    if key in ("steps", "overlap", "fps", "seed"):
+        low, high = {"steps": (1, None), "overlap": (1, 20), "fps": (1, 60), "seed": (0, _MAX_SEED)}[key]
+        expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        if key == "seed" and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(expected + (" or null" if key == "seed" else ""))
+        if value < low or (high is not None and value > high):
+            raise fail(expected)
+        return value
+    if key in ("text_scale", "audio_scale", "ang_alpha", "ang_beta", "shift"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        if key == "shift" and not value > 0:
+            raise fail("a number > 0")
+        if key != "shift" and not value >= 0:
+            raise fail("a number >= 0")
+        return float(value)
+    if key == "size":
+        if value != "auto":
+            _parse_size(value, fail)
+        return value
+    raise AvatarError(f"{source}: unknown key '{key}'")
+
+
+def _parse_size(value: Any, fail) -> tuple[int, int]:
+    expected = "'auto' or 'WxH' with W and H multiples of 16 and at least 64 (e.g. 512x512)"
+    match = _SIZE_PATTERN.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise fail(expected)
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 16 or height % 16 or width < 64 or height < 64:
+        raise fail(expected)
+    return width, height
+
+
+def resolve_size(size: str, image_width: int, image_height: int) -> tuple[int, int]:
+    """Output (width, height): an explicit "WxH", or for "auto" the training resolution nearest the image's shape."""
+    if size != "auto":
+        def fail(expected: str) -> AvatarError:
+            return AvatarError(f"size must be {expected}, got {size!r}")
+
+        return _parse_size(size, fail)
+    aspect = image_width / image_height
+    if NEAR_SQUARE_ASPECT[0] <= aspect <= NEAR_SQUARE_ASPECT[1]:
+        return SQUARE_SIZE
+    return PORTRAIT_SIZE if aspect < 1 else LANDSCAPE_SIZE
+
+
+def resolve_checkpoint(checkpoint: str, width: int, height: int) -> str:
+    """"square" or "rec-vec". For "auto": the square transformer (trained on 512x512) for near-square
+    output, the rec-vec one (trained on 480x832 and 832x480) otherwise."""
+    if checkpoint not in CHECKPOINTS:
+        raise AvatarError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    if checkpoint != "auto":
+        return checkpoint
+    aspect = width / height
+    return "square" if NEAR_SQUARE_ASPECT[0] <= aspect <= NEAR_SQUARE_ASPECT[1] else "rec-vec"

@@ -1,0 +1,245 @@
+"""Presets: the shipped YAML files, validation of user files, overrides, and the "auto" rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from avatarcli.errors import AvatarError
+from avatarcli.presets import Preset, list_presets, load_preset, resolve_checkpoint, resolve_size
+
+VALID_CFG = """\
+description: a test preset
+steps: 20
+guidance: cfg
+text_scale: 3
+audio_scale: 5.5
+overlap: 6
+blend: log
+size: auto
+fps: 25
+"""
+
+
+@pytest.fixture
+def preset_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AVATARCLI_PRESETS_DIR", str(tmp_path))
+    return tmp_path
+
+
+def write_preset(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_presets_are_the_four_documented_ones() -> None:
+    presets = list_presets()
+
+    assert [preset.name for preset in presets] == ["balanced", "fast", "quality", "reference"]
+    for preset in presets:
+        assert preset.description and "\n" not in preset.description
+
+
+def test_reference_preset_matches_the_published_inference_script() -> None:
+    preset = load_preset("reference")
+
+    assert (preset.steps, preset.guidance, preset.text_scale, preset.audio_scale) == (50, "cfg", 3.0, 5.0)
+    assert (preset.overlap, preset.blend, preset.size, preset.fps) == (5, "uniform", "512x512", 25)
+    assert (preset.shift, preset.checkpoint, preset.seed) == (5.0, "square", 42)
+
+
+def test_quality_preset_uses_audio_native_guidance_with_the_paper_values() -> None:
+    preset = load_preset("quality")
+
+    assert (preset.steps, preset.guidance, preset.ang_alpha, preset.ang_beta) == (50, "ang", 4.5, 3.0)
+    assert (preset.overlap, preset.blend, preset.size) == (10, "log", "auto")
+
+
+@pytest.mark.parametrize(
+    "name, steps, overlap",
+    [("balanced", 30, 8), ("fast", 10, 5)],
+)
+def test_cheaper_presets_use_cfg_with_log_blend(name: str, steps: int, overlap: int) -> None:
+    preset = load_preset(name)
+
+    assert (preset.steps, preset.overlap) == (steps, overlap)
+    assert (preset.guidance, preset.text_scale, preset.audio_scale) == ("cfg", 3.0, 5.0)
+    assert (preset.blend, preset.size) == ("log", "auto")
+
+
+def test_a_preset_file_can_be_loaded_by_path_and_takes_its_name_from_the_file(tmp_path: Path) -> None:
+    path = write_preset(tmp_path, "mine", VALID_CFG)
+
+    preset = load_preset(path)
+
+    assert preset.name == "mine"
+    assert (preset.steps, preset.text_scale, preset.audio_scale) == (20, 3.0, 5.5)
+    assert isinstance(preset.text_scale, float)
+    assert (preset.shift, preset.checkpoint, preset.seed) == (5.0, "auto", None)
+    assert load_preset(str(path)) == preset
+
+
+def test_presets_dir_can_be_overridden_by_environment(preset_dir: Path) -> None:
+    write_preset(preset_dir, "only", VALID_CFG)
+
+    assert [preset.name for preset in list_presets()] == ["only"]
+    assert load_preset("only").steps == 20
+
+
+def test_unknown_preset_name_lists_the_available_ones(preset_dir: Path) -> None:
+    write_preset(preset_dir, "only", VALID_CFG)
+
+    with pytest.raises(AvatarError, match="unknown preset 'nope'.*only"):
+        load_preset("nope")
+
+
+def test_missing_preset_file_is_an_avatar_error(tmp_path: Path) -> None:
+    with pytest.raises(AvatarError, match="does not exist"):
+        load_preset(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    "replace, add, message",
+    [
+        (None, "stepz: 3\n", r"unknown key 'stepz' \(allowed keys: description, steps, guidance"),
+        (None, "name: other\n", "unknown key 'name'"),
+        (None, "prediction:\n  method: none\n", "unknown key 'prediction'"),
+        (("steps: 20", "steps: ten"), None, "'steps' must be an integer >= 1, got 'ten'"),
+        (("steps: 20", "steps: 20.0"), None, "'steps' must be an integer"),
+        (("steps: 20", "steps: true"), None, "'steps' must be an integer"),
+        (("steps: 20", "steps: 0"), None, "'steps' must be an integer >= 1, got 0"),
+        (("overlap: 6", "overlap: 21"), None, "'overlap' must be an integer from 1 to 20, got 21"),
+        (("overlap: 6", "overlap: 0"), None, "'overlap' must be an integer from 1 to 20"),
+        (("fps: 25", "fps: 61"), None, "'fps' must be an integer from 1 to 60"),
+        (("blend: log", "blend: linear"), None, "'blend' must be one of log, uniform, got 'linear'"),
+        (("guidance: cfg", "guidance: apg"), None, "'guidance' must be one of cfg, ang"),
+        (None, "checkpoint: wide\n", "'checkpoint' must be one of auto, square, rec-vec"),
+        (("size: auto", "size: 500x500"), None, "'size' must be 'auto' or 'WxH' with W and H multiples of 16"),
+        (("size: auto", "size: 48x48"), None, "at least 64"),
+        (("size: auto", "size: big"), None, "'size' must be 'auto' or 'WxH'"),
+        (("size: auto", "size: 512"), None, "'size' must be 'auto' or 'WxH'"),
+        (None, "shift: 0\n", "'shift' must be a number > 0"),
+        (("text_scale: 3", "text_scale: high"), None, "'text_scale' must be a number"),
+        (("audio_scale: 5.5", "audio_scale: -1"), None, "'audio_scale' must be a number >= 0"),
+        (None, "seed: -1\n", "'seed' must be an integer from 0"),
+        (None, "seed: 1.5\n", "'seed' must be an integer .* or null"),
+        (None, "ang_alpha: 4.5\n", "'ang_alpha' applies only to guidance 'ang', but guidance is 'cfg'"),
+        (("fps: 25\n", ""), None, "missing key 'fps'"),
+    ],
+)
+def test_invalid_preset_file_names_file_key_and_allowed_values(
+    tmp_path: Path, replace: tuple[str, str] | None, add: str | None, message: str
+) -> None:
+    text = VALID_CFG
+    if replace is not None:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    if add is not None:
+        text += add
+    path = write_preset(tmp_path, "broken", text)
+
+    with pytest.raises(AvatarError, match=message) as caught:
+        load_preset(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "steps: [unclosed\n", ""])
+def test_preset_that_is_not_a_yaml_mapping_is_an_avatar_error(tmp_path: Path, text: str) -> None:
+    path = write_preset(tmp_path, "odd", text)
+
+    with pytest.raises(AvatarError, match=str(path)):
+        load_preset(path)
+
+
+def test_with_overrides_returns_a_changed_copy() -> None:
+    base = load_preset("balanced")
+
+    changed = base.with_overrides(steps=12, overlap=4, seed=7, size="832x480")
+
+    assert (changed.steps, changed.overlap, changed.seed, changed.size) == (12, 4, 7, "832x480")
+    assert base.steps == 30
+    assert dataclasses.replace(changed, steps=30, overlap=8, seed=None, size="auto") == base
+
+
+def test_with_overrides_treats_none_as_not_given() -> None:
+    base = load_preset("reference")
+
+    assert base.with_overrides(steps=None, seed=None, blend=None) == base
+
+
+def test_with_overrides_can_switch_guidance_and_keeps_the_default_scales() -> None:
+    preset = load_preset("fast").with_overrides(guidance="ang")
+
+    assert (preset.guidance, preset.ang_alpha, preset.ang_beta) == ("ang", 4.5, 3.0)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"steps": 0}, "'steps' must be an integer >= 1"),
+        ({"overlap": 25}, "'overlap' must be an integer from 1 to 20"),
+        ({"blend": "cosine"}, "'blend' must be one of log, uniform"),
+        ({"size": "100x100"}, "'size' must be"),
+        ({"text_scale": 4.0}, "'text_scale' applies only to guidance 'cfg', but guidance is 'ang'"),
+        ({"colour": "red"}, "unknown key 'colour'"),
+    ],
+)
+def test_with_overrides_validates_again(flags: dict, message: str) -> None:
+    with pytest.raises(AvatarError, match=message):
+        load_preset("quality").with_overrides(**flags)
+
+
+def test_preset_is_frozen() -> None:
+    preset = load_preset("fast")
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.steps = 3  # type: ignore[misc]
+    assert isinstance(preset, Preset)
+
+
+@pytest.mark.parametrize(
+    "image_size, expected",
+    [
+        ((720, 1280), (480, 832)),
+        ((1920, 1080), (832, 480)),
+        ((1000, 1000), (512, 512)),
+        ((800, 1000), (512, 512)),
+        ((790, 1000), (480, 832)),
+        ((1250, 1000), (512, 512)),
+        ((1260, 1000), (832, 480)),
+    ],
+)
+def test_auto_size_picks_the_training_resolution_by_aspect(image_size: tuple[int, int], expected: tuple[int, int]) -> None:
+    assert resolve_size("auto", *image_size) == expected
+
+
+def test_explicit_size_is_width_by_height() -> None:
+    assert resolve_size("640x368", 1000, 1000) == (640, 368)
+
+
+def test_invalid_explicit_size_is_an_avatar_error() -> None:
+    with pytest.raises(AvatarError, match="multiples of 16"):
+        resolve_size("650x368", 1000, 1000)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, size, expected",
+    [
+        ("auto", (512, 512), "square"),
+        ("auto", (480, 832), "rec-vec"),
+        ("auto", (832, 480), "rec-vec"),
+        ("square", (480, 832), "square"),
+        ("rec-vec", (512, 512), "rec-vec"),
+    ],
+)
+def test_checkpoint_choice(checkpoint: str, size: tuple[int, int], expected: str) -> None:
+    assert resolve_checkpoint(checkpoint, *size) == expected
+
+
+def test_unknown_checkpoint_is_an_avatar_error() -> None:
+    with pytest.raises(AvatarError, match="auto, square, rec-vec"):
+        resolve_checkpoint("wide", 512, 512)
