@@ -120,10 +120,13 @@ def build_transformer(original: Mapping[str, torch.Tensor], wan_config: Mapping,
         model = StableAvatarTransformer3DModel(**config)
     state = convert_original_keys(original)
     _check_keys(model, state, source)
-    if any(t.device.type != "meta" for t in state.values()):
+    on_meta = all(t.device.type == "meta" for t in state.values())  # key/shape checks without any weights
+    if not on_meta:
         state = {k: v.to(device=device, dtype=torch.float32 if any(p in k for p in _FP32_PATTERNS) else dtype)
                  for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if on_meta:
+        return model
     # The RoPE tables are non-persistent buffers: they were created on meta and are not in any checkpoint.
     model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], model.config.rope_max_seq_len)
     return model.to(device).eval()

@@ -1,0 +1,99 @@
+"""StableAvatar transformer checkpoints in the ORIGINAL published key layout, at any size.
+
+`original_key_shapes` spells out the reference model's state-dict names (Wan2.1 i2v DiT + StableAvatar audio keys,
+stableavatar.md §3.5) independently of the converter in avatarcli.loading, so tests can check the converter against it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# The published Wan2.1-Fun-V1.1-1.3B-InP / StableAvatar-1.3B sizes.
+FULL_SIZE = dict(dim=1536, num_heads=12, in_dim=36, out_dim=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                 num_layers=30, image_dim=1280, audio_in_dim=768, audio_layers=2, text_len=512, eps=1e-6)
+
+
+def wan_config(sizes: dict) -> dict:
+    """The base folder's config.json (original Wan naming)."""
+    return {"_class_name": "WanModel", "model_type": "i2v", "dim": sizes["dim"], "ffn_dim": sizes["ffn_dim"],
+            "freq_dim": sizes["freq_dim"], "in_dim": sizes["in_dim"], "num_heads": sizes["num_heads"],
+            "num_layers": sizes["num_layers"], "out_dim": sizes["out_dim"], "text_len": sizes["text_len"],
+            "eps": sizes["eps"]}
+
+
+def original_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
+    d, f = sizes["dim"], sizes["ffn_dim"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (d, sizes["in_dim"], 1, 2, 2), "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, sizes["text_dim"]), "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, sizes["freq_dim"]), "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
+        "head.head.weight": (4 * sizes["out_dim"], d), "head.head.bias": (4 * sizes["out_dim"],),
+        "head.modulation": (1, 2, d),
+    }
+    i = sizes["image_dim"]
+    shapes.update({"img_emb.proj.0.weight": (i,), "img_emb.proj.0.bias": (i,), "img_emb.proj.1.weight": (i, i),
+                   "img_emb.proj.1.bias": (i,), "img_emb.proj.3.weight": (d, i), "img_emb.proj.3.bias": (d,),
+                   "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,)})
+    for n in range(sizes["num_layers"]):
+        b = f"blocks.{n}"
+        shapes[f"{b}.modulation"] = (1, 6, d)
+        for attn in ("self_attn", "cross_attn"):
+            for p in ("q", "k", "v", "o"):
+                shapes[f"{b}.{attn}.{p}.weight"], shapes[f"{b}.{attn}.{p}.bias"] = (d, d), (d,)
+            shapes[f"{b}.{attn}.norm_q.weight"] = shapes[f"{b}.{attn}.norm_k.weight"] = (d,)
+        for p in ("k_img", "v_img", "k_vocal", "v_vocal"):
+            shapes[f"{b}.cross_attn.{p}.weight"], shapes[f"{b}.cross_attn.{p}.bias"] = (d, d), (d,)
+        shapes[f"{b}.cross_attn.norm_k_img.weight"] = (d,)
+        shapes[f"{b}.norm3.weight"] = shapes[f"{b}.norm3.bias"] = (d,)
+        shapes.update({f"{b}.ffn.0.weight": (f, d), f"{b}.ffn.0.bias": (f,), f"{b}.ffn.2.weight": (d, f),
+                       f"{b}.ffn.2.bias": (d,)})
+    v = "vocal_projector"
+    shapes.update({f"{v}.proj_model.proj.weight": (d, sizes["audio_in_dim"]), f"{v}.proj_model.norm.weight": (d,),
+                   f"{v}.proj_model.norm.bias": (d,), f"{v}.final_head.final_proj.weight": (d, d),
+                   f"{v}.final_head.final_proj.bias": (d,), f"{v}.final_head.modulation": (1, 2, d)})
+    for n in range(sizes["audio_layers"]):
+        b = f"{v}.blocks.{n}"
+        shapes.update({f"{b}.modulation": (1, 6, d), f"{b}.norm3.weight": (d,), f"{b}.norm3.bias": (d,),
+                       f"{b}.cross_attn.norm_q.weight": (d,), f"{b}.cross_attn.norm_k.weight": (d,),
+                       f"{b}.ffn.0.weight": (2 * d, d), f"{b}.ffn.0.bias": (2 * d,), f"{b}.ffn.2.weight": (d, 2 * d),
+                       f"{b}.ffn.2.bias": (d,)})
+        for p in ("q", "k", "v", "o"):
+            shapes[f"{b}.cross_attn.{p}.weight"], shapes[f"{b}.cross_attn.{p}.bias"] = (d, d), (d,)
+    return shapes
+
+
+def random_state_dict(sizes: dict, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights with sensible scales: norms near 1, linear layers ~1/sqrt(fan_in), biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in original_key_shapes(sizes).items():
+        if device == "meta":
+            state[key] = torch.empty(shape, device="meta")
+        elif "norm" in key or key.endswith(".proj.0.weight") or key.endswith(".proj.4.weight"):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen) if key.endswith("weight") else \
+                0.1 * torch.randn(shape, generator=gen)
+        elif key.endswith("modulation"):
+            state[key] = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+        else:
+            fan_in = shape[1] if len(shape) > 1 else shape[0]
+            for s in shape[2:]:
+                fan_in *= s
+            state[key] = torch.randn(shape, generator=gen) / fan_in**0.5 * (0.1 if key.endswith("bias") else 1.0)
+    return state
+
+
+def write_tiny_transformer(folder: Path, sizes: dict, seed: int = 0) -> None:
+    """Base config.json + both StableAvatar .pt checkpoints in the published folder layout."""
+    folder = Path(folder)
+    base, avatar = folder / "Wan2.1-Fun-V1.1-1.3B-InP", folder / "StableAvatar-1.3B"
+    base.mkdir(parents=True, exist_ok=True)
+    avatar.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(wan_config(sizes), indent=2))
+    for n, name in enumerate(("transformer3d-square.pt", "transformer3d-rec-vec.pt")):
+        torch.save(random_state_dict(sizes, seed + n), avatar / name)
