@@ -1,0 +1,152 @@
+"""Environment checks behind `avatarcli doctor`: returns findings, prints nothing."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from avatarcli import hub
+
+Status = Literal["ok", "warn", "fail"]
+Finding = tuple[str, Status, str]
+
+# Any of these can encode the H.264 stream; aac is the audio codec the mp4 sink uses.
+H264_ENCODERS = ("libx264", "libopenh264", "h264_nvenc")
+AUDIO_ENCODER = "aac"
+_GIB = 1024**3
+
+
+def doctor_report(weights_dir: Path | None = None) -> list[Finding]:
+    """(check, status, detail) for each check. A check that crashes is reported as "fail"."""
+    checks: list[tuple[str, Callable[[], list[Finding]]]] = [
+        ("python", _python),
+        ("torch", _torch),
+        ("device", _device),
+        ("bf16", _bf16),
+        ("ffmpeg", _ffmpeg),
+        ("weights", lambda: _weights(weights_dir)),
+        ("disk", _disk),
+    ]
+    findings: list[Finding] = []
+    for name, check in checks:
+        try:
+            findings.extend(check())
+        except Exception as error:  # a broken environment is what doctor reports, not a crash
+            findings.append((name, "fail", f"{type(error).__name__}: {error}"))
+    return findings
+
+
+def _python() -> list[Finding]:
+    version = platform.python_version()
+    status: Status = "ok" if sys.version_info >= (3, 10) else "fail"
+    return [("python", status, version if status == "ok" else f"{version} (3.10 or newer is required)")]
+
+
+def _torch() -> list[Finding]:
+    cuda = torch.version.cuda or "none"
+    return [("torch", "ok", f"{torch.__version__} (CUDA build: {cuda})")]
+
+
+def _device() -> list[Finding]:
+    if not torch.cuda.is_available():
+        return [("device", "warn", "cpu only: no CUDA GPU found, generation will be very slow")]
+    index = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    name = torch.cuda.get_device_name(index)
+    return [("device", "ok", f"cuda:{index} {name}, {free / _GIB:.1f} GiB free of {total / _GIB:.1f} GiB")]
+
+
+def _bf16() -> list[Finding]:
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return [("bf16", "ok", "supported on the GPU")]
+        return [("bf16", "warn", "the GPU has no bf16 support; the transformer runs in a wider dtype")]
+    try:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16)
+        (probe @ probe).sum().item()
+    except RuntimeError as error:
+        return [("bf16", "warn", f"bf16 matmul fails on cpu: {error}")]
+    return [("bf16", "ok", "supported on cpu")]
+
+
+def _ffmpeg() -> list[Finding]:
+    import imageio_ffmpeg
+
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as error:
+        return [("ffmpeg", "fail", f"no ffmpeg found ({error}); reinstall imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE")]
+    findings: list[Finding] = [("ffmpeg", "ok", f"{exe} (version {imageio_ffmpeg.get_ffmpeg_version()})")]
+    encoders = ffmpeg_encoders(exe)
+    h264 = [name for name in H264_ENCODERS if name in encoders]
+    if h264:
+        findings.append(("h264 encoder", "ok", ", ".join(h264)))
+    else:
+        findings.append(("h264 encoder", "fail", f"ffmpeg has none of {', '.join(H264_ENCODERS)}"))
+    if AUDIO_ENCODER in encoders:
+        findings.append(("aac encoder", "ok", AUDIO_ENCODER))
+    else:
+        findings.append(("aac encoder", "fail", "ffmpeg has no aac encoder; the video would have no sound"))
+    return findings
+
+
+def ffmpeg_encoders(exe: str) -> set[str]:
+    """Names in the `ffmpeg -encoders` listing (lines like " V....D libx264  libx264 H.264 ...")."""
+    listing = subprocess.run(
+        [exe, "-hide_banner", "-encoders"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return {line.split()[1] for line in listing.splitlines() if len(line.split()) >= 2}
+
+
+def _weights(weights_dir: Path | None) -> list[Finding]:
+    if weights_dir is not None:
+        return _weights_folder(Path(weights_dir))
+    findings: list[Finding] = []
+    for name in sorted(hub.MODELS):
+        folder = hub.cached_weights(name)
+        if folder is not None:
+            findings.append((f"weights {name}", "ok", str(folder)))
+        else:
+            findings.append((f"weights {name}", "warn", f"not downloaded (run `avatarcli download {name}`)"))
+    return findings
+
+
+def _weights_folder(folder: Path) -> list[Finding]:
+    """A --weights folder is meant for one model; it fails only if it is a complete copy of none."""
+    if not folder.is_dir():
+        return [("weights folder", "fail", f"{folder} does not exist")]
+    findings: list[Finding] = []
+    complete: list[str] = []
+    for name in sorted(hub.MODELS):
+        missing = hub.missing_files(name, folder)
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            findings.append((f"weights {name}", "warn", f"{folder} lacks {missing[0]}{more}"))
+        else:
+            complete.append(name)
+            findings.append((f"weights {name}", "ok", str(folder)))
+    if complete:
+        findings.append(("weights folder", "ok", f"{folder} holds {', '.join(complete)}"))
+    else:
+        findings.append(("weights folder", "fail", f"{folder} is not a complete copy of any known model"))
+    return findings
+
+
+def _disk() -> list[Finding]:
+    cache = hub.hub_cache_dir()
+    existing = cache
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free_gb = shutil.disk_usage(existing).free / _GIB
+    needed_gb = sum(spec.approx_size_gb for name, spec in hub.MODELS.items() if hub.cached_weights(name) is None)
+    detail = f"{free_gb:.1f} GiB free in the Hub cache at {cache}"
+    if free_gb < needed_gb:
+        return [("disk", "warn", f"{detail}; the models not yet downloaded need about {needed_gb:.0f} GiB")]
+    return [("disk", "ok", detail)]
