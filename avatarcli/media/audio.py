@@ -1,0 +1,72 @@
+"""Speech input: any file ffmpeg can decode (wav, mp3, m4a, flac, ogg, or a video's audio track) as mono float32."""
+
+from __future__ import annotations
+
+import subprocess
+import wave
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+from avatarcli.errors import AvatarError
+
+SAMPLE_RATE = 16000  # wav2vec2's rate; StableAvatar's audio features are computed at 16 kHz
+
+
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary bundled with imageio-ffmpeg, or the one named by IMAGEIO_FFMPEG_EXE."""
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as error:
+        raise AvatarError(f"ffmpeg not found ({error}); reinstall imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE") from error
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of `path`, down-mixed to mono and resampled to `sample_rate`.
+
+    Returns float32 samples in [-1, 1]. Raises AvatarError naming the file when it is missing, is not
+    audio or video, has no audio track, or holds no samples.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AvatarError(f"audio file not found: {path}; check the path")
+    if path.is_dir():
+        raise AvatarError(f"audio path is a folder, not a file: {path}")
+    # rematrix_maxval 1 makes ffmpeg's down-mix the channel mean (its default sums at -3 dB each), which is
+    # what librosa.load(mono=True), used by the reference preprocessing, computes.
+    command = [
+        ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+        "-i", str(path), "-map", "0:a:0", "-vn", "-rematrix_maxval", "1.0", "-ac", "1", "-ar", str(sample_rate),
+        "-f", "f32le", "pipe:1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise AvatarError(f"cannot decode audio {path}: {_explain_ffmpeg_failure(result.stderr)}")
+    samples = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
+    if samples.size == 0:
+        raise AvatarError(f"audio {path} is empty (zero samples); give a file with speech in it")
+    return samples
+
+
+def _explain_ffmpeg_failure(stderr: bytes) -> str:
+    text = stderr.decode("utf-8", errors="replace")
+    if "matches no streams" in text:
+        return "it has no audio track"
+    if "Invalid data found" in text:
+        return "not an audio or video file ffmpeg can read"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "ffmpeg failed without a message"
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write float samples in [-1, 1] (shape [n] or [n, channels]) as 16-bit PCM WAV."""
+    samples = np.asarray(samples)
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    if samples.dtype != np.int16:
+        samples = np.round(np.clip(samples.astype(np.float64), -1.0, 1.0) * 32767.0).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(int(sample_rate))
+        out.writeframes(samples.astype("<i2").tobytes())
