@@ -1,0 +1,262 @@
+"""The mp4 sink: frames are encoded as they arrive (H.264 + the speech as AAC) and the file appears atomically.
+
+ffmpeg writes to a hidden temporary file beside the output; only a clean close renames it to the output name,
+so an interrupted or failed run never leaves a truncated video where the user expects a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+
+from avatarcli.errors import AvatarError
+from avatarcli.media.audio import ffmpeg_exe, load_audio
+
+
+def check_writable_output(path: str | Path) -> Path:
+    """Fail fast, before any model work, when `path` cannot be written. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise AvatarError(f"output path {path} is a folder; give a file name such as {path / 'out.mp4'}")
+    folder = path.parent
+    if not folder.exists():
+        raise AvatarError(f"output folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise AvatarError(f"output folder {folder} is not a folder; choose another output path")
+    # os.access is unreliable (root, network mounts, ACLs): actually create a file there.
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".avatarcli-write-test-"):
+            pass
+    except OSError as error:
+        raise AvatarError(
+            f"cannot write to output folder {folder} ({error.strerror}); choose another output path"
+        ) from error
+    return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where the video is written until it is complete."""
+    return path.with_name(f".{path.stem}.partial.mp4")
+
+
+class Mp4Sink:
+    """Write uint8 RGB frames [n, H, W, 3] to an H.264 (yuv420p) mp4, muxing `audio_path` as AAC.
+
+    The audio keeps its full length (no `-shortest`); the caller makes the frame count match it.
+    Use as a context manager: a clean exit publishes the file, an exception or abort() deletes it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        fps: float | Fraction,
+        audio_path: str | Path | None = None,
+        crf: int = 18,
+        preset: str = "medium",
+    ) -> None:
+        if width % 2 or height % 2 or width <= 0 or height <= 0:
+            raise ValueError(f"yuv420p needs a positive even frame size, got {width}x{height}")
+        self.path = Path(path)
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.audio_path = None if audio_path is None else Path(audio_path)
+        self.crf = crf
+        self.preset = preset
+        self.frames_written = 0
+        self._writer: Any = None
+        self._state = "new"
+
+    def __enter__(self) -> Mp4Sink:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def open(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"sink for {self.path} was already opened")
+        check_writable_output(self.path)
+        if self.audio_path is not None and not self.audio_path.is_file():
+            raise AvatarError(f"audio file not found: {self.audio_path}; check the path")
+        output_params = ["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart", "-f", "mp4"]
+        self._writer = imageio_ffmpeg.write_frames(
+            str(partial_path(self.path)),
+            (self.width, self.height),
+            fps=self.fps,
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,  # None: imageio adds no -crf of its own; ours is in output_params
+            output_params=output_params,
+            audio_path=None if self.audio_path is None else str(self.audio_path),
+            audio_codec="aac",
+            macro_block_size=1,  # sizes are validated above; never let imageio rescale
+            ffmpeg_log_level="error",
+        )
+        self._writer.send(None)  # starts ffmpeg
+        self._state = "open"
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames [n, H, W, 3] (or one frame [H, W, 3]) of dtype uint8."""
+        if self._state != "open":
+            raise RuntimeError(f"sink for {self.path} is {self._state}, not open")
+        frames = _as_frame_batch(frames, self.width, self.height)
+        try:
+            for frame in frames:
+                self._writer.send(np.ascontiguousarray(frame))
+        except OSError as error:
+            self.abort()
+            first_line = str(error).splitlines()[0]
+            raise AvatarError(f"video encoding failed while writing {self.path}: {first_line}") from error
+        self.frames_written += len(frames)
+
+    def close(self) -> None:
+        """Finish encoding, check the file and move it to the output name. No-op after abort()."""
+        if self._state != "open":
+            return
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}")
+        self._stop_ffmpeg()
+        partial = partial_path(self.path)
+        problem = _unreadable_reason(partial)
+        if problem is not None:
+            partial.unlink(missing_ok=True)
+            self._state = "aborted"
+            raise AvatarError(f"video encoding failed for {self.path} ({problem}); check free disk space")
+        os.replace(partial, self.path)
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Stop ffmpeg and delete the partial file; nothing is left under the output name."""
+        if self._state == "open":
+            self._stop_ffmpeg()
+        partial_path(self.path).unlink(missing_ok=True)
+        self._state = "aborted"
+
+    def _stop_ffmpeg(self) -> None:
+        # Closing the generator closes ffmpeg's stdin and waits for it to exit.
+        writer, self._writer = self._writer, None
+        writer.close()
+
+
+class NullSink:
+    """Same interface as Mp4Sink, but only counts frames (for timing the model without encoding)."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        fps: float | Fraction | None = None,
+        audio_path: str | Path | None = None,
+        crf: int = 18,
+        preset: str = "medium",
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.frames_written = 0
+
+    def __enter__(self) -> NullSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def open(self) -> None:
+        return None
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = _as_frame_batch(frames, self.width, self.height)
+        self.frames_written += len(frames)
+
+    def close(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+def _as_frame_batch(frames: np.ndarray, width: int | None, height: int | None) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [n, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if width is not None and height is not None and frames.shape[1:3] != (height, width):
+        raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the sink was opened for {width}x{height}")
+    return frames
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    """Remux the video stream to nowhere: fast (no decoding), and it fails on a truncated or missing file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return "ffmpeg produced no file"
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-i", str(path),
+               "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"ffmpeg exit status {result.returncode}"
+    return None
+
+
+_STREAM = re.compile(r"Stream #\d+:\d+[^:]*: (?P<kind>Video|Audio): (?P<codec>\w+)(?P<rest>.*)")
+
+
+def probe_video(path: str | Path) -> dict[str, Any]:
+    """Read back a video with the bundled ffmpeg (there is no ffprobe in imageio-ffmpeg).
+
+    Returns frames, fps, width, height, video_codec, audio_codec (None without audio) and
+    audio_seconds (samples actually decodable, not the container's claim; 0.0 without audio).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AvatarError(f"video not found: {path}")
+    header = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True, check=False
+    ).stderr.decode("utf-8", errors="replace")
+    streams = {}
+    for match in _STREAM.finditer(header):
+        streams.setdefault(match["kind"], match)
+    if "Video" not in streams:
+        raise AvatarError(f"{path} has no video stream")
+    video = streams["Video"]
+    size = re.search(r", (\d+)x(\d+)", video["rest"])
+    fps = re.search(r", ([\d.]+) fps", video["rest"])
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    audio_codec = audio_seconds = None
+    if "Audio" in streams:
+        audio = streams["Audio"]
+        audio_codec = audio["codec"]
+        rate = int(re.search(r", (\d+) Hz", audio["rest"])[1])
+        audio_seconds = len(load_audio(path, sample_rate=rate)) / rate
+    return {
+        "frames": frames,
+        "fps": float(fps[1]) if fps else None,
+        "width": int(size[1]) if size else None,
+        "height": int(size[2]) if size else None,
+        "video_codec": video["codec"],
+        "audio_codec": audio_codec,
+        "audio_seconds": audio_seconds if audio_seconds is not None else 0.0,
+    }
