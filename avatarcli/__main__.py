@@ -1,0 +1,5 @@
+import sys
+
+from avatarcli.cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""The `avatarcli` command: parses flags, builds a job, calls the library, turns results into output and exit codes.
+
+Exit codes: 0 ok, 1 internal failure, 2 bad input or usage (always one line on stderr, never a traceback).
+Set AVATARCLI_DEBUG=1 to see the traceback of an internal failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from avatarcli.errors import AvatarError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Talking-portrait video from one image and speech, streamed to mp4.")
+err = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """Raised inside commands for exit code 2 (wraps AvatarError and bad flag values)."""
+
+
+@app.command()
+def animate(
+    portrait: Path = typer.Argument(..., help="Portrait image (any format Pillow reads)."),
+    audio: Path = typer.Option(..., "--audio", "-a", help="Speech: wav, mp3, m4a, flac, ogg or a video's audio track."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output mp4 [default: PORTRAIT name + .mp4]."),
+    preset: str = typer.Option("balanced", "--preset", "-p", help="Preset name or YAML path (see `avatarcli presets`)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt [default: 'The protagonist is talking.']."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: preset's, else 42]."),
+    size: Optional[str] = typer.Option(None, "--size", help="WxH (multiples of 16) or auto."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second [default: 25]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps."),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="cfg (text/audio CFG) or ang (Audio Native Guidance)."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Latent frames shared by neighbouring windows."),
+    blend: Optional[str] = typer.Option(None, "--blend", help="Overlap blend weights: log or uniform."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="auto, square or rec-vec."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Folder with the StableAvatar files (else the HF cache)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+):
+    """Animate PORTRAIT speaking AUDIO: an mp4 as long as the audio, with the audio muxed in."""
+    from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run
+    from avatarcli.presets import load_preset
+
+    if not 0 <= crf <= 51:
+        raise UserError(f"--crf must be between 0 and 51, got {crf}")
+    chosen = load_preset(preset).with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap,
+                                                blend=blend, checkpoint=checkpoint, seed=seed)
+    job = AnimateJob(portrait=portrait, audio=audio, output=output or Path(portrait.stem + ".mp4"), preset=chosen,
+                     prompt=prompt or DEFAULT_PROMPT, seed=chosen.seed if chosen.seed is not None else 42,
+                     weights=weights, device=device, dtype=dtype, crf=crf)
+    if quiet or as_json:
+        result = run(job)
+    else:
+        with _progress_bar(chosen.fps) as update:
+            result = run(job, on_progress=update)
+    summary = {
+        "output": str(result.output), "frames": result.frames, "fps": result.fps,
+        "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
+        "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
+    }
+    if as_json:
+        print(json.dumps(summary), flush=True)
+    elif not quiet:
+        err.print(f"wrote {result.output}: {result.frames} frames, {result.video_seconds:.2f} s of video "
+                  f"in {result.wall_seconds:.1f} s")
+
+
+class _progress_bar:
+    """Windows done/total, window-steps, ETA, and seconds of video per wall second.
+
+    Shown from the first progress event on, so input errors print nothing but their one line."""
+
+    def __init__(self, fps: int):
+        self.fps, self.bar = fps, None
+
+    def __enter__(self):
+        return self.update
+
+    def update(self, p):
+        if self.bar is None:
+            self.bar = Progress(TextColumn("[bold]animate"), BarColumn(), TextColumn("{task.fields[windows]}"),
+                                TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[speed]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=err)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("animate", total=p.steps_total, windows="", steps="", speed="")
+        speed = p.frames_written / self.fps / p.elapsed_seconds if p.elapsed_seconds else 0.0
+        self.bar.update(self.task, total=p.steps_total, completed=p.steps_done,
+                        windows=f"windows {p.windows_done}/{p.windows_total}",
+                        steps=f"steps {p.steps_done}/{p.steps_total}", speed=f"{speed:.3f} s video/s")
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+@app.command()
+def download(
+    model: str = typer.Argument("stableavatar", help="Model to fetch (see `avatarcli doctor`)."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Put the files here instead of the HF cache."),
+):
+    """Fetch only the files the pipeline uses (resumable; honours HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    from avatarcli.hub import download as fetch
+
+    path = fetch(model, local_dir=directory, progress=True)
+    err.print(f"{model}: {path}")
+    print(path)
+
+
+@app.command()
+def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in full.")):
+    """List the presets, or show one."""
+    import dataclasses
+
+    from avatarcli.presets import list_presets, load_preset
+
+    if name:
+        for key, value in dataclasses.asdict(load_preset(name)).items():
+            out.print(f"{key}: {value}")
+        return
+    table = Table("name", "steps", "guidance", "overlap", "blend", "size", "description")
+    for p in list_presets():
+        table.add_row(p.name, str(p.steps), p.guidance, str(p.overlap), p.blend, p.size, p.description)
+    out.print(table)
+
+
+@app.command()
+def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A weights folder to check.")):
+    """Check torch, the device, ffmpeg, weights and free memory."""
+    from avatarcli.doctor import doctor_report
+
+    table = Table("check", "status", "detail")
+    failed = False
+    for check, status, detail in doctor_report(weights):
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}.get(status, "white")
+        table.add_row(check, f"[{colour}]{status}[/{colour}]", detail)
+        failed |= status == "fail"
+    out.print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from avatarcli.cli_sfd import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional_commands()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="avatarcli", standalone_mode=False)
+        return 0
+    except (AvatarError, UserError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        # Click's exceptions (typer may vendor its own copy, so they are recognised by shape, not class).
+        name = type(error).__name__
+        if name == "Exit":
+            return error.exit_code
+        if name == "Abort":
+            print("aborted", file=sys.stderr)
+            return 130
+        if hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int):
+            print(f"error: {_one_line(error.format_message())} (see --help)", file=sys.stderr)
+            return error.exit_code
+        if os.environ.get("AVATARCLI_DEBUG"):
+            raise
+        print(f"internal error: {name}: {_one_line(error)} (set AVATARCLI_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
