@@ -68,23 +68,30 @@ def original_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_state_dict(sizes: dict, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Random weights with sensible scales: norms near 1, linear layers ~1/sqrt(fan_in), biases small."""
-    gen = torch.Generator().manual_seed(seed)
+def random_state_dict(sizes: dict, seed: int = 0, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights with sensible scales: norms near 1, linear layers ~1/sqrt(fan_in), biases small.
+
+    device="meta" gives shape-only tensors (for key/shape checks of the full-size layout)."""
+    if device == "meta":
+        return {k: torch.empty(shape, device="meta", dtype=dtype) for k, shape in original_key_shapes(sizes).items()}
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=device)
+
     state = {}
     for key, shape in original_key_shapes(sizes).items():
-        if device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif "norm" in key or key.endswith(".proj.0.weight") or key.endswith(".proj.4.weight"):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen) if key.endswith("weight") else \
-                0.1 * torch.randn(shape, generator=gen)
+        if "norm" in key or key.endswith((".proj.0.weight", ".proj.4.weight", ".proj.0.bias", ".proj.4.bias")):
+            value = 1 + 0.1 * randn(shape) if key.endswith("weight") else 0.1 * randn(shape)
         elif key.endswith("modulation"):
-            state[key] = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+            value = randn(shape) / shape[-1] ** 0.5
         else:
             fan_in = shape[1] if len(shape) > 1 else shape[0]
             for s in shape[2:]:
                 fan_in *= s
-            state[key] = torch.randn(shape, generator=gen) / fan_in**0.5 * (0.1 if key.endswith("bias") else 1.0)
+            value = randn(shape) / fan_in**0.5 * (0.1 if key.endswith("bias") else 1.0)
+        state[key] = value.to(dtype)
     return state
 
 

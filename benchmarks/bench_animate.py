@@ -1,0 +1,136 @@
+"""`animate` end to end with full-size random weights: stage split, speed, and memory vs clip length.
+
+Builds every component at its real size with random weights (the DiT through the same strict loading code as the
+published checkpoint; VAE, umT5-XXL, CLIP ViT-H/14 and wav2vec2-base from their real configs), then runs the
+library's `animate` on a synthetic speech clip. Run one clip length per process so the host peak RSS is per length:
+
+    python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
+    python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
+    python benchmarks/bench_animate.py --tiny --seconds 2     # CPU smoke test of the script
+
+Prints a table last (one row per run; --append FILE also accumulates rows across runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatarcli.loading.stableavatar import StableAvatarComponents
+from avatarcli.loading.transformer import build_transformer
+from avatarcli.pipeline import AnimateJob, animate
+from avatarcli.presets import load_preset
+from avatarcli.testing.components import write_tiny_umt5_tokenizer
+from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def synthetic_speech(path: Path, seconds: float) -> Path:
+    sr = 16000
+    t = np.arange(int(seconds * sr)) / sr
+    voice = 0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes((voice * 32767).astype(np.int16).tobytes())
+    return path
+
+
+def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path, tiny: bool):
+    from diffusers import AutoencoderKLWan
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel, Wav2Vec2Config,
+                              Wav2Vec2FeatureExtractor, Wav2Vec2Model)
+
+    from avatarcli.testing import TINY_STABLEAVATAR
+
+    sizes = TINY_STABLEAVATAR if tiny else FULL_SIZE
+    transformer = build_transformer(random_state_dict(sizes, 0, str(device), dtype), wan_config(sizes), dtype=dtype,
+                                    device=device)
+    with torch.device(device):
+        if tiny:
+            vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+            t5 = UMT5EncoderModel(UMT5Config(vocab_size=256, d_model=sizes["text_dim"], d_kv=8, d_ff=64,
+                                             num_layers=1, num_heads=4))
+            clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=sizes["image_dim"], intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=2, image_size=224,
+                                                    patch_size=14))
+            wav2vec = Wav2Vec2Model(Wav2Vec2Config(num_hidden_layers=1, intermediate_size=64))
+        else:
+            vae = AutoencoderKLWan()  # the Wan2.1 VAE configuration
+            t5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                             num_heads=64, relative_attention_num_buckets=32,
+                                             feed_forward_proj="gated-gelu")).to(torch.bfloat16)
+            clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                    num_attention_heads=16, image_size=224, patch_size=14,
+                                                    hidden_act="gelu"))
+            wav2vec = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base
+    from transformers import AutoTokenizer
+
+    return StableAvatarComponents(
+        transformer=transformer, vae=vae.eval(), text_encoder=t5.eval(),
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_encoder=clip.eval(),
+        audio_encoder=wav2vec.eval(), feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", default="480x832")
+    parser.add_argument("--preset", default="reference")
+    parser.add_argument("--null-sink", action="store_true", help="skip the H.264 encode")
+    parser.add_argument("--attention", default=None, help="diffusers attention backend, e.g. _native_cudnn")
+    parser.add_argument("--compile", action="store_true", help="compile the DiT blocks")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--append", type=Path, default=None, help="JSON-lines file collecting rows across runs")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    work = Path(tempfile.mkdtemp())
+    build = time.perf_counter()
+    components = full_size_components(device, dtype, write_tiny_umt5_tokenizer(work / "tok"), args.tiny)
+    if args.attention:
+        components.transformer.set_attention_backend(args.attention)
+    if args.compile:
+        components.transformer.compile_repeated_blocks(fullgraph=True)
+    build = time.perf_counter() - build
+
+    preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
+                     output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink)
+    result = animate(job, components=components)
+
+    stages = {k: v for k, v in result.timings.items() if k != "load"}
+    generation = sum(stages.values())
+    row = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
+               frames=result.frames, windows=result.windows, steps=result.steps,
+               wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
+               dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
+               gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
+               attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build)
+    rows = [row]
+    if args.append:
+        with args.append.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows = [json.loads(line) for line in args.append.read_text().splitlines()]
+    print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
+          f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8}")
+    for r in rows:
+        print(f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
+              f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
+              f"{r.get('t_encode', 0):>7.1f} {100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
+              f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""StableAvatar transformer: time per window-step and peak memory at 480x832, 81 frames (21 latent frames), bf16.
+
+Full-size random weights in the published key layout go through the same loading code as the real checkpoints
+(avatarcli.loading.transformer.build_transformer). Measures, with CUDA events (median of --repeat after warm-up):
+  * one forward at batch 1 (comparable to stock diffusers' WanTransformer3DModel at batch 1),
+  * the 3-branch window-step of both guidance modes (cfg: one batch-3 forward; ang: batch 3 + a second adapter pass),
+  * the same with cuDNN attention and compiled blocks, and its deviation from the eager output.
+Prints a table last.
+
+    python benchmarks/bench_transformer.py            # on a CUDA GPU
+    python benchmarks/bench_transformer.py --tiny     # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from avatarcli.loading.transformer import build_transformer
+from avatarcli.models.stableavatar import AudioConditioning, parameter_count
+from avatarcli.sampling.guidance import Guidance
+from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
+
+
+def flops_per_forward(batch: int, tokens: int, frames: int, sizes: dict, context: int = 769, audio: int = 15) -> float:
+    """Matmul FLOPs of one forward (2 per multiply-add); the audio adapter and embeddings are negligible."""
+    d, f = sizes["dim"], sizes["ffn_dim"]
+    per_block = (
+        4 * 2 * tokens * d * d  # self-attention q, k, v, o
+        + 2 * 2 * tokens * tokens * d  # self-attention scores and values
+        + 2 * 2 * tokens * d * d  # cross-attention q, o
+        + 2 * 2 * tokens * context * d + 2 * 2 * tokens * audio * d  # text/image and per-frame audio attention
+        + 2 * 2 * tokens * d * f  # feed-forward
+    )
+    return batch * sizes["num_layers"] * per_block
+
+
+def timed(fn, warmup: int, repeat: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script, not the speed)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    sizes = dict(FULL_SIZE, dim=48, num_heads=2, text_dim=32, ffn_dim=64, num_layers=2, image_dim=32) \
+        if args.tiny else FULL_SIZE
+    height, width = (64, 64) if args.tiny else (480, 832)
+    frames = 21
+    h, w = height // 8, width // 8
+    tokens = frames * (h // 2) * (w // 2)
+
+    t = time.perf_counter()
+    state = random_state_dict(sizes, seed=0, device=str(device), dtype=dtype)
+    model = build_transformer(state, wan_config(sizes), dtype=dtype, device=device)
+    del state
+    load_seconds = time.perf_counter() - t
+
+    gen = torch.Generator(device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    x1 = torch.cat([rand(1, 16, frames, h, w), torch.zeros(1, 4, frames, h, w, device=device, dtype=dtype),
+                    rand(1, 16, frames, h, w)], dim=1)
+    text = rand(3, 512, sizes["text_dim"])
+    image = rand(3, 257, sizes["image_dim"])
+    audio = torch.randn(1, 161, sizes["audio_in_dim"], generator=gen, device=device)
+    timestep = torch.full((3,), 977.9, device=device)
+
+    def forward(batch: int, guidance: Guidance):
+        branches = guidance.branches[:batch]
+        rows = [a for a in ("real", "silent") if any(b.audio == a for b in branches)]
+        features = torch.cat([audio if r == "real" else torch.zeros_like(audio) for r in rows])
+        conditioning = AudioConditioning(features, [rows.index(b.audio) if b.audio != "none" else None
+                                                    for b in branches])
+        with torch.no_grad():
+            out = model(x1.expand(batch, -1, -1, -1, -1), timestep[:batch], text[:batch], image[:batch],
+                        conditioning)
+            return guidance.combine(out.float()) if batch == 3 else out
+
+    cases = [("forward, batch 1", 1, Guidance("none")), ("window-step, cfg (batch 3)", 3, Guidance("cfg")),
+             ("window-step, ang (batch 3)", 3, Guidance("ang"))]
+    rows = []
+    eager_out = {}
+
+    def run_cases(label: str):
+        for name, batch, guidance in cases:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = timed(lambda: forward(batch, guidance), args.warmup, args.repeat, device)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            out = forward(batch, guidance)
+            seconds = statistics.median(times)
+            tflops = flops_per_forward(batch, tokens, frames, sizes) / seconds / 1e12
+            dev = ""
+            if label == "eager":
+                eager_out[name] = out
+            else:
+                ref = eager_out[name]
+                dev = f"{((out.float() - ref.float()).norm() / ref.float().norm()).item():.2e}"
+            rows.append((label, name, seconds, min(times), tflops, peak, dev))
+
+    run_cases("eager")
+    model.set_attention_backend("native")
+    if device.type == "cuda":
+        model.set_attention_backend("_native_cudnn")
+        run_cases("cudnn attn")
+    if not args.no_compile and device.type == "cuda":
+        t = time.perf_counter()
+        model.compile_repeated_blocks(fullgraph=True)
+        forward(3, Guidance("cfg"))
+        forward(3, Guidance("ang"))
+        forward(1, Guidance("none"))
+        rows.append(("compile", f"compile time {time.perf_counter() - t:.1f} s", float("nan"), float("nan"),
+                     float("nan"), float("nan"), ""))
+        run_cases("cudnn+compile")
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndevice: {name}; torch {torch.__version__}; {parameter_count(model) / 1e9:.3f} B params; "
+          f"{height}x{width}, {frames} latent frames, {tokens} tokens/branch; dtype {dtype}; "
+          f"random full-size weights built+loaded strictly in {load_seconds:.1f} s")
+    print(f"{'variant':<15} {'case':<28} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9}")
+    for label, case, med, best, tf, peak, dev in rows:
+        print(f"{label:<15} {case:<28} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9}")
+
+
+if __name__ == "__main__":
+    main()
