@@ -262,3 +262,16 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
             f"{name} weights are not downloaded: run `avatarcli download {name}`, or pass --weights DIR"
         )
     return download(name)
+
+
+def _register_sfd_models() -> None:
+    """`sfd-xl`, `sfd-xxl` (denoiser + AutoGuidance model + latent statistics) and `sfd-vae` (texture VAE)."""
+    from avatarcli.loading.sfd import SFD_DOWNLOADS
+
+    for name, (repo_id, files) in SFD_DOWNLOADS.items():
+        files = tuple(str(f) for f in files)
+        register_model(name, ModelSpec(repo_id=repo_id, allow_patterns=files, required_files=files,
+                                       description=f"SFD files for `avatarcli sfd` ({name})"))
+
+
+_register_sfd_models()

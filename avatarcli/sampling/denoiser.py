@@ -27,10 +27,12 @@ class StableAvatarDenoiser:
         self.timesteps = sigmas[:-1] * 1000
         self.steps = steps if steps is not None else len(self.timesteps)
         branches = guidance.branches
+        device, self.dtype = model.device, model.dtype
         texts = {"positive": model.pad_text(positive_text), "negative": model.pad_text(negative_text)}
-        self.text = torch.cat([texts[b.prompt] for b in branches])
-        self.image = image_tokens.expand(len(branches), -1, -1)
-        self.condition = condition.expand(len(branches), -1, -1, -1, -1)
+        # Cast and batch the step-independent conditioning once, not per window-step.
+        self.text = torch.cat([texts[b.prompt] for b in branches]).to(device, self.dtype)
+        self.image = image_tokens.to(device, self.dtype).expand(len(branches), -1, -1)
+        self.condition = condition.to(device, self.dtype).expand(len(branches), -1, -1, -1, -1)
         rows = [a for a in ("real", "silent") if any(b.audio == a for b in branches)]
         self.audio_rows = rows
         self.branch_audio = [rows.index(b.audio) if b.audio != "none" else None for b in branches]
@@ -46,10 +48,9 @@ class StableAvatarDenoiser:
     def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
         n = len(self.branch_audio)
         frames = latents.shape[2]
-        x = torch.cat([latents.expand(n, -1, -1, -1, -1), self.condition[:, :, :frames]], dim=1)
-        dtype = self.model.dtype
+        x = torch.cat([latents.to(self.dtype).expand(n, -1, -1, -1, -1), self.condition[:, :, :frames]], dim=1)
         t = self.timesteps[step].expand(n).to(latents.device)
-        pred = self.model(x.to(dtype), t, self.text.to(dtype), self.image.to(dtype), self.audio_for(window))
+        pred = self.model(x, t, self.text, self.image, self.audio_for(window))
         if step == self.steps - 1:
             self._audio.pop(window.index, None)
         return self.guidance.combine(pred.float())
