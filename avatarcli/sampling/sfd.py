@@ -94,13 +94,15 @@ def plan_steps(grid: list[float], delta_t: float = DELTA_T, masks: Literal["inte
     which is what the reference's Euler does on its linspace grid (float32 quirks included).
     """
     check_delta_t(delta_t)
+    if masks not in ("interval", "left"):
+        raise ValueError(f"masks must be 'interval' or 'left', got {masks!r}")
     steps = []
     for tau, tau_next in zip(grid[:-1], grid[1:]):
-        at = tau if masks == "left" else 0.5 * (tau + tau_next)
         if masks == "left":
-            mask_tex, mask_sem = stream_masks(at, delta_t)
+            mask_tex, mask_sem = stream_masks(tau, delta_t)
         else:
-            mask_tex, mask_sem = float(at > delta_t), float(at < 1.0)
+            middle = 0.5 * (tau + tau_next)
+            mask_tex, mask_sem = float(middle > delta_t), float(middle < 1.0)
         steps.append(Step(tau, tau_next, mask_tex, mask_sem))
     return steps
 
