@@ -184,7 +184,8 @@ def _load(job: SfdJob, guidance: sampling.Guidance, device: torch.device) -> Sfd
     vae = load_texture_vae(files.vae).to(device, dtype)
     stats = load_latent_stats(files.texture_stats)
     config = main.config
-    if weak is not None and (weak.config.in_channels, weak.config.input_size) != (config.in_channels, config.input_size):
+    latent_shape = (config.in_channels, config.input_size)
+    if weak is not None and (weak.config.in_channels, weak.config.input_size) != latent_shape:
         raise AvatarError(f"{files.guidance_checkpoint} does not fit {files.checkpoint} (latent shape differs)")
     if not config.semantic_first:
         raise AvatarError(f"{files.checkpoint} has a single timestep embedder; it is not an SFD checkpoint")

@@ -1,7 +1,8 @@
 """Throughput of SFD sampling with random full-size weights: images per second, NFE and the VAE-decode share.
 
-    python benchmarks/bench_sfd.py                 # CUDA: XL/1 and 1p0B/1, batch 64, Euler-100 / Heun-50 / dopri5, bf16 and fp32
-    python benchmarks/bench_sfd.py --tiny          # CPU smoke test with tiny shapes
+    python benchmarks/bench_sfd.py            # CUDA: XL/1, 1p0B/1; batch 64; Euler-100, Heun-50, dopri5; bf16, fp32
+    python benchmarks/bench_sfd.py --compile  # the same with torch.compile'd denoisers
+    python benchmarks/bench_sfd.py --tiny     # CPU smoke test with tiny shapes
 
 Every run uses AutoGuidance with a random LightningDiT-B/1 (the published setting: one main and one B/1 forward per
 evaluation) and decodes with a random f16d32 texture VAE, through the same `generate` loop as `avatarcli sfd`.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch

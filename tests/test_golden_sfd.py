@@ -68,8 +68,9 @@ def guidance_for(kind: str, scale: float) -> sampling.Guidance:
 
 
 def velocity_for(golden, y: torch.Tensor, guidance: sampling.Guidance) -> sampling.Velocity:
+    null_class = int(golden["config"]["data"]["null_class"])
     return sampling.guided_velocity(golden["main"], y, guidance, texture_chans=golden["texture_chans"],
-                                    null_class=int(golden["config"]["data"]["null_class"]), guidance_model=golden["weak"])
+                                    null_class=null_class, guidance_model=golden["weak"])
 
 
 def euler_runs(outputs) -> list[tuple[str, int, str]]:

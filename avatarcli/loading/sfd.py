@@ -90,7 +90,8 @@ def sfd_files(weights_dir: Path, model: str, vae_dir: Path | None = None) -> Sfd
     for name, path in vars(files).items():
         if not path.is_file():
             download = "sfd-vae" if name == "vae" else f"sfd-{model}"
-            raise AvatarError(f"missing SFD file {path}; run `avatarcli download {download}` or pass the folder that holds it")
+            raise AvatarError(
+                f"missing SFD file {path}; run `avatarcli download {download}` or pass the folder that holds it")
     return files
 
 

@@ -86,7 +86,8 @@ class Step:
     mask_sem: float
 
 
-def plan_steps(grid: list[float], delta_t: float = DELTA_T, masks: Literal["interval", "left"] = "interval") -> list[Step]:
+def plan_steps(grid: list[float], delta_t: float = DELTA_T,
+               masks: Literal["interval", "left"] = "interval") -> list[Step]:
     """One Step per grid interval, with the stream masks that hold during it.
 
     "interval": the phase of the open interval (its midpoint); right for grids from `phase_grid`, so each
