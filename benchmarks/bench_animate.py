@@ -75,10 +75,24 @@ def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir
             wav2vec = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base
     from transformers import AutoTokenizer
 
+    # .to(device) again: some modules create parameters with legacy constructors that ignore the device context.
     return StableAvatarComponents(
-        transformer=transformer, vae=vae.eval(), text_encoder=t5.eval(),
-        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_encoder=clip.eval(),
-        audio_encoder=wav2vec.eval(), feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False))
+        transformer=transformer, vae=vae.to(device).eval(), text_encoder=t5.to(device).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_encoder=clip.to(device).eval(),
+        audio_encoder=wav2vec.to(device).eval(),
+        feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False))
+
+
+def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) -> None:
+    from avatarcli.models.stableavatar import AudioConditioning
+
+    width, height = (int(v) for v in size.split("x"))
+    cfg = transformer.config
+    x = torch.zeros(3, cfg.in_channels, 21, height // 8, width // 8, device=device, dtype=dtype)
+    audio = AudioConditioning(torch.zeros(1, 161, cfg.audio_in_dim, device=device), [None, 0, 0])
+    with torch.no_grad():
+        transformer(x, torch.full((3,), 999.0, device=device), torch.zeros(3, 512, cfg.text_dim, device=device,
+                    dtype=dtype), torch.zeros(3, 257, cfg.image_dim, device=device, dtype=dtype), audio)
 
 
 def main() -> None:
@@ -102,7 +116,9 @@ def main() -> None:
     if args.attention:
         components.transformer.set_attention_backend(args.attention)
     if args.compile:
+        components.transformer.fuse_qkv_projections()
         components.transformer.compile_repeated_blocks(fullgraph=True)
+        warm_up(components.transformer, args.size, device, dtype)  # keep compilation out of the DiT time
     build = time.perf_counter() - build
 
     preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)

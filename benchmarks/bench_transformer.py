@@ -4,7 +4,8 @@ Full-size random weights in the published key layout go through the same loading
 (avatarcli.loading.transformer.build_transformer). Measures, with CUDA events (median of --repeat after warm-up):
   * one forward at batch 1 (comparable to stock diffusers' WanTransformer3DModel at batch 1),
   * the 3-branch window-step of both guidance modes (cfg: one batch-3 forward; ang: batch 3 + a second adapter pass),
-  * the same with cuDNN attention and compiled blocks, and its deviation from the eager output.
+  * optionally another attention backend, and compiled blocks (optionally fused q/k/v), with their deviation from
+    the eager output (on torch 2.11 / H100 the default SDPA already runs cuDNN's flash kernel).
 Prints a table last.
 
     python benchmarks/bench_transformer.py            # on a CUDA GPU
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one cfg step")
+    parser.add_argument("--attention", default=None, help="also time a diffusers attention backend, e.g. _native_cudnn")
+    parser.add_argument("--fuse-qkv", action="store_true", help="fuse the q/k/v projections before compiling")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -98,15 +102,25 @@ def main() -> None:
         features = torch.cat([audio if r == "real" else torch.zeros_like(audio) for r in rows])
         conditioning = AudioConditioning(features, [rows.index(b.audio) if b.audio != "none" else None
                                                     for b in branches])
+        dt = model.blocks[0].attn1.to_q.weight.dtype
         with torch.no_grad():
-            out = model(x1.expand(batch, -1, -1, -1, -1), timestep[:batch], text[:batch], image[:batch],
-                        conditioning)
+            out = model(x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
+                        image[:batch].to(dt), conditioning)
             return guidance.combine(out.float()) if batch == 3 else out
 
     cases = [("forward, batch 1", 1, Guidance("none")), ("window-step, cfg (batch 3)", 3, Guidance("cfg")),
              ("window-step, ang (batch 3)", 3, Guidance("ang"))]
     rows = []
     eager_out = {}
+    fp32_out = {}
+    if not args.tiny:
+        # The yardstick for "within bf16 rounding": the same forward with float32 weights and activations.
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        model.float()
+        for name, batch, guidance in cases:
+            fp32_out[name] = forward(batch, guidance).float()
+        for n, p in model.named_parameters():
+            p.data = p.data.to(dtypes[n])
 
     def run_cases(label: str):
         for name, batch, guidance in cases:
@@ -118,36 +132,52 @@ def main() -> None:
             out = forward(batch, guidance)
             seconds = statistics.median(times)
             tflops = flops_per_forward(batch, tokens, frames, sizes) / seconds / 1e12
-            dev = ""
             if label == "eager":
                 eager_out[name] = out
-            else:
-                ref = eager_out[name]
-                dev = f"{((out.float() - ref.float()).norm() / ref.float().norm()).item():.2e}"
-            rows.append((label, name, seconds, min(times), tflops, peak, dev))
+            ref = eager_out[name]
+            dev = f"{((out.float() - ref.float()).norm() / ref.float().norm()).item():.2e}"
+            ref32 = fp32_out.get(name)
+            dev32 = f"{((out.float() - ref32).norm() / ref32.norm()).item():.2e}" if ref32 is not None else ""
+            rows.append((label, name, seconds, min(times), tflops, peak, dev, dev32))
+
+    def profile_step(label: str):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward(3, Guidance("cfg"))
+            torch.cuda.synchronize()
+        print(f"--- {label}: top CUDA kernels of one cfg window-step")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
 
     run_cases("eager")
-    model.set_attention_backend("native")
-    if device.type == "cuda":
-        model.set_attention_backend("_native_cudnn")
-        run_cases("cudnn attn")
+    if args.profile and device.type == "cuda":
+        profile_step("eager")
+    if args.attention:
+        model.set_attention_backend(args.attention)
+        run_cases(args.attention)
     if not args.no_compile and device.type == "cuda":
         t = time.perf_counter()
+        if args.fuse_qkv:
+            model.fuse_qkv_projections()
         model.compile_repeated_blocks(fullgraph=True)
         forward(3, Guidance("cfg"))
         forward(3, Guidance("ang"))
         forward(1, Guidance("none"))
         rows.append(("compile", f"compile time {time.perf_counter() - t:.1f} s", float("nan"), float("nan"),
-                     float("nan"), float("nan"), ""))
-        run_cases("cudnn+compile")
+                     float("nan"), float("nan"), "", ""))
+        run_cases("compiled" + (" fused" if args.fuse_qkv else ""))
+        if args.profile:
+            profile_step("compiled")
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\ndevice: {name}; torch {torch.__version__}; {parameter_count(model) / 1e9:.3f} B params; "
           f"{height}x{width}, {frames} latent frames, {tokens} tokens/branch; dtype {dtype}; "
           f"random full-size weights built+loaded strictly in {load_seconds:.1f} s")
-    print(f"{'variant':<15} {'case':<28} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9}")
-    for label, case, med, best, tf, peak, dev in rows:
-        print(f"{label:<15} {case:<28} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9}")
+    print("rel dev: ||out - eager bf16|| / ||eager bf16||;  vs fp32: ||out - fp32 forward|| / ||fp32 forward||")
+    print(f"{'variant':<15} {'case':<28} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
+          f"{'vs fp32':>9}")
+    for label, case, med, best, tf, peak, dev, dev32 in rows:
+        print(f"{label:<15} {case:<28} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9}")
 
 
 if __name__ == "__main__":
