@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from avatarcli.sampling.guidance import Guidance
 from avatarcli.sampling.sampler import sample_streaming
 from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import Window, latent_frames_for, plan_windows
-from avatarcli.sink.ffmpeg import Mp4Sink, NullSink, check_writable_output
+from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink, check_writable_output
 
 WINDOW_LATENT_FRAMES = 21  # 81 video frames per window, as StableAvatar was trained
 DEFAULT_PROMPT = "The protagonist is talking."  # the fixed training prompt family of the reference
@@ -49,6 +50,8 @@ class AnimateJob:
     device: str = "auto"
     dtype: str = "auto"
     crf: int = 18
+    vae_dtype: str = "auto"  # VAE decode precision: auto = bf16 on GPU (about half the fp32 cost), fp32 on CPU
+    compile: bool = False  # fuse q/k/v and torch.compile the DiT blocks (GPU; ~30 s once, ~20% faster per step)
     null_sink: bool = False  # benchmarks: generate and decode, write nothing
 
 
@@ -109,6 +112,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in choices:
         raise AvatarError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
     return choices[dtype]
+
+
+@contextmanager
+def quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def prepare_inputs(job: AnimateJob) -> PreparedInputs:
@@ -180,6 +195,10 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         with clock("load"):
             weights = resolve_weights("stableavatar", job.weights, job.allow_download)
             components = load_stableavatar(weights, inputs.checkpoint, device, dtype)
+    if job.compile and device.type == "cuda":
+        with quiet_diffusers():
+            components.transformer.fuse_qkv_projections()
+            components.transformer.compile_repeated_blocks(fullgraph=True)
 
     preset = job.preset
     with clock("features"), torch.no_grad():
@@ -191,6 +210,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         image_tokens = clip_features(components.image_encoder, inputs.portrait, inputs.width, inputs.height)
         condition = reference_condition(components.vae, inputs.portrait, inputs.width, inputs.height,
                                         num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+    with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
+        components.vae.to(resolve_dtype(job.vae_dtype, device))  # the reference latents above stay float32
 
     plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
     sigmas = flow_sigmas(preset.steps, preset.shift)
@@ -227,7 +248,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         return velocity
 
     sink_type = NullSink if job.null_sink else Mp4Sink
-    sink = sink_type(job.output, inputs.width, inputs.height, preset.fps, audio_path=job.audio, crf=job.crf)
+    sink = BackgroundSink(sink_type(job.output, inputs.width, inputs.height, preset.fps, audio_path=job.audio,
+                                    crf=job.crf))
     decoder = StreamingDecoder(components.vae)
     sink.open()
     try:

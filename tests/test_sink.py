@@ -10,7 +10,8 @@ import pytest
 
 from avatarcli.errors import AvatarError
 from avatarcli.media.audio import write_wav
-from avatarcli.sink.ffmpeg import Mp4Sink, NullSink, check_writable_output, partial_path, probe_video
+from avatarcli.sink.ffmpeg import (BackgroundSink, Mp4Sink, NullSink, check_writable_output, partial_path,
+                                   probe_video)
 
 WIDTH, HEIGHT, FPS = 64, 48, 25
 FAST = dict(preset="ultrafast")
@@ -148,3 +149,29 @@ def test_probe_of_a_missing_video_raises_avatar_error(tmp_path: Path) -> None:
 def _file(path: Path) -> Path:
     path.write_text("x")
     return path
+
+
+def test_background_sink_writes_every_frame_in_order(tmp_path: Path) -> None:
+    audio = _speech_stand_in(tmp_path / "speech.wav", 1.2)
+    out = tmp_path / "talk.mp4"
+    sink = BackgroundSink(Mp4Sink(out, WIDTH, HEIGHT, FPS, audio_path=audio, **FAST), max_pending=2)
+    sink.open()
+    colors = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    for color in colors:
+        sink.write(_frames(10, color))
+    sink.close()
+    assert probe_video(out)["frames"] == 30 and sink.frames_written == 30
+    frames = list(imageio_ffmpeg.read_frames(str(out)))[1:]
+    means = [np.frombuffer(f, np.uint8).reshape(HEIGHT, WIDTH, 3).mean(axis=(0, 1)) for f in frames]
+    assert [int(np.argmax(means[i])) for i in (0, 10, 20)] == [0, 1, 2]
+
+
+def test_background_sink_raises_the_worker_error_and_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "talk.mp4"
+    sink = BackgroundSink(Mp4Sink(out, WIDTH, HEIGHT, FPS, **FAST))
+    sink.open()
+    sink.write(np.zeros((1, 32, 32, 3), np.uint8))  # wrong size: fails on the worker thread
+    with pytest.raises(ValueError, match="64x48"):
+        sink.close()
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -260,3 +260,61 @@ def probe_video(path: str | Path) -> dict[str, Any]:
         "audio_codec": audio_codec,
         "audio_seconds": audio_seconds if audio_seconds is not None else 0.0,
     }
+
+
+class BackgroundSink:
+    """Runs another sink's write() on a worker thread, so H.264 encoding overlaps generation.
+
+    At most `max_pending` frame batches wait in the queue (memory stays bounded); an error in the worker is raised
+    by the next write() or by close().
+    """
+
+    def __init__(self, sink: Mp4Sink | NullSink, max_pending: int = 4) -> None:
+        import queue
+
+        self.sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = None
+
+    @property
+    def frames_written(self) -> int:
+        return self.sink.frames_written
+
+    def open(self) -> None:
+        import threading
+
+        self.sink.open()
+        self._thread = threading.Thread(target=self._work, name="avatarcli-sink", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.sink.write(frames)
+                except BaseException as error:  # handed to the caller's thread
+                    self._error = error
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, frames: np.ndarray) -> None:
+        self._raise_pending()
+        self._queue.put(np.ascontiguousarray(frames))
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._stop()
+        self._raise_pending()
+        self.sink.close()
+
+    def abort(self) -> None:
+        self._stop()
+        self.sink.abort()
