@@ -95,6 +95,20 @@ def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) ->
                     dtype=dtype), torch.zeros(3, 257, cfg.image_dim, device=device, dtype=dtype), audio)
 
 
+def decode_precision_psnr(vae, size: str, device: torch.device) -> float:
+    """PSNR (dB) of a bfloat16 VAE decode against the float32 decode of the same 5 random latent frames."""
+    import copy
+
+    from avatarcli.decode.stream import StreamingDecoder
+
+    width, height = (int(v) for v in size.split("x"))
+    latents = torch.randn(1, 16, 5, height // 8, width // 8, generator=torch.Generator().manual_seed(0)).to(device)
+    ref = StreamingDecoder(vae).push(latents).astype(np.float64)
+    low = StreamingDecoder(copy.deepcopy(vae).to(torch.bfloat16)).push(latents.to(torch.bfloat16))
+    mse = np.mean((ref - low.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255**2 / max(mse, 1e-12)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -104,6 +118,7 @@ def main() -> None:
     parser.add_argument("--null-sink", action="store_true", help="skip the H.264 encode")
     parser.add_argument("--attention", default=None, help="diffusers attention backend, e.g. _native_cudnn")
     parser.add_argument("--compile", action="store_true", help="compile the DiT blocks")
+    parser.add_argument("--vae-dtype", default="auto", help="VAE decode precision (auto: bf16 on GPU)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--append", type=Path, default=None, help="JSON-lines file collecting rows across runs")
     args = parser.parse_args()
@@ -121,9 +136,11 @@ def main() -> None:
         warm_up(components.transformer, args.size, device, dtype)  # keep compilation out of the DiT time
     build = time.perf_counter() - build
 
+    psnr = decode_precision_psnr(components.vae, args.size, device)
     preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
-                     output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink)
+                     output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
+                     vae_dtype=args.vae_dtype)
     result = animate(job, components=components)
 
     stages = {k: v for k, v in result.timings.items() if k != "load"}
@@ -133,19 +150,22 @@ def main() -> None:
                wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
                dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
                gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
-               attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build)
+               attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
+               vae_dtype=args.vae_dtype, bf16_decode_psnr=psnr)
     rows = [row]
     if args.append:
         with args.append.open("a") as f:
             f.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
     print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
-          f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8}")
+          f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8} {'vae':>5} "
+          f"{'bf16 PSNR':>9}")
     for r in rows:
         print(f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
               f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
               f"{r.get('t_encode', 0):>7.1f} {100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
-              f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f}")
+              f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
+              f"{r.get('bf16_decode_psnr', float('nan')):>9.1f}")
 
 
 if __name__ == "__main__":
