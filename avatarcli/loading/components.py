@@ -37,6 +37,7 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.loading.files import read_state_dict
 
 # Wan 2.1 VAE (wan/modules/vae.py _video_vae): only base_dim and z_dim are read from the file; the block layout is
 # fixed, and any other layout fails the strict key check.
@@ -72,27 +73,7 @@ _WAV2VEC_DROPPED_PREFIXES = ("lm_head.",)
 
 def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A pickled original state dict, memory-mapped, through weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise AvatarError(f"weight file not found: {path}; download the model files into the checkpoint folder")
-    try:
-        state = _torch_load(path)
-    except Exception as error:  # a truncated download or not a torch file at all
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({_one_line(error)}); delete it and "
-                              "download it again") from error
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a plain state dict of tensors; is it the right file?")
-    return dict(state)
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        # Files written in torch's legacy (pre-zip) format cannot be memory-mapped; read them into memory instead.
-        if "mmap can only be used" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_dict(path)
 
 
 def load_vae(

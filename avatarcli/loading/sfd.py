@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.loading.files import read_checkpoint
 from avatarcli.models.ldm_vae import LDMDecoderConfig, TextureVAEDecoder
 from avatarcli.models.sfd import LightningDiT, LightningDiTConfig
 
@@ -96,26 +97,6 @@ def sfd_files(weights_dir: Path, model: str, vae_dir: Path | None = None) -> Sfd
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def read_checkpoint(path: Path) -> Mapping[str, object]:
-    path = Path(path)
-    if not path.is_file():
-        raise AvatarError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # pre-zip pickles cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a weights-only checkpoint ({exc}); re-download it") from exc
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict; re-download it")
-    return state
 
 
 def _tensors(state: Mapping[str, object], path: Path, entry: str | None) -> dict[str, Tensor]:

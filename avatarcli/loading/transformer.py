@@ -21,6 +21,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.loading.files import read_state_dict
 from avatarcli.models.stableavatar import StableAvatarTransformer3DModel
 
 BASE_FOLDER = "Wan2.1-Fun-V1.1-1.3B-InP"
@@ -29,26 +30,6 @@ CHECKPOINTS = {"square": "transformer3d-square.pt", "rec-vec": "transformer3d-re
 
 # Modules diffusers keeps in float32 under a low-precision dtype (WanTransformer3DModel._keep_in_fp32_modules).
 _FP32_PATTERNS = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "norm_out")
-
-
-def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors or pickled state dict; pickles only through weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise AvatarError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a truncated download or a non-checkpoint file
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    return dict(state)
 
 
 def is_audio_key(key: str) -> bool:
@@ -146,10 +127,10 @@ def load_stableavatar_transformer(weights_dir: Path, checkpoint: str = "square",
         raise AvatarError(f"unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}")
     weights_dir = Path(weights_dir)
     pt_path = weights_dir / AVATAR_FOLDER / CHECKPOINTS[checkpoint]
-    original = read_torch_file(pt_path)
+    original = read_state_dict(pt_path, entry="state_dict")
     base_path = weights_dir / BASE_FOLDER / "diffusion_pytorch_model.safetensors"
     if "patch_embedding.weight" not in original and base_path.is_file():
         # An adapter-only .pt: fill the backbone from the base model.
-        original = {**read_torch_file(base_path), **original}
+        original = {**read_state_dict(base_path), **original}
     return build_transformer(original, read_wan_config(weights_dir / BASE_FOLDER), dtype=dtype, device=device,
                              source=str(pt_path))
