@@ -29,13 +29,7 @@ ROOT = GOLDEN / "sfd"
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two, and immune to a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

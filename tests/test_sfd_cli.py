@@ -20,13 +20,7 @@ from avatarcli.testing import make_tiny_weights
 VAE_FACTOR = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two, and immune to a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_app() -> typer.Typer:

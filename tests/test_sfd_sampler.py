@@ -13,13 +13,7 @@ from avatarcli.sampling import sfd as sampling
 TEXTURE, SEMANTIC = 6, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is faster than two, and immune to a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> LightningDiT:

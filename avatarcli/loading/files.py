@@ -48,3 +48,25 @@ def read_state_dict(path: str | Path, entry: str | None = None) -> dict[str, tor
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a plain state dict of tensors; is it the right file?")
     return dict(state)
+
+
+def listing(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """0 missing, 0 unexpected, equal shapes; otherwise a CheckpointError naming the file and the keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
+    if reshaped:
+        problems.append("shape mismatch: " + listing(
+            [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in reshaped]))
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from avatarcli.errors import AvatarError, CheckpointError
-from avatarcli.loading.files import read_checkpoint
+from avatarcli.loading.files import check_state_dict, listing, read_checkpoint
 from avatarcli.models.ldm_vae import LDMDecoderConfig, TextureVAEDecoder
 from avatarcli.models.sfd import LightningDiT, LightningDiTConfig
 
@@ -108,26 +108,9 @@ def _tensors(state: Mapping[str, object], path: Path, entry: str | None) -> dict
     return tensors
 
 
-def _listing(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_strict(module: nn.Module, state: Mapping[str, Tensor], source: Path | str, *, assign: bool = False) -> None:
     """Load with 0 missing, 0 unexpected and equal shapes; a CheckpointError names the file and the keys."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-    if reshaped:
-        problems.append("shape mismatch: " + _listing(
-            [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in reshaped]))
-    if problems:
-        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+    check_state_dict(module, state, source)
     module.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -208,7 +191,7 @@ def texture_vae_state_dict(path: Path) -> dict[str, Tensor]:
     state = _drop(_tensors(read_checkpoint(path), path, "state_dict"), VAE_UNUSED)
     foreign = sorted(k for k in state if not k.startswith(VAE_USED))
     if foreign:
-        raise CheckpointError(f"{path} has keys outside the LDM autoencoder: {_listing(foreign)}")
+        raise CheckpointError(f"{path} has keys outside the LDM autoencoder: {listing(foreign)}")
     return state
 
 

@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from avatarcli.errors import AvatarError, CheckpointError
-from avatarcli.loading.files import read_state_dict
+from avatarcli.loading.files import check_state_dict, read_state_dict
 from avatarcli.models.stableavatar import StableAvatarTransformer3DModel
 
 BASE_FOLDER = "Wan2.1-Fun-V1.1-1.3B-InP"
@@ -76,23 +76,6 @@ def config_from_state_dict(original: Mapping[str, torch.Tensor], wan_config: Map
     )
 
 
-def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append("shape mismatch: " + ", ".join(
-            f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:8]))
-    if problems:
-        raise CheckpointError(f"{source} does not match the StableAvatar transformer: " + "; ".join(problems))
-
-
 def build_transformer(original: Mapping[str, torch.Tensor], wan_config: Mapping, *, dtype: torch.dtype = torch.float32,
                       device: str | torch.device = "cpu", source: str = "state dict") -> StableAvatarTransformer3DModel:
     """Build the model on meta and assign the (converted) original-layout tensors, strictly."""
@@ -100,7 +83,7 @@ def build_transformer(original: Mapping[str, torch.Tensor], wan_config: Mapping,
     with torch.device("meta"):
         model = StableAvatarTransformer3DModel(**config)
     state = convert_original_keys(original)
-    _check_keys(model, state, source)
+    check_state_dict(model, state, source)
     on_meta = all(t.device.type == "meta" for t in state.values())  # key/shape checks without any weights
     if not on_meta:
         state = {k: v.to(device=device, dtype=torch.float32 if any(p in k for p in _FP32_PATTERNS) else dtype)
