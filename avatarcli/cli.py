@@ -32,7 +32,10 @@ class UserError(Exception):
 @app.command()
 def animate(
     portrait: Path = typer.Argument(..., help="Portrait image (any format Pillow reads)."),
-    audio: Path = typer.Option(..., "--audio", "-a", help="Speech: wav, mp3, m4a, flac, ogg or a video's audio track."),
+    audio: Optional[Path] = typer.Option(None, "--audio", "-a",
+                                         help="Speech (audio driver): wav, mp3, m4a, flac, ogg or a video's audio track."),
+    driving: Optional[Path] = typer.Option(None, "--driving", "-d",
+                                           help="Driving face video (driving-video driver): expressions and head motion."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output mp4 [default: PORTRAIT name + .mp4]."),
     preset: str = typer.Option("balanced", "--preset", "-p", help="Preset name or YAML path (see `avatarcli presets`)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt [default: 'The protagonist is talking.']."),
@@ -50,27 +53,30 @@ def animate(
     vae_dtype: str = typer.Option("auto", "--vae-dtype", help="VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
 ):
-    """Animate PORTRAIT speaking AUDIO: an mp4 as long as the audio, with the audio muxed in."""
-    from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run
+    """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
+    from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
     from avatarcli.presets import load_preset
 
     if not 0 <= crf <= 51:
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
     chosen = load_preset(preset).with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap,
                                                 blend=blend, checkpoint=checkpoint, seed=seed)
-    job = AnimateJob(portrait=portrait, audio=audio, output=output or Path(portrait.stem + ".mp4"), preset=chosen,
-                     prompt=prompt or DEFAULT_PROMPT, seed=chosen.seed if chosen.seed is not None else 42,
-                     weights=weights, device=device, dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit)
+    job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
+                     preset=chosen, prompt=prompt or DEFAULT_PROMPT,
+                     seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
+                     dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio)
+    prepared = prepare(job)  # bad input fails here, before any model loads
     if quiet or as_json:
-        result = run(job)
+        result = run(job, prepared=prepared)
     else:
-        with _progress_bar(chosen.fps) as update:
-            result = run(job, on_progress=update)
+        with _progress_bar(prepared[1].fps) as update:
+            result = run(job, on_progress=update, prepared=prepared)
     summary = {
-        "output": str(result.output), "frames": result.frames, "fps": result.fps,
+        "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
@@ -88,7 +94,7 @@ class _progress_bar:
 
     Shown from the first progress event on, so input errors print nothing but their one line."""
 
-    def __init__(self, fps: int):
+    def __init__(self, fps: float):
         self.fps, self.bar = fps, None
 
     def __enter__(self):
@@ -100,11 +106,12 @@ class _progress_bar:
                                 TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[speed]}"),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err)
             self.bar.__enter__()
-            self.task = self.bar.add_task("animate", total=p.steps_total, windows="", steps="", speed="")
+            self.task = self.bar.add_task("animate", total=p.window_steps_total, windows="", steps="", speed="")
         speed = p.frames_written / self.fps / p.elapsed_seconds if p.elapsed_seconds else 0.0
-        self.bar.update(self.task, total=p.steps_total, completed=p.steps_done,
-                        windows=f"windows {p.windows_done}/{p.windows_total}",
-                        steps=f"steps {p.steps_done}/{p.steps_total}", speed=f"{speed:.3f} s video/s")
+        self.bar.update(self.task, total=p.window_steps_total, completed=p.window_steps_done,
+                        windows=f"windows {p.windows_done}/{p.windows_total} ({p.steps_per_window} steps each)",
+                        steps=f"window-steps {p.window_steps_done}/{p.window_steps_total}",
+                        speed=f"{speed:.3f} s video/s")
 
     def __exit__(self, *exc):
         if self.bar is not None:

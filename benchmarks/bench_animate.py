@@ -141,7 +141,7 @@ def main() -> None:
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
                      output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
                      vae_dtype=args.vae_dtype)
-    result = animate(job, components=components)
+    result = animate(job, models=components)
 
     stages = {k: v for k, v in result.timings.items() if k != "load"}
     generation = sum(stages.values())

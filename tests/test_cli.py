@@ -120,12 +120,13 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "empty audio": ([portrait, "--audio", empty], "empty.wav"),
         "text file as audio": ([portrait, "--audio", text], "notes.txt"),
         "bad size": ([portrait, "--audio", good_audio, "--size", "100x7"], "size"),
-        "unknown preset": ([portrait, "--audio", good_audio, "--preset", "turbo"], "turbo"),
+        "unknown preset": ([portrait, "--audio", good_audio, "--preset", "no-such-preset"], "no-such-preset"),
+        "both drivers": ([portrait, "--audio", good_audio, "--driving", good_audio], "--driving"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing portrait", "missing audio", "corrupt image", "empty audio",
-                                  "text file as audio", "bad size", "unknown preset"])
+                                  "text file as audio", "bad size", "unknown preset", "both drivers"])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, weights, capsys, case):
     args, named = bad_input_cases(tmp_path)[case]
     out = tmp_path / "result.mp4"
@@ -147,9 +148,10 @@ def test_unwritable_output_folder_exits_2(tmp_path, weights, capsys):
     assert not out.exists()
 
 
-def test_missing_option_is_a_one_line_usage_error(capsys):
+def test_no_driving_input_is_a_one_line_usage_error(capsys):
     code, _, stderr = run(["animate", EXAMPLES / "portrait.png"], capsys)
-    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--audio" in stderr
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "--audio" in stderr and "--driving" in stderr
 
 
 def test_offline_without_weights_names_download_and_weights_flag(tmp_path, capsys, monkeypatch):

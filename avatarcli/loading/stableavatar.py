@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ class StableAvatarComponents:
     image_encoder: torch.nn.Module
     audio_encoder: torch.nn.Module
     feature_extractor: object
+    prompt_cache: dict = field(default_factory=dict)  # (negative, positive) -> their umT5 embeddings
 
 
 def load_stableavatar(weights_dir: Path, checkpoint: str, device: str | torch.device, dtype: torch.dtype

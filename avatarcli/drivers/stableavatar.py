@@ -1,0 +1,114 @@
+"""The audio driver: speech -> StableAvatar (Wan2.1-Fun-1.3B-InP + the time-step-aware audio adapter).
+
+Per job: umT5 prompt embeddings, CLIP tokens and the reference-image latents of the portrait (once), wav2vec2
+features per window (when the window first runs). Windows of 21 latent frames (81 video frames), as trained.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from avatarcli.drivers.base import Generation, Inputs
+
+if TYPE_CHECKING:
+    import torch
+
+    from avatarcli.pipeline import AnimateJob
+    from avatarcli.runtime import StageClock
+    from avatarcli.sampling.windows import Window
+
+WINDOW_LATENT_FRAMES = 21  # 81 video frames per window, as StableAvatar was trained
+SAMPLE_RATE = 16_000  # wav2vec2's input rate
+
+
+def window_samples(samples: np.ndarray, window: Window, fps: float) -> np.ndarray:
+    """The audio of the window's video frames, zero-padded past the end of the file."""
+    first, end = window.video_frames
+    lo, hi = round(first * SAMPLE_RATE / fps), round(end * SAMPLE_RATE / fps)
+    chunk = samples[lo:hi]
+    return np.pad(chunk, (0, hi - lo - len(chunk))) if len(chunk) < hi - lo else chunk
+
+
+class StableAvatarDriver:
+    name = "audio"
+
+    def prepare(self, job: AnimateJob) -> Inputs:
+        from avatarcli.media.audio import load_audio
+        from avatarcli.media.image import load_portrait
+        from avatarcli.presets import resolve_checkpoint, resolve_size
+
+        portrait = load_portrait(job.portrait)
+        samples = load_audio(job.audio, SAMPLE_RATE)
+        width, height = resolve_size(job.preset.size, *portrait.size)
+        fps = job.preset.fps
+        frames = max(1, round(len(samples) * fps / SAMPLE_RATE))
+        return Inputs(portrait=portrait, width=width, height=height, frames=frames, fps=fps, audio_track=job.audio,
+                      signal=samples, checkpoint=resolve_checkpoint(job.preset.checkpoint, width, height))
+
+    def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
+        return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile)
+
+    def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
+        from avatarcli.hub import resolve_weights
+        from avatarcli.loading.stableavatar import load_stableavatar
+        from avatarcli.runtime import quiet_diffusers
+
+        weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+        components = load_stableavatar(weights, inputs.checkpoint, device, dtype)
+        if job.compile and device.type == "cuda":
+            with quiet_diffusers():
+                components.transformer.fuse_qkv_projections()
+                components.transformer.compile_repeated_blocks(fullgraph=True)
+        return components
+
+    def build(self, job: AnimateJob, inputs: Inputs, components, device: torch.device, dtype: torch.dtype,
+              clock: StageClock) -> Generation:
+        import torch
+
+        from avatarcli.features.audio import wav2vec_features
+        from avatarcli.features.image import clip_features, reference_condition
+        from avatarcli.features.text import encode_prompts
+        from avatarcli.runtime import quiet_diffusers, resolve_dtype
+        from avatarcli.sampling.denoiser import StableAvatarDenoiser
+        from avatarcli.sampling.guidance import Guidance
+        from avatarcli.sampling.schedule import flow_sigmas
+        from avatarcli.sampling.windows import latent_frames_for, plan_windows
+
+        preset = job.preset
+        with clock("features"), torch.no_grad():
+            prompts = (job.negative_prompt, job.prompt)
+            if prompts not in components.prompt_cache:
+                if components.text_encoder is None:
+                    raise RuntimeError("the text encoder was freed before all prompts were encoded")
+                components.prompt_cache[prompts] = encode_prompts(components.text_encoder, components.tokenizer,
+                                                                  list(prompts), device=device)
+            if not job.keep_text_encoder:
+                components.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            text = components.prompt_cache[prompts]
+            image_tokens = clip_features(components.image_encoder, inputs.portrait, inputs.width, inputs.height)
+            condition = reference_condition(components.vae, inputs.portrait, inputs.width, inputs.height,
+                                            num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+        with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
+            components.vae.to(resolve_dtype(job.vae_dtype, device))  # the reference latents above stay float32
+
+        plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
+        sigmas = flow_sigmas(preset.steps, preset.shift)
+        guidance = Guidance(preset.guidance, preset.text_scale, preset.audio_scale, preset.ang_alpha, preset.ang_beta)
+
+        def window_audio(window: Window) -> torch.Tensor:
+            with clock("features"):
+                return wav2vec_features(components.audio_encoder, components.feature_extractor,
+                                        window_samples(inputs.signal, window, inputs.fps))
+
+        denoiser = StableAvatarDenoiser(components.transformer, guidance, positive_text=text[1:2],
+                                        negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
+                                        window_audio=window_audio, sigmas=sigmas)
+        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=components.vae)
+
+
+DRIVER = StableAvatarDriver()
