@@ -52,7 +52,10 @@ def face_layout() -> np.ndarray:
     arc(182, 20, 0.3843, 0.27, 0.018, 0.018, 0.0, 2 * np.pi)  # left pupil ring
     arc(202, 20, 0.62, 0.2668, 0.018, 0.018, 0.0, 2 * np.pi)  # right pupil ring
     pts[182], pts[202] = (0.3843, 0.27), (0.62, 0.2668)
-    return pts
+    # Centre the layout's box and give its longer side 85% of the crop: the crop the tracker cuts around these
+    # points (15% margin) then reproduces them, so the face keeps its size from frame to frame.
+    low, high = pts.min(axis=0), pts.max(axis=0)
+    return (pts - (low + high) / 2) * (0.85 / (high - low).max()) + 0.5
 
 
 def synthetic_face_frame(height: int = 192, width: int = 192, shift: tuple[float, float] = (0.0, 0.0),
