@@ -233,3 +233,37 @@ def write_tiny_face_files(flashportrait_dir: Path, seed: int = 0) -> Path:
     onnx.save(_landmark_graph(rng), str(folder / "face_landmark.onnx"))
     torch.save(tiny_fan_state_dict(seed), folder / "pd_fpg.pth")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- driving clips
+
+
+def synthetic_driving_frames(count: int, height: int = 192, width: int = 192,
+                             faceless: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """`count` RGB frames of the synthetic face moving and talking; the frames listed in `faceless` are dark."""
+    frames = []
+    for i in range(count):
+        if i in faceless:
+            frames.append(np.full((height, width, 3), 8, dtype=np.uint8))
+        else:
+            phase = 2 * np.pi * i / max(count, 8)
+            frames.append(synthetic_face_frame(height, width, shift=(0.03 * np.sin(phase), 0.02 * np.cos(phase)),
+                                               mouth_open=0.5 + 0.5 * np.sin(2 * phase)))
+    return frames
+
+
+def write_driving_clip(path: Path, frames: list[np.ndarray], fps: float = 25.0, with_audio: bool = False) -> Path:
+    """Encode RGB frames (and optionally a sine tone) as an H.264 mp4 with the bundled ffmpeg."""
+    import subprocess
+
+    from avatarcli.media.audio import ffmpeg_exe
+
+    height, width = frames[0].shape[:2]
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "pipe:0"]
+    if with_audio:
+        command += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={len(frames) / fps:.3f}",
+                    "-c:a", "aac", "-shortest"]
+    command += ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", str(path)]
+    subprocess.run(command, input=b"".join(np.ascontiguousarray(f).tobytes() for f in frames), check=True)
+    return Path(path)
