@@ -9,6 +9,9 @@ of `synthetic_face_frame` and nothing on a dark frame. The landmark network retu
 points (plus a small input-dependent offset), pitch/yaw near 0 and a probability that is ~1 on a lit crop and below
 1e-4 on a dark one. pd_fpg.pth holds a FanEncoder with the published key names at a narrow trunk width.
 The values are random: the features mean nothing, but every code path runs as with the published files.
+
+The tracker drops faces whose landmarks span less than 96 px (the reference's rule), so driving clips for tests
+need frames of about 128 px or more; `synthetic_driving_frames` defaults to 192 x 192.
 """
 
 from __future__ import annotations
