@@ -1,14 +1,16 @@
 """Tiny stand-ins for FlashPortrait's face files, in the published layout, plus a synthetic face to find.
 
     write_tiny_face_files(Path("tiny/FlashPortrait"))
-    # -> face_det.onnx, face_landmark.onnx, pd_fpg.pth (published names, ranks, shapes and key names)
+    # -> face_det.onnx, face_landmark.onnx, pd_fpg.pth
 
-The detector scores every cell by its brightness (strides 8/16/32, outputs in the published order: 3 score maps
-[1, N, 1], then 3 box-bin maps [1, N, 32]) and predicts a box of about 6 strides (192 input pixels), so it finds the bright face
-of `synthetic_face_frame` and nothing on a dark frame. The landmark network returns a fixed face-like layout of 222
-points (plus a small input-dependent offset), pitch/yaw near 0 and a probability that is ~1 on a lit crop and below
-1e-4 on a dark one. pd_fpg.pth holds a FanEncoder with the published key names at a narrow trunk width.
-The values are random: the features mean nothing, but every code path runs as with the published files.
+The ONNX files have the published tensor ranks, shapes and output order (the code reads tensor names from the
+session, as the reference does, so names are not part of the contract). The detector scores every cell by its
+brightness (strides 8/16/32: 3 score maps [1, N, 1], then 3 box-bin maps [1, N, 32]) and predicts a box of about
+6 strides (192 input pixels), so it finds the bright face of `synthetic_face_frame` and nothing on a dark frame.
+The landmark network returns a fixed face-like layout of 222 points (plus a small input-dependent offset),
+pitch/yaw near 0 and a probability that is ~1 on a lit crop and below 1e-4 on a dark one. pd_fpg.pth holds a
+FanEncoder with the published key names at a narrow trunk width, readable weights-only. The values are random: the
+features mean nothing, but every code path runs as with the published files.
 
 The tracker drops faces whose landmarks span less than 96 px (the reference's rule), so driving clips for tests
 need frames of about 128 px or more; `synthetic_driving_frames` defaults to 192 x 192.

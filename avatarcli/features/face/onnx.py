@@ -22,7 +22,8 @@ def open_session(path: str | Path, device: str = "cpu", threads: int | None = No
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"face model not found: {path}; run `avatarcli download flashportrait` or pass the folder")
+        raise CheckpointError(
+            f"face model not found: {path}; run `avatarcli download flashportrait` or pass the folder holding it")
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     if threads:
