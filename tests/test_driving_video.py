@@ -49,7 +49,7 @@ def test_frames_stream_out_as_rgb_uint8_in_order(clip):
     path, frames = clip
     decoded = list(iter_video_frames(path))
     assert len(decoded) == len(frames)
-    assert all(f.shape == (160, 192, 3) and f.dtype == np.uint8 for f in decoded)
+    assert all(f.shape == (160, 192, 3) and f.dtype == np.uint8 and f.flags.writeable for f in decoded)
     # lossy but close: the face colour survives encoding
     assert np.abs(decoded[2].astype(int) - frames[2].astype(int)).mean() < 4
 

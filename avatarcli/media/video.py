@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -119,19 +120,24 @@ def iter_video_frames(path: str | Path, info: VideoInfo | None = None) -> Iterat
     frame_bytes = info.width * info.height * 3
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),
                "-map", _VIDEO_STREAM, "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    finished = False
-    try:
-        assert process.stdout is not None
-        while True:
-            data = process.stdout.read(frame_bytes)
-            if len(data) < frame_bytes:
-                break
-            yield np.frombuffer(data, dtype=np.uint8).reshape(info.height, info.width, 3)
-        finished = True
-    finally:
-        if not finished:
-            process.kill()
-        stderr = process.communicate()[1].decode("utf-8", errors="replace")
-    if finished and process.returncode != 0:
-        raise AvatarError(f"cannot decode driving video {path}: {_ffmpeg_reason(stderr)}")
+    # stderr goes to a file: a damaged stream can log more than a pipe holds while we are blocked reading frames
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        finished = False
+        try:
+            assert process.stdout is not None
+            while True:
+                frame = bytearray(frame_bytes)  # a fresh, writable buffer per frame
+                if process.stdout.readinto(frame) < frame_bytes:
+                    break
+                yield np.frombuffer(frame, dtype=np.uint8).reshape(info.height, info.width, 3)
+            finished = True
+        finally:
+            if not finished:
+                process.kill()
+            process.stdout.close()
+            process.wait()
+        if process.returncode != 0:
+            log.seek(0)
+            stderr = log.read().decode("utf-8", errors="replace")
+            raise AvatarError(f"cannot decode driving video {path}: {_ffmpeg_reason(stderr)}")
