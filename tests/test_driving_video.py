@@ -144,3 +144,16 @@ def test_tiny_face_files_have_the_published_layout(tmp_path):
     keys = json.loads((golden / "config.json").read_text())["fan_state_dict_keys_sorted"]
     state = torch.load(folder / "pd_fpg.pth", weights_only=True)
     assert sorted(state) == sorted(keys)
+
+
+def test_smoothing_still_landmarks_keeps_them_finite_and_unchanged():
+    """The reference divides 0 by 0 when a region does not move at all; the filter's limit is the point itself."""
+    from avatarcli.features.face.tracker import LandmarkSmoother
+
+    smoother = LandmarkSmoother()
+    points = (np.random.default_rng(0).random((222, 2)) * 200).astype(np.float32)
+    for _ in range(3):
+        smoothed = smoother(points.copy(), 150.0)
+    np.testing.assert_array_equal(smoothed, points)
+    moved = smoother(points + 1.0, 150.0)
+    assert np.isfinite(moved).all() and np.all((moved > points) & (moved <= points + 1.0))
