@@ -130,3 +130,13 @@ def test_pdfgc_loader_reads_pd_fpg_with_a_foreign_object_beside_the_weights(tmp_
     model = load_fan_encoder(path)
     assert torch.equal(model.state_dict()["to_mouth.0.weight"], state["to_mouth.0.weight"])
     assert not model.training
+
+
+def test_pdfgc_loader_skips_non_tensor_entries_but_not_extra_tensors(tmp_path):
+    state = {**tiny_fan_state_dict(seed=4), "epoch": 12}
+    torch.save(state, tmp_path / "pd_fpg.pth")
+    assert load_fan_encoder(tmp_path / "pd_fpg.pth").model.conv1.weight.shape[0] > 0
+    state["audio_encoder.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "pd_fpg.pth")
+    with pytest.raises(CheckpointError, match=r"pd_fpg\.pth.*1 unexpected: audio_encoder\.weight"):
+        load_fan_encoder(tmp_path / "pd_fpg.pth")
