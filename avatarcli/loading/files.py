@@ -2,13 +2,6 @@
 
 Safetensors through safetensors; pickles (.pt, .pth, .ckpt) only through torch.load(weights_only=True), memory-mapped
 where the file format allows it. A missing file is an AvatarError; an unreadable one a CheckpointError.
-
-Some published pickles keep non-tensor objects beside the weights (SFD's training script saves an OmegaConf config
-next to `ema`; PD-FGC's `pd_fpg.pth` was only ever loaded unrestricted). weights_only refuses their classes. Such a
-file is read again with each foreign class mapped, through torch's safe-globals allowlist, to an inert placeholder
-of ours that records its arguments and state and does nothing else, so the tensors come out and no code from the
-file runs. Names that are functions rather than classes, or that live in modules able to run commands or code
-(os, subprocess, builtins, ...), are never mapped: such a file is refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +14,13 @@ import torch
 
 from avatarcli.errors import AvatarError, CheckpointError
 
+
+# Pickles with non-tensor objects beside the weights. Some published files keep them (SFD's training script saves an
+# OmegaConf config next to `ema`; PD-FGC's `pd_fpg.pth` was only ever loaded unrestricted), and weights_only refuses
+# their classes. Such a file is read again with each foreign class mapped, through torch's safe-globals allowlist, to
+# an inert placeholder of ours that records its arguments and state and does nothing else: the tensors come out and
+# no code from the file runs. Names that are functions rather than classes, or that live in modules able to run
+# commands or code (os, subprocess, builtins, ...), are never mapped: such a file is refused with one line naming it.
 
 # Top-level modules whose names in a pickle mean "run something": never stood in for, whatever the name looks like.
 _REFUSED_MODULES = frozenset({
