@@ -45,6 +45,16 @@ def test_probe_sees_an_audio_track_and_an_ntsc_rate(tmp_path):
     assert info.has_audio and abs(info.fps - 30000 / 1001) < 1e-9 and info.frame_count == 5
 
 
+def test_a_phone_video_with_rotation_metadata_is_read_upright(clip, tmp_path):
+    rotated = tmp_path / "portrait_phone.mp4"
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-display_rotation:v:0", "90",
+                    "-i", str(clip[0]), "-c", "copy", str(rotated)], check=True)
+    info = probe_video(rotated)
+    assert (info.width, info.height, info.frame_count) == (160, 192, 6)
+    frames = list(iter_video_frames(rotated, info))
+    assert len(frames) == 6 and frames[0].shape == (192, 160, 3)
+
+
 def test_frames_stream_out_as_rgb_uint8_in_order(clip):
     path, frames = clip
     decoded = list(iter_video_frames(path))
