@@ -104,9 +104,11 @@ def probe_video(path: str | Path) -> VideoInfo:
     frame_count = int(counts[-1]) if counts else 0
     if frame_count == 0:
         raise AvatarError(f"driving video {path} has no frames")
+    fps = _parse_fps(stream)
+    if fps <= 0:
+        raise AvatarError(f"cannot tell the frame rate of driving video {path}; re-encode it at a constant rate")
     has_audio = re.search(r"Stream #0:\d+.*: Audio:", header) is not None
-    return VideoInfo(path=path, width=width, height=height, fps=_parse_fps(stream), frame_count=frame_count,
-                     has_audio=has_audio)
+    return VideoInfo(path=path, width=width, height=height, fps=fps, frame_count=frame_count, has_audio=has_audio)
 
 
 def iter_video_frames(path: str | Path, info: VideoInfo | None = None) -> Iterator[np.ndarray]:
