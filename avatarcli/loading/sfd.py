@@ -7,7 +7,8 @@ Published layout (Hub repo SFD-Project/SFD, paths as in its README download comm
     imagenet1k-latents/<latent set>/imagenet_train_256/latents_stats.pt   texture-latent mean / std
 and, from hustvl/va-vae-imagenet256-experimental-variants, ldm-imagenet256-f16d32-50ep.ckpt (the texture VAE).
 
-Pickles are read with weights_only=True. A training checkpoint's `ema` entry is used when present. Keys the
+Pickles are read with weights_only=True (through loading/files.py, which reads the OmegaConf training config saved
+beside `ema` as an inert placeholder). A training checkpoint's `ema` entry is used when present. Keys the
 sampler has no use for are dropped by name (the REPA projector; the VAE's encoder side and training losses);
 everything else must match exactly.
 """
