@@ -92,8 +92,12 @@ class StableAvatarDriver:
             image_tokens = clip_features(components.image_encoder, inputs.portrait, inputs.width, inputs.height)
             condition = reference_condition(components.vae, inputs.portrait, inputs.width, inputs.height,
                                             num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
-        with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
-            components.vae.to(resolve_dtype(job.vae_dtype, device))  # the reference latents above stay float32
+        vae = components.vae  # stays float32: the next job sharing these models encodes its reference with it
+        if resolve_dtype(job.vae_dtype, device) != vae.dtype:
+            import copy
+
+            with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
+                vae = copy.deepcopy(vae).to(resolve_dtype(job.vae_dtype, device))  # the decode copy
 
         plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
         sigmas = flow_sigmas(preset.steps, preset.shift)
@@ -108,7 +112,7 @@ class StableAvatarDriver:
                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
                                         window_audio=window_audio, sigmas=sigmas)
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
-                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=components.vae)
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=vae)
 
 
 DRIVER = StableAvatarDriver()
