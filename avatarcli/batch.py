@@ -61,6 +61,7 @@ class BatchReport:
     manifest: str
     jobs: list[JobOutcome]
     model_loads: int = 0
+    partial_loads: int = 0  # model sets adapted from the previous group's (e.g. only the transformer reloaded)
     wall_seconds: float = 0.0
     interrupted: bool = False
     counts: dict[str, int] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class BatchReport:
         for job in self.jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
         return {"manifest": self.manifest, "jobs": [job.as_dict() for job in self.jobs], "counts": counts,
-                "model_loads": self.model_loads, "wall_seconds": round(self.wall_seconds, 3),
+                "model_loads": self.model_loads, "partial_loads": self.partial_loads, "wall_seconds": round(self.wall_seconds, 3),
                 "interrupted": self.interrupted}
 
     @property
@@ -236,10 +237,9 @@ def _failure_code(error: BaseException) -> int:
     return 1
 
 
-def _release(models: Any) -> None:
+def _free_memory() -> None:
     import gc
 
-    del models
     gc.collect()
     try:
         import torch
@@ -281,7 +281,8 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
 
     report = BatchReport(manifest=str(manifest), jobs=[])
     halted = False
-    for group in groups.values():
+    previous = None  # (driver, models_key, models) of the last group: a driver may keep part of them
+    for key, group in groups.items():
         models, load_error = None, None
         for entry in group:
             if halted:
@@ -297,12 +298,21 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
                 if models is None:
                     driver, inputs = prepared
                     device = resolve_device(entry.job.device)
+                    dtype = resolve_dtype(entry.job.dtype, device)
+                    earlier, previous = previous, None
                     try:
-                        models = driver.load(entry.job, inputs, device, resolve_dtype(entry.job.dtype, device))
+                        if earlier is not None and earlier[0] is driver and hasattr(driver, "reuse"):
+                            models = driver.reuse(earlier[2], earlier[1], entry.job, inputs, device, dtype)
+                            report.partial_loads += models is not None
+                        earlier = None
+                        _free_memory()  # the earlier group's models, unless reused, before the next ones load
+                        if models is None:
+                            models = driver.load(entry.job, inputs, device, dtype)
+                            report.model_loads += 1
+                        models_driver = driver
                     except Exception as error:
                         load_error = error
                         raise
-                    report.model_loads += 1
                 result = animate(entry.job, models=models, prepared=prepared, stop=stop)
                 outcome = JobOutcome(entry.index, str(result.output), "ok", frames=result.frames, nfe=result.nfe,
                                      resumed_from_frame=result.resumed_from_frame)
@@ -321,8 +331,9 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
             if on_job:
                 on_job("done", entry, outcome)
         if models is not None:
-            _release(models)
-            models = None
+            previous, models = (models_driver, key, models), None
+    previous = None
+    _free_memory()
     report.jobs = [outcomes[entry.index] for entry in entries]
     report.wall_seconds = time.perf_counter() - started
     return report

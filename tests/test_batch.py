@@ -126,8 +126,9 @@ def test_every_manifest_error_is_listed_before_anything_runs(tmp_path, capsys, c
         assert any(where in line and what in line for line in errors), (where, errors)
 
 
-def test_jobs_are_grouped_by_models_key_and_keep_the_text_encoder_while_needed(tmp_path, monkeypatch):
-    """Scheduling only: the driver's load and `animate` are replaced, so no model runs."""
+@pytest.mark.parametrize("reusable", [False, True])
+def test_jobs_are_grouped_by_models_key_and_keep_the_text_encoder_while_needed(tmp_path, monkeypatch, reusable):
+    """Scheduling only: the driver's load, reuse and `animate` are replaced, so no model runs."""
     from avatarcli import batch
     from avatarcli.pipeline import AnimateResult
 
@@ -139,6 +140,13 @@ def test_jobs_are_grouped_by_models_key_and_keep_the_text_encoder_while_needed(t
     loads, ran = [], []
     monkeypatch.setattr(stableavatar.DRIVER, "load", lambda job, inputs, device, dtype: loads.append(
         inputs.checkpoint) or object())
+    reused = []
+
+    def reuse(models, previous_key, job, inputs, device, dtype):
+        reused.append((previous_key[2], inputs.checkpoint))
+        return models if reusable else None
+
+    monkeypatch.setattr(stableavatar.DRIVER, "reuse", reuse)
 
     def fake_animate(job, models=None, prepared=None, stop=None):
         ran.append((job.output.name, job.keep_text_encoder))
@@ -147,6 +155,38 @@ def test_jobs_are_grouped_by_models_key_and_keep_the_text_encoder_while_needed(t
     monkeypatch.setattr("avatarcli.pipeline.animate", fake_animate)
     entries = batch.validate(manifest)
     report = batch.run_batch(manifest, entries)
-    assert loads == ["square", "rec-vec"] and report.model_loads == 2
+    assert reused == [("square", "rec-vec")]
+    assert loads == (["square"] if reusable else ["square", "rec-vec"])
+    assert (report.model_loads, report.partial_loads) == ((1, 1) if reusable else (2, 0))
     assert ran == [("o0.mp4", True), ("o2.mp4", False), ("o3.mp4", False), ("o1.mp4", False), ("o4.mp4", False)]
     assert [job.status for job in report.jobs] == ["ok"] * 5 and report.exit_code == 0
+
+
+def test_switching_checkpoint_reloads_only_the_transformer(tmp_path, weights, one_thread):
+    from avatarcli.pipeline import AnimateJob, prepare
+    from avatarcli.presets import load_preset
+    from avatarcli.runtime import resolve_device
+
+    audio = speech(tmp_path / "a.wav", 0.3)
+
+    def job(checkpoint, name):
+        preset = load_preset("fast").with_overrides(size="64x64", steps=1, checkpoint=checkpoint)
+        return AnimateJob(portrait=EXAMPLES / "portrait.png", audio=audio, output=tmp_path / name, preset=preset,
+                          weights=weights, device="cpu")
+
+    import torch
+
+    device = resolve_device("cpu")
+    square = job("square", "s.mp4")
+    driver, inputs = prepare(square)
+    models = driver.load(square, inputs, device, torch.float32)
+    vae, old = models.vae, models.transformer
+    rec_vec = job("rec-vec", "r.mp4")
+    _, rec_inputs = prepare(rec_vec)
+    assert driver.reuse(models, driver.models_key(square, inputs), rec_vec, rec_inputs, device, torch.float32) is models
+    assert models.vae is vae and models.transformer is not old
+    new = dict(models.transformer.named_parameters())
+    assert any(not torch.equal(p, new[n]) for n, p in old.named_parameters())  # the rec-vec weights are in
+    other = job("square", "o.mp4")
+    other.weights = tmp_path / "elsewhere"
+    assert driver.reuse(models, driver.models_key(square, inputs), other, inputs, device, torch.float32) is None
