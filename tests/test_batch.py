@@ -190,3 +190,49 @@ def test_switching_checkpoint_reloads_only_the_transformer(tmp_path, weights, on
     other = job("square", "o.mp4")
     other.weights = tmp_path / "elsewhere"
     assert driver.reuse(models, driver.models_key(square, inputs), other, inputs, device, torch.float32) is None
+
+
+def test_interrupted_batch_exits_130_and_resume_finishes_it(tmp_path, weights, capsys, monkeypatch, one_thread):
+    """SIGINT (raised in-process while the first job starts) stops that job after its window-step with its state
+    saved, the other job is not run, exit 130; `batch --resume` continues the first and runs the second."""
+    import signal
+
+    from avatarcli.resume import resume_dir
+
+    speech(tmp_path / "a.wav", 0.4)
+    manifest = tmp_path / "jobs.yaml"
+    manifest.write_text(f"""
+defaults: {{weights: {weights}, size: 64x64, steps: 2, overlap: 20, crf: 0}}
+jobs:
+  - {{portrait: {EXAMPLES / 'portrait.png'}, audio: a.wav, output: first.mp4}}
+  - {{portrait: {EXAMPLES / 'portrait.png'}, audio: a.wav, output: second.mp4, seed: 3}}
+""")
+    real_build = stableavatar.DRIVER.build
+    calls = []
+
+    def build_then_interrupt(job, *args):
+        generation = real_build(job, *args)
+        calls.append(job.output.name)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # the CLI's handler asks for a stop after the current window-step
+        return generation
+
+    monkeypatch.setattr(stableavatar.DRIVER, "build", build_then_interrupt)
+    code, out, err = run(["batch", manifest, "--json"], capsys)
+    assert code == 130
+    report = json.loads(out)
+    assert [job["status"] for job in report["jobs"]] == ["interrupted", "not run"]
+    assert "SIGINT" in err.strip().splitlines()[-1]
+    assert (resume_dir(tmp_path / "first.mp4") / "state.pt").is_file()
+    assert not (tmp_path / "first.mp4").exists() and not (tmp_path / "second.mp4").exists()
+
+    code, out, err = run(["batch", manifest], capsys)  # the saved state needs --resume
+    assert code == 2 and "--resume" in err
+
+    code, out, err = run(["batch", manifest, "--resume", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert [job["status"] for job in report["jobs"]] == ["ok", "ok"]
+    assert report["jobs"][0]["nfe"] < report["jobs"][1]["nfe"]  # the first job's first window-step was not redone
+    assert probe_video(tmp_path / "first.mp4")["frames"] == 10
+    assert not resume_dir(tmp_path / "first.mp4").exists()
