@@ -99,6 +99,7 @@ class stop_on_signals:
 
     def __enter__(self):
         import signal
+        import threading
 
         from avatarcli.resume import StopFlag
 
@@ -109,7 +110,9 @@ class stop_on_signals:
                 raise KeyboardInterrupt
             self.stop.request(f"interrupted by {signal.Signals(signum).name}")
 
-        self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self.stop
 
     def __exit__(self, exc_type, exc, traceback):
