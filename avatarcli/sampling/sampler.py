@@ -155,7 +155,8 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
             first_open += 1
         # Only the next `steps + 2` windows can hold the smallest wavefront key (step + index).
         span = range(first_open, min(len(windows), first_open + steps + 2))
-        k = min((i for i in span if ready(i)), key=lambda i: (done[i] + i, -i))
+        ready_now = [i for i in span if ready(i)] or [i for i in range(first_open, len(windows)) if ready(i)]
+        k = min(ready_now, key=lambda i: (done[i] + i, -i))  # (the fallback: overlaps above half a window)
         window, s = windows[k], done[k]
         state = noise(window.start, window.end) if s == 0 else gather(window.start, window.end, s - 1)
         previous = None
