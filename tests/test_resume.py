@@ -186,3 +186,28 @@ def test_stream_state_round_trip_continues_the_sampler_exactly(tmp_path):
         assert int(state.extras[0]["seen"]) == stop_at and state.window_steps == stop_at
         rest = [c.latents for c in sample_streaming(plan, sigmas, noise_of, denoise, state=state)]
         assert torch.equal(torch.cat(chunks + rest, dim=2), whole), stop_at
+
+
+def test_sigterm_finishes_the_window_step_saves_and_exits_130(tmp_path, weights, capsys, monkeypatch, one_thread):
+    from avatarcli.drivers import stableavatar
+
+    real_build = stableavatar.DRIVER.build
+
+    def build_then_terminate(*a):
+        generation = real_build(*a)
+        signal.raise_signal(signal.SIGTERM)  # arrives before the first window-step
+        return generation
+
+    monkeypatch.setattr(stableavatar.DRIVER, "build", build_then_terminate)
+    audio, output = speech(tmp_path / "a.wav", 0.4), tmp_path / "a.mp4"
+    settings = ["--size", "64x64", "--steps", "2", "--quiet", "--json"]
+    command = ["animate", EXAMPLES / "portrait.png", "--audio", audio, "-o", output, "--weights", weights, *settings]
+    code = main([str(a) for a in command])
+    err = capsys.readouterr().err
+    assert code == 130 and len(err.strip().splitlines()) == 1 and "SIGTERM" in err
+    assert (resume_dir(output) / "state.pt").is_file() and not output.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handlers are gone again
+
+    monkeypatch.setattr(stableavatar.DRIVER, "build", real_build)
+    assert main([str(a) for a in command] + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 10 and not resume_dir(output).exists()
