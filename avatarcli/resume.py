@@ -77,7 +77,8 @@ def file_digest(path: Path) -> str:
 
 
 def fingerprint(job: AnimateJob) -> dict[str, str]:
-    """What the frames depend on, by name: the content of every input file, and every setting (preset included).
+    """What the frames depend on, by name: the content of every input file, every setting (preset included) and
+    the versions of avatarcli, torch and diffusers.
 
     Generic over drivers: the portrait and whichever driving input the job names are hashed; every other job
     field (including ones other drivers add) enters by its value."""
@@ -97,6 +98,16 @@ def fingerprint(job: AnimateJob) -> dict[str, str]:
                     facts[f"preset {key}"] = repr(setting)
         else:
             facts[name] = str(value) if isinstance(value, Path) else repr(value)
+    from importlib.metadata import PackageNotFoundError, version
+
+    import avatarcli
+
+    facts["avatarcli version"] = avatarcli.__version__
+    for package in ("torch", "diffusers"):  # their kernels decide the floats
+        try:
+            facts[f"{package} version"] = version(package)
+        except PackageNotFoundError:
+            pass
     return facts
 
 
