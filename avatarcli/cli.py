@@ -56,6 +56,7 @@ def animate(
     no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
@@ -68,25 +69,63 @@ def animate(
     job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
-                     dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio)
+                     dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
+                     resume=resume)
     prepared = prepare(job)  # bad input fails here, before any model loads
-    if quiet or as_json:
-        result = run(job, prepared=prepared)
-    else:
-        with _progress_bar(prepared[1].fps) as update:
-            result = run(job, on_progress=update, prepared=prepared)
+    with stop_on_signals() as stop:
+        if quiet or as_json:
+            result = run(job, prepared=prepared, stop=stop)
+        else:
+            with _progress_bar(prepared[1].fps) as update:
+                result = run(job, on_progress=update, prepared=prepared, stop=stop)
     summary = {
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
+        "resumed_from_frame": result.resumed_from_frame,
     }
     if as_json:
         print(json.dumps(summary), flush=True)
     elif not quiet:
         err.print(f"wrote {result.output}: {result.frames} frames, {result.video_seconds:.2f} s of video "
                   f"in {result.wall_seconds:.1f} s")
+
+
+class stop_on_signals:
+    """SIGINT / SIGTERM ask the running job to stop after its current window-step (it saves its resume state);
+    a second signal stops at once. On a requested stop: one line on stderr, exit 130."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        from avatarcli.resume import StopFlag
+
+        self.stop = StopFlag()
+
+        def handler(signum, frame):
+            if self.stop.requested:
+                raise KeyboardInterrupt
+            self.stop.request(f"interrupted by {signal.Signals(signum).name}")
+
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self.stop
+
+    def __exit__(self, exc_type, exc, traceback):
+        import signal
+
+        from avatarcli.resume import AnimateInterrupted
+
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
+        if isinstance(exc, AnimateInterrupted):
+            print(_one_line(exc), file=sys.stderr, flush=True)
+            raise typer.Exit(130)
+        return False
 
 
 class _progress_bar:
@@ -172,6 +211,11 @@ def _register_optional_commands() -> None:
     register(app)
 
 
+from avatarcli.cli_batch import register as _register_batch  # noqa: E402
+
+_register_batch(app)
+
+
 _register_optional_commands()
 
 
@@ -182,8 +226,9 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="avatarcli", standalone_mode=False)
-        return 0
+        code = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="avatarcli",
+                            standalone_mode=False)
+        return code if isinstance(code, int) else 0  # click returns typer.Exit's code here
     except (AvatarError, UserError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ and knows none of them. Inputs are validated before any weights are loaded, so b
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -38,6 +39,9 @@ class AnimateJob:
     mux_audio: bool = True  # mux the driving input's audio track into the output
     keep_text_encoder: bool = False  # keep umT5 loaded after the prompts are encoded (batches with several prompts)
     null_sink: bool = False  # benchmarks: generate and decode, write nothing
+    resume: bool = False  # continue the unfinished run saved beside the output (avatarcli/resume.py), if any
+    # seconds of work between saves of the resume state (0: after every window-step)
+    save_every: float = field(default_factory=lambda: float(os.environ.get("AVATARCLI_SAVE_EVERY", "120")))
 
 
 @dataclass
@@ -67,6 +71,8 @@ class AnimateResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    resumed_from_frame: int = 0  # frames taken from a saved run (0: a fresh run)
+    nfe: int = 0  # window denoiser evaluations (guided window-steps) run by this call
 
 
 def prepare(job: AnimateJob):
@@ -77,7 +83,12 @@ def prepare(job: AnimateJob):
     driver = select_driver(job)
     if not job.null_sink:
         check_writable_output(job.output)
-    return driver, driver.prepare(job)
+    inputs = driver.prepare(job)
+    if not job.null_sink:
+        from avatarcli.resume import ResumeFolder
+
+        ResumeFolder(job.output).check(job)  # a state found without --resume, or not matching the job, fails here
+    return driver, inputs
 
 
 def frame_noise(seed: int, start: int, end: int, shape: tuple[int, int, int], device) -> Any:
@@ -90,24 +101,31 @@ def frame_noise(seed: int, start: int, end: int, shape: tuple[int, int, int], de
 
 
 def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, models: Any = None,
-            prepared=None) -> AnimateResult:
+            prepared=None, stop=None) -> AnimateResult:
     """Run one job. `models`: the driver's loaded models to reuse (else loaded here); `prepared`: the result of
-    `prepare(job)` when the caller already validated the inputs."""
+    `prepare(job)` when the caller already validated the inputs; `stop`: an avatarcli.resume.StopFlag, checked
+    after every window-step (when set, the state is saved and AnimateInterrupted is raised)."""
     started = time.perf_counter()
     driver, inputs = prepared if prepared is not None else prepare(job)
 
     import torch
 
     from avatarcli.decode.stream import StreamingDecoder
+    from avatarcli.resume import AnimateInterrupted, ResumeFolder, SegmentedSink, fingerprint
     from avatarcli.runtime import StageClock, resolve_device, resolve_dtype
-    from avatarcli.sampling.sampler import sample_streaming
-    from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink
+    from avatarcli.sampling.sampler import StreamState, sample_streaming
+    from avatarcli.sink.ffmpeg import BackgroundSink, NullSink
 
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     clock = StageClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    folder = None if job.null_sink else ResumeFolder(job.output)
+    saved = folder.check(job) if folder is not None else None
+    if stop is not None and stop.requested:
+        raise AnimateInterrupted(job.output, saved["frames"] if saved else 0, inputs.frames, saved is not None,
+                                 stop.reason)
     if models is None:
         with clock("load"):
             models = driver.load(job, inputs, device, dtype)
@@ -135,14 +153,43 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         return velocity
 
     audio_track = inputs.audio_track if job.mux_audio else None
-    sink_type = NullSink if job.null_sink else Mp4Sink
-    sink = BackgroundSink(sink_type(job.output, inputs.width, inputs.height, inputs.fps, audio_path=audio_track,
-                                    crf=job.crf))
     decoder = StreamingDecoder(generation.vae)
+    state, job_fingerprint, segments = None, None, []
+    if folder is not None:
+        job_fingerprint = fingerprint(job)
+        if saved is not None:
+            restored = folder.load()
+            state = StreamState.from_state_dict(restored["sampler"], device)
+            decoder.load_state_dict(restored["decoder"])
+            segments, done["frames"] = restored["segments"], restored["frames"]
+            done["window_steps"] = state.window_steps
+            done["windows"] = sum(d == steps for d in state.done)
+        else:
+            folder.start_fresh()
+        sink = SegmentedSink(folder.path, job.output, inputs.width, inputs.height, inputs.fps, audio_track, job.crf,
+                             segments=segments, frames_written=done["frames"])
+    else:
+        sink = BackgroundSink(NullSink(job.output, inputs.width, inputs.height, inputs.fps))
+    resumed_from, window_steps_before = done["frames"], done["window_steps"]
+    last_save = time.perf_counter()
+
+    def after_step(live: StreamState) -> None:
+        nonlocal last_save
+        unfinished = live.emitted < plan.latent_frames
+        stopping = stop is not None and stop.requested and unfinished
+        if folder is not None and unfinished and (stopping or time.perf_counter() - last_save >= job.save_every):
+            with clock("save"):
+                folder.save(job_fingerprint, done["frames"], inputs.frames, sink.cut(), live.state_dict(),
+                            decoder.state_dict())
+            last_save = time.perf_counter()
+        if stopping:
+            raise AnimateInterrupted(job.output, done["frames"], inputs.frames, folder is not None, stop.reason)
+
     sink.open()
     try:
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
-        for chunk in sample_streaming(plan, generation.sigmas, noise, timed_denoise):
+        for chunk in sample_streaming(plan, generation.sigmas, noise, timed_denoise, state=state,
+                                      after_step=after_step):
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
             with clock("decode"), torch.no_grad():
@@ -155,9 +202,13 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             sink.close()  # ffmpeg finishes the file, which is then renamed into place
     except BaseException:
         sink.abort()
+        if folder is not None:
+            folder.discard_if_unsaved()
         raise
     finally:
         decoder.close()
+    if folder is not None:
+        folder.remove()
 
     return AnimateResult(
         output=None if job.null_sink else job.output, driver=driver.name, frames=done["frames"], fps=inputs.fps,
@@ -165,4 +216,5 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         wall_seconds=time.perf_counter() - started, windows=len(plan.windows), steps=steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        resumed_from_frame=resumed_from, nfe=done["window_steps"] - window_steps_before,
     )

@@ -138,3 +138,11 @@ def test_plan_rejects_bad_overlap_and_blend():
         plan_windows(40, WINDOW, 21, "log")
     with pytest.raises(ValueError):
         plan_windows(40, WINDOW, 5, "cosine")
+
+
+@pytest.mark.parametrize("overlap", [12, 15, 18, 20])
+def test_wavefront_equals_joint_loop_with_overlaps_above_half_a_window(overlap):
+    """Many windows write each frame: the ready window can lie beyond the usual wavefront span."""
+    plan = plan_windows(latent_frames_for(300), WINDOW, overlap, "log")
+    joint, chunks = run_both(plan, steps=3)
+    assert torch.equal(torch.cat([c.latents for c in chunks], dim=2), joint)

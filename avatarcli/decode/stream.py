@@ -105,6 +105,20 @@ class StreamingDecoder:
         finally:
             self.close()
 
+    def state_dict(self) -> dict:
+        """The causal feature cache (on the CPU) and the start flag: where the stream stands, for resuming it."""
+        cache = [entry.detach().to("cpu") if isinstance(entry, torch.Tensor) else entry for entry in self._feat_cache]
+        return {"feat_cache": cache, "at_video_start": self._at_video_start}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream saved by `state_dict()` (same VAE): the next push decodes exactly as it would have."""
+        cache = list(state["feat_cache"])
+        if len(cache) != self._cache_size:
+            raise ValueError(f"decoder state has {len(cache)} cache entries, this VAE needs {self._cache_size}")
+        device = self.vae.device
+        self._feat_cache = [entry.to(device) if isinstance(entry, torch.Tensor) else entry for entry in cache]
+        self._at_video_start = bool(state["at_video_start"])
+
     def close(self) -> None:
         """Drop the feature cache; the next push starts a new video."""
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._cache_size

@@ -56,6 +56,11 @@ class Driver(Protocol):
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         """What the loaded models depend on: jobs with the same key can share them."""
 
+    # Optional (avatarcli batch looks it up with hasattr):
+    # reuse(models, previous_key, job, inputs, device, dtype) -> models | None
+    #     models for `job` adapted from this driver's models loaded under `previous_key` (e.g. only a changed
+    #     checkpoint reloaded); None when nothing can be kept, and the batch loads afresh.
+
     def build(self, job: AnimateJob, inputs: Inputs, models: Any, device: torch.device, dtype: torch.dtype,
               clock: StageClock) -> Generation:
         """Per-job conditioning (features) and the window denoiser."""

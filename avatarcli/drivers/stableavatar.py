@@ -63,6 +63,29 @@ class StableAvatarDriver:
                 components.transformer.compile_repeated_blocks(fullgraph=True)
         return components
 
+    def reuse(self, components, previous_key: tuple, job: AnimateJob, inputs: Inputs, device: torch.device,
+              dtype: torch.dtype):
+        """Models for `job` from the ones loaded for `previous_key` (a batch switching jobs): when only the checkpoint
+        differs, only the transformer is loaded; the VAE, the encoders and the prompt cache are kept. None when
+        nothing can be kept."""
+        import gc
+
+        import torch
+
+        from avatarcli.hub import resolve_weights
+        from avatarcli.loading.transformer import load_stableavatar_transformer
+
+        key = self.models_key(job, inputs)
+        if previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile:
+            return None
+        components.transformer = None  # free the old DiT before the new one loads
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+        components.transformer = load_stableavatar_transformer(weights, inputs.checkpoint, dtype=dtype, device=device)
+        return components
+
     def build(self, job: AnimateJob, inputs: Inputs, components, device: torch.device, dtype: torch.dtype,
               clock: StageClock) -> Generation:
         import torch
@@ -80,8 +103,15 @@ class StableAvatarDriver:
         with clock("features"), torch.no_grad():
             prompts = (job.negative_prompt, job.prompt)
             if prompts not in components.prompt_cache:
-                if components.text_encoder is None:
-                    raise RuntimeError("the text encoder was freed before all prompts were encoded")
+                if components.text_encoder is None:  # freed by an earlier job sharing these models: load it again
+                    from avatarcli.hub import resolve_weights
+                    from avatarcli.loading.components import load_text_encoder
+                    from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
+
+                    weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+                    components.text_encoder, _ = load_text_encoder(
+                        weights / T5_FILE, weights / TOKENIZER_FOLDER, device=device,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
                 components.prompt_cache[prompts] = encode_prompts(components.text_encoder, components.tokenizer,
                                                                   list(prompts), device=device)
             if not job.keep_text_encoder:
@@ -92,8 +122,12 @@ class StableAvatarDriver:
             image_tokens = clip_features(components.image_encoder, inputs.portrait, inputs.width, inputs.height)
             condition = reference_condition(components.vae, inputs.portrait, inputs.width, inputs.height,
                                             num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
-        with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
-            components.vae.to(resolve_dtype(job.vae_dtype, device))  # the reference latents above stay float32
+        vae = components.vae  # stays float32: the next job sharing these models encodes its reference with it
+        if resolve_dtype(job.vae_dtype, device) != vae.dtype:
+            import copy
+
+            with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
+                vae = copy.deepcopy(vae).to(resolve_dtype(job.vae_dtype, device))  # the decode copy
 
         plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
         sigmas = flow_sigmas(preset.steps, preset.shift)
@@ -108,7 +142,7 @@ class StableAvatarDriver:
                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
                                         window_audio=window_audio, sigmas=sigmas)
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
-                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=components.vae)
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=vae)
 
 
 DRIVER = StableAvatarDriver()

@@ -15,7 +15,8 @@ bounded by the number of steps, not the video length.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,21 +60,68 @@ class FinalFrames:
     latents: torch.Tensor  # [1, C, n, h, w], final
 
 
+@dataclass
+class StreamState:
+    """Everything `sample_streaming` needs to continue where it stopped: plain data, saved by `state_dict()`.
+
+    `done`: steps completed per window; `outputs`: the live window outputs, (window, step) -> latents;
+    `emitted`: latent frames already yielded as final; `extras`: per-window data of sampler add-ons
+    (window index -> a dict of tensors, numbers and strings), saved and restored with the rest.
+    """
+
+    done: list[int]
+    outputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    emitted: int = 0
+    extras: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, plan: WindowPlan) -> StreamState:
+        return cls(done=[0] * len(plan.windows))
+
+    @property
+    def window_steps(self) -> int:
+        return sum(self.done)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (moved to the CPU), ints, strings and lists only: loadable with torch.load(weights_only=True)."""
+        def cpu(value):
+            return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
+
+        return {"done": list(self.done), "emitted": self.emitted,
+                "outputs": [[k, s, cpu(t)] for (k, s), t in self.outputs.items()],
+                "extras": {int(k): {n: cpu(v) for n, v in d.items()} for k, d in self.extras.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> StreamState:
+        def move(value):
+            return value.to(device) if isinstance(value, torch.Tensor) else value
+
+        return cls(done=list(state["done"]), emitted=int(state["emitted"]),
+                   outputs={(int(k), int(s)): move(t) for k, s, t in state["outputs"]},
+                   extras={int(k): {n: move(v) for n, v in d.items()} for k, d in state["extras"].items()})
+
+
 def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
-                     denoise: Denoiser, state_dtype: torch.dtype | None = None) -> Iterator[FinalFrames]:
+                     denoise: Denoiser, state_dtype: torch.dtype | None = None, state: StreamState | None = None,
+                     after_step: Callable[[StreamState], None] | None = None) -> Iterator[FinalFrames]:
     """Same result as `sample_joint`, yielding final latent frames in order as soon as they are final.
 
     `noise(start, end)` gives the initial noise of latent frames [start, end). Window k's next step is ready when
     the writers of its frames have finished the previous step and window k-1 has finished this one; among ready
     windows the wavefront order (step + index, later windows first) keeps about `steps` windows live.
+
+    `state`: continue from a saved `StreamState` (it is updated in place); `after_step(state)` runs after every
+    window-step, once the frames it finalised have been yielded and consumed: a consistent point to save the state
+    or to stop (by raising).
     """
     steps, windows = len(sigmas) - 1, plan.windows
     owner = [plan.owner(f) for f in range(plan.latent_frames)]
     writers = [plan.writers(w) for w in windows]
     readers = [[r for r in range(len(windows)) if k in writers[r]] for k in range(len(windows))]
-    done = [0] * len(windows)  # steps completed per window
-    outputs: dict[tuple[int, int], torch.Tensor] = {}  # (window, step) -> its written latents
-    emitted = 0
+    live = state if state is not None else StreamState.fresh(plan)
+    done = live.done  # steps completed per window
+    outputs = live.outputs  # (window, step) -> its written latents
+    emitted = live.emitted
 
     def ready(k: int) -> bool:
         s = done[k]
@@ -107,7 +155,8 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
             first_open += 1
         # Only the next `steps + 2` windows can hold the smallest wavefront key (step + index).
         span = range(first_open, min(len(windows), first_open + steps + 2))
-        k = min((i for i in span if ready(i)), key=lambda i: (done[i] + i, -i))
+        ready_now = [i for i in span if ready(i)] or [i for i in range(first_open, len(windows)) if ready(i)]
+        k = min(ready_now, key=lambda i: (done[i] + i, -i))  # (the fallback: overlaps above half a window)
         window, s = windows[k], done[k]
         state = noise(window.start, window.end) if s == 0 else gather(window.start, window.end, s - 1)
         previous = None
@@ -122,7 +171,9 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
             final_end += 1
         if final_end > emitted:
             chunk = gather(emitted, final_end, steps - 1)
-            emitted = final_end
+            emitted = live.emitted = final_end
             yield FinalFrames(final_end - chunk.shape[2], chunk)
         for key in [key for key in outputs if not needed(*key)]:
             del outputs[key]
+        if after_step is not None:
+            after_step(live)

@@ -1,0 +1,81 @@
+"""`avatarcli batch`: run a manifest of animate jobs with the models loaded once (see avatarcli/batch.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("batch")
+    def batch(
+        manifest: Path = typer.Argument(..., help="Jobs: YAML (a list, or defaults + jobs) or JSON Lines."),
+        continue_on_error: bool = typer.Option(False, "--continue-on-error",
+                                               help="Run the valid jobs even if others are invalid or fail."),
+        report: Path = typer.Option(None, "--report", help="Write the JSON report (per job: status, output, "
+                                                           "seconds, frames, nfe, error) to this file."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON line on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Redo jobs whose output already exists."),
+        resume: bool = typer.Option(False, "--resume", help="Continue jobs that were interrupted."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-job lines and no table."),
+    ) -> None:
+        """Run many animate jobs from MANIFEST; models load once for the jobs that share them."""
+        from rich.console import Console
+
+        from avatarcli.batch import BatchReport, JobOutcome, run_batch, validate, write_report
+        from avatarcli.cli import stop_on_signals
+
+        err = Console(stderr=True)
+        entries = validate(manifest, overwrite=overwrite, resume=resume)
+        invalid = [entry for entry in entries if entry.error is not None]
+        if invalid and not continue_on_error:
+            for entry in invalid:
+                print(f"error: {manifest}: {entry.where}: {entry.error}", file=sys.stderr)
+            if report is not None:
+                write_report(BatchReport(str(manifest), [
+                    JobOutcome(e.index, str(e.output) if e.output else None, "invalid" if e.error else "not run",
+                               error=f"{e.where}: {e.error}" if e.error else None, exit_code=2 if e.error else 0)
+                    for e in entries]), report)
+            print(f"error: {len(invalid)} of {len(entries)} jobs are invalid; nothing was run "
+                  "(--continue-on-error runs the valid ones)", file=sys.stderr)
+            raise typer.Exit(2)
+
+        def on_job(event, entry, outcome):
+            if quiet or as_json:
+                return
+            if event == "start":
+                err.print(f"[bold]job {entry.index}/{len(entries)}[/bold] {entry.output}")
+            elif outcome.status != "ok":
+                err.print(f"  {outcome.status}: {outcome.error}")
+
+        with stop_on_signals() as stop:
+            result = run_batch(manifest, entries, continue_on_error=continue_on_error, stop=stop, on_job=on_job)
+        if report is not None:
+            write_report(result, report)
+        if not quiet:
+            err.print(summary_table(result))
+        if as_json:
+            print(json.dumps(result.as_dict()), flush=True)
+        if result.interrupted:
+            stopped = next(job for job in result.jobs if job.status == "interrupted")
+            print(f"batch interrupted at job {stopped.index}: {stopped.error}", file=sys.stderr)
+        elif result.exit_code and not quiet:
+            failed = sum(job.status in ("failed", "invalid") for job in result.jobs)
+            print(f"error: {failed} of {len(result.jobs)} jobs failed", file=sys.stderr)
+        raise typer.Exit(result.exit_code)
+
+
+def summary_table(result):
+    from rich.table import Table
+
+    colours = {"ok": "green", "skipped": "cyan", "failed": "red", "invalid": "red", "interrupted": "yellow"}
+    table = Table("#", "status", "output", "seconds", "frames", "nfe", "error",
+                  title=f"batch: {result.model_loads} model load(s), {result.wall_seconds:.1f} s")
+    for job in result.jobs:
+        colour = colours.get(job.status, "white")
+        table.add_row(str(job.index), f"[{colour}]{job.status}[/{colour}]", job.output or "", f"{job.seconds:.1f}",
+                      str(job.frames), str(job.nfe), job.error or "")
+    return table

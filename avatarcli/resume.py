@@ -1,0 +1,290 @@
+"""Resumable `animate`: the saved state of an unfinished video, and the segmented sink that makes it possible.
+
+While a video is generated, its resume folder `.NAME.resume/` (beside the output, like the temp output) holds
+  * `segment-NNNN.mp4`: the frames encoded so far, as complete H.264 files, one per save;
+  * `state.pt`: the wavefront sampler's live state (done steps per window, live window outputs, emitted frames,
+    add-on extras), the streaming VAE decoder's causal feature cache and the count of encoded frames, saved with
+    `torch.save` (tensors, numbers, strings only: it loads with `weights_only=True`);
+  * `state.json`: the fingerprint of the job (hashes of the input files, every setting) and the progress, small
+    enough to check before any model loads.
+At every save the current segment is finished (ffmpeg closes it and it is renamed into place), then the state is
+written to a temp file, flushed and renamed, so whatever is on disk after a kill or a power loss is consistent.
+When the video is complete the segments are joined without re-encoding (ffmpeg's concat demuxer, `-c copy`), the
+audio is muxed in, the result is renamed to the output name and the folder is removed. The initial noise is a
+function of the seed and the latent frame index, so no RNG state has to be saved.
+
+The same frames come out as in an uninterrupted run: the sampler and the decoder continue from exactly the saved
+tensors. With `--crf 0` (lossless) the decoded video is identical too; with a lossy CRF the encoder starts a new
+keyframe at each segment boundary, so the compressed bits differ there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from avatarcli.errors import AvatarError
+
+if TYPE_CHECKING:
+    from avatarcli.pipeline import AnimateJob
+
+STATE_VERSION = 1
+# Job fields that do not change the frames: where they go, and how the models are held.
+NOT_FINGERPRINTED = {"output", "allow_download", "keep_text_encoder", "null_sink", "resume", "save_every"}
+
+
+class StopFlag:
+    """A cooperative stop request: `animate` checks it after every window-step, saves its state and stops by
+    raising AnimateInterrupted. Setting it is safe from a signal handler."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason: str | None = None
+
+    def request(self, reason: str = "stop requested") -> None:
+        self.requested = True
+        self.reason = reason
+
+
+class AnimateInterrupted(Exception):
+    """`animate` stopped on request. `saved`: the resume folder holds a state to continue from."""
+
+    def __init__(self, output: Path, frames: int, frames_total: int, saved: bool, reason: str | None = None):
+        self.output, self.frames, self.frames_total, self.saved, self.reason = (output, frames, frames_total, saved,
+                                                                                reason)
+        where = f"at frame {frames} of {frames_total}"
+        then = "state saved; run again with --resume to continue" if saved else "nothing to resume yet"
+        super().__init__(f"{reason or 'interrupted'} {where} of {output}; {then}")
+
+
+def resume_dir(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.stem}.resume")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint(job: AnimateJob) -> dict[str, str]:
+    """What the frames depend on, by name: the content of every input file, every setting (preset included) and
+    the versions of avatarcli, torch and diffusers.
+
+    Generic over drivers: the portrait and whichever driving input the job names are hashed; every other job
+    field (including ones other drivers add) enters by its value."""
+    from avatarcli.drivers import DRIVER_MODULES
+
+    inputs = {"portrait", *DRIVER_MODULES}
+    facts: dict[str, str] = {}
+    for field in dataclasses.fields(job):
+        name, value = field.name, getattr(job, field.name)
+        if name in NOT_FINGERPRINTED:
+            continue
+        if name in inputs:
+            facts[name] = "none" if value is None else file_digest(Path(value))
+        elif name == "preset":
+            for key, setting in dataclasses.asdict(value).items():
+                if key not in ("name", "description"):
+                    facts[f"preset {key}"] = repr(setting)
+        else:
+            facts[name] = str(value) if isinstance(value, Path) else repr(value)
+    from importlib.metadata import PackageNotFoundError, version
+
+    import avatarcli
+
+    facts["avatarcli version"] = avatarcli.__version__
+    for package in ("torch", "diffusers"):  # their kernels decide the floats
+        try:
+            facts[f"{package} version"] = version(package)
+        except PackageNotFoundError:
+            pass
+    return facts
+
+
+def describe_differences(saved: dict[str, str], now: dict[str, str]) -> str:
+    parts = []
+    for name in sorted(set(saved) | set(now)):
+        before, after = saved.get(name, "(not set)"), now.get(name, "(not set)")
+        if before != after:
+            if before.startswith("sha256:") or after.startswith("sha256:"):
+                parts.append(f"{name} (file content changed)")
+            else:
+                parts.append(f"{name} ({before} -> {after})")
+    return ", ".join(parts)
+
+
+def _write_atomically(path: Path, write) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    try:  # make the rename itself durable (power loss)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass
+
+
+class ResumeFolder:
+    """The resume folder of one output: validation against a job, loading, saving, removal."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = resume_dir(output)
+        self.state_file = self.path / "state.pt"
+        self.meta_file = self.path / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_file.is_file() and self.meta_file.is_file()
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads(self.meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise AvatarError(f"the resume state in {self.path} is unreadable ({error}); delete that folder to "
+                              "start over") from error
+        if meta.get("version") != STATE_VERSION:
+            raise AvatarError(f"the resume state in {self.path} was written by another avatarcli version; delete "
+                              "that folder to start over")
+        return meta
+
+    def check(self, job: AnimateJob) -> dict[str, Any] | None:
+        """Before any model loads: the saved progress when `job.resume` and a matching state exists, None for a fresh
+        start. A state that does not match the job, or a state found without --resume, is an AvatarError."""
+        if not self.exists():
+            return None
+        if not job.resume:
+            raise AvatarError(f"{job.output} has an unfinished run saved in {self.path}: add --resume to continue "
+                              "it, or delete that folder to start over")
+        meta = self.meta()
+        differences = describe_differences(meta["fingerprint"], fingerprint(job))
+        if differences:
+            raise AvatarError(f"cannot resume {job.output}: the saved run differs in {differences}; use the same "
+                              f"inputs and settings, or delete {self.path} to start over")
+        return meta
+
+    def start_fresh(self) -> None:
+        """Clear leftovers of a run killed before its first save (no state: nothing there is usable)."""
+        if self.path.exists() and not self.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(exist_ok=True)
+
+    def load(self) -> dict[str, Any]:
+        import torch
+
+        try:
+            return torch.load(self.state_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+            raise AvatarError(f"the resume state {self.state_file} is unreadable ({type(error).__name__}); delete "
+                              f"{self.path} to start over") from error
+
+    def save(self, job_fingerprint: dict[str, str], frames: int, frames_total: int, segments: list[str],
+             sampler: dict[str, Any], decoder: dict[str, Any]) -> None:
+        import torch
+
+        state = {"version": STATE_VERSION, "fingerprint": job_fingerprint, "frames": frames,
+                 "frames_total": frames_total, "segments": list(segments), "sampler": sampler, "decoder": decoder}
+        meta = {key: state[key] for key in ("version", "fingerprint", "frames", "frames_total", "segments")}
+        _write_atomically(self.state_file, lambda f: torch.save(state, f))
+        _write_atomically(self.meta_file, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def discard_if_unsaved(self) -> None:
+        if not self.exists():
+            self.remove()
+
+
+class SegmentedSink:
+    """Writes frames as a sequence of H.264 segments in the resume folder (each encoded on a background thread).
+
+    `cut()` finishes the current segment (the next write starts a new one) and returns the finished segments;
+    `close()` joins them losslessly, muxes the audio, and publishes the output atomically."""
+
+    def __init__(self, folder: Path, output: Path, width: int, height: int, fps: float, audio_path: Path | None,
+                 crf: int, segments: list[str] | None = None, frames_written: int = 0) -> None:
+        self.folder, self.output = Path(folder), Path(output)
+        self.width, self.height, self.fps, self.audio_path, self.crf = width, height, fps, audio_path, crf
+        self.segments = list(segments or [])
+        self.frames_written = frames_written
+        self._current = None
+
+    def open(self) -> None:
+        from avatarcli.sink.ffmpeg import check_writable_output
+
+        check_writable_output(self.output)
+        if self.audio_path is not None and not Path(self.audio_path).is_file():
+            raise AvatarError(f"audio file not found: {self.audio_path}; check the path")
+        missing = [name for name in self.segments if not (self.folder / name).is_file()]
+        if missing:
+            raise AvatarError(f"the resume state in {self.folder} lacks {missing[0]}; delete that folder to start over")
+        for stray in self.folder.glob("*segment-*.mp4"):  # written after the last save: superseded
+            if stray.name not in self.segments:
+                stray.unlink()
+
+    def write(self, frames) -> None:
+        from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink
+
+        if self._current is None:
+            name = f"segment-{len(self.segments):04d}.mp4"
+            self._current = (name, BackgroundSink(Mp4Sink(self.folder / name, self.width, self.height, self.fps,
+                                                          crf=self.crf)))
+            self._current[1].open()
+        self._current[1].write(frames)
+        self.frames_written += len(frames)
+
+    def cut(self) -> list[str]:
+        if self._current is not None:
+            name, sink = self._current
+            self._current = None
+            sink.close()  # ffmpeg finishes the segment; it is renamed into place
+            self.segments.append(name)
+        return list(self.segments)
+
+    def close(self) -> None:
+        from avatarcli.media.audio import ffmpeg_exe
+        from avatarcli.sink.ffmpeg import _unreadable_reason, partial_path
+
+        self.cut()
+        if not self.segments:
+            raise ValueError(f"no frames were written to {self.output}")
+        listing = self.folder / "segments.txt"
+        listing.write_text("".join(f"file '{name}'\n" for name in self.segments), encoding="utf-8")
+        partial = partial_path(self.output)
+        command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-f", "concat", "-safe", "0",
+                   "-i", str(listing)]
+        if self.audio_path is not None:
+            command += ["-i", str(self.audio_path), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac"]
+        command += ["-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", str(partial)]
+        result = subprocess.run(command, capture_output=True, check=False, start_new_session=True)
+        problem = None
+        if result.returncode != 0:
+            lines = result.stderr.decode("utf-8", errors="replace").strip().splitlines()
+            problem = lines[-1] if lines else f"ffmpeg exit status {result.returncode}"
+        problem = problem or _unreadable_reason(partial)
+        if problem is not None:
+            partial.unlink(missing_ok=True)
+            raise AvatarError(f"video encoding failed for {self.output} ({problem}); check free disk space")
+        os.replace(partial, self.output)
+
+    def abort(self) -> None:
+        """Stop encoding the current segment and drop it; finished segments stay for a resume."""
+        if self._current is not None:
+            _, sink = self._current
+            self._current = None
+            sink.abort()
