@@ -10,7 +10,7 @@ import torch
 from avatarcli.decode.decoders import DECODERS, streaming_decoder
 from avatarcli.decode.tiny import TinyStreamingDecoder
 from avatarcli.errors import CheckpointError
-from avatarcli.loading.lora import merge_lora, merge_lora_into_model, read_lora
+from avatarcli.loading.lora import FAST_LORA_FILE, merge_lora, merge_lora_into_model, read_lora
 from avatarcli.loading.taehv import FAST_VAE_FILE, load_tiny_decoder
 from avatarcli.loading.transformer import build_transformer, diffusers_key
 from avatarcli.models.taehv import TAEHVConfig, TAEHVDecoder
@@ -25,6 +25,7 @@ from avatarcli.testing.flashportrait_turbo import (
     tiny_fast_lora_state_dict,
     write_tiny_fast_lora,
     write_tiny_fast_vae,
+    write_tiny_turbo_files,
 )
 from avatarcli.testing.stableavatar import original_key_shapes, random_state_dict, wan_config
 
@@ -45,6 +46,14 @@ def lora(original_state, tmp_path_factory):
 
 def build(state):
     return build_transformer(state, wan_config(TINY_STABLEAVATAR), dtype=torch.float32)
+
+
+def test_tiny_turbo_files_load_and_merge_strictly(original_state, tmp_path):
+    shapes = {k: tuple(v.shape) for k, v in original_state.items()}
+    folder = write_tiny_turbo_files(tmp_path, shapes)
+    assert load_tiny_decoder(folder / FAST_VAE_FILE).config == TINY_TAEHV
+    model = build(original_state)
+    assert merge_lora_into_model(model, read_lora(folder / FAST_LORA_FILE), 1.0) > 0
 
 
 def test_tiny_lora_covers_every_kind_of_term(lora):

@@ -4,10 +4,10 @@
 `tae_key_shapes` spells out the reference TAEHV module's state-dict names (encoder and decoder) independently of
 avatarcli.models.taehv, so tests can hold the model's layout against it. The LoRA writer covers the layers the
 step-distill LoRA adapts (digest: flashportrait.md §2, §6.2): low-rank pairs on the linear layers, `diff_b` on
-their biases, `diff` on norm weights, `diff_m` on the blocks' modulation; keys prefixed `diffusion_model.`.
+their biases, `diff` on norm weights, `diff_m` on the blocks' modulation; keys prefixed `diffusion_model.`. (Which
+layers the published file adapts was not checked against the file itself; the merge is strict either way.)
 
-    write_tiny_fast_vae(folder / "fast_vae.pth")
-    write_tiny_fast_lora(folder / "fast_lora_rank64.safetensors", original_key_shapes_of_the_tiny_transformer)
+    write_tiny_turbo_files(folder, original_key_shapes_of_the_tiny_transformer)   # fast_vae.pth + the LoRA
 """
 
 from __future__ import annotations
@@ -128,3 +128,16 @@ def write_tiny_fast_lora(path: str | Path, target_shapes: Mapping[str, tuple[int
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tiny_fast_lora_state_dict(target_shapes, rank, seed).items()}, str(path))
     return path
+
+
+def write_tiny_turbo_files(folder: str | Path, transformer_shapes: Mapping[str, tuple[int, ...]],
+                           seed: int = 0) -> Path:
+    """Both files of the 4-step path under their published names in `folder`, the LoRA made for a transformer
+    whose original Wan parameter names and shapes are `transformer_shapes`; returns `folder`."""
+    from avatarcli.loading.lora import FAST_LORA_FILE
+    from avatarcli.loading.taehv import FAST_VAE_FILE
+
+    folder = Path(folder)
+    write_tiny_fast_vae(folder / FAST_VAE_FILE, seed=seed)
+    write_tiny_fast_lora(folder / FAST_LORA_FILE, transformer_shapes, seed=seed + 1)
+    return folder
