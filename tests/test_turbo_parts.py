@@ -156,11 +156,12 @@ def test_published_size_decoder_layout_is_the_key_list_without_the_encoder():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
 
 
+@pytest.mark.parametrize("per_call", [1, 4, 16])
 @pytest.mark.parametrize("sizes", [[1, 1, 1, 1, 1, 1], [2, 4], [1, 5], [6]], ids=str)
-def test_tiny_stream_equals_one_decode(tiny_vae, sizes, one_thread):
+def test_tiny_stream_equals_one_decode(tiny_vae, sizes, per_call, one_thread):
     latents = torch.randn(1, 16, 6, 4, 4, generator=torch.Generator().manual_seed(2))
     whole = tiny_vae.decode_video(latents)
-    decoder, pieces, start = TinyStreamingDecoder(tiny_vae), [], 0
+    decoder, pieces, start = TinyStreamingDecoder(tiny_vae, latent_frames_per_call=per_call), [], 0
     for size in sizes:
         pieces.append(decoder.push_video(latents[:, :, start : start + size]))
         start += size

@@ -19,8 +19,13 @@ from avatarcli.models.taehv import DecoderMemory, TAEHVDecoder
 class TinyStreamingDecoder:
     """Decode successive chunks of one latent video with the TAEHV decoder, carrying its frame memory."""
 
-    def __init__(self, decoder: TAEHVDecoder) -> None:
+    def __init__(self, decoder: TAEHVDecoder, latent_frames_per_call: int = 4) -> None:
+        """`latent_frames_per_call` bounds the activation memory (all frames of a call go through each layer at
+        once, 4 output frames per latent frame); any value gives the same frames."""
+        if latent_frames_per_call < 1:
+            raise ValueError("latent_frames_per_call must be >= 1")
         self.decoder = decoder
+        self.latent_frames_per_call = latent_frames_per_call
         self.close()
 
     @property
@@ -43,11 +48,15 @@ class TinyStreamingDecoder:
         if latents.shape[2] == 0:
             return latents.new_zeros(1, 3, 0, 8 * latents.shape[3], 8 * latents.shape[4])
         weight = self.decoder.decoder[1].weight
-        video, memory = self.decoder(latents.to(device=weight.device, dtype=weight.dtype), self._memory)
-        if self._memory is None:
-            video = video[:, :, self.decoder.config.frames_to_trim :]
-        self._memory = memory
-        return video * 2 - 1
+        latents = latents.to(device=weight.device, dtype=weight.dtype)
+        pieces = []
+        for start in range(0, latents.shape[2], self.latent_frames_per_call):
+            video, memory = self.decoder(latents[:, :, start : start + self.latent_frames_per_call], self._memory)
+            if self._memory is None:
+                video = video[:, :, self.decoder.config.frames_to_trim :]
+            self._memory = memory
+            pieces.append(video)
+        return torch.cat(pieces, dim=2) * 2 - 1
 
     def push(self, latents: torch.Tensor) -> np.ndarray:
         """Decode the next normalised latent frames [1, C, n, h, w] -> uint8 frames [frames, H, W, 3]."""
