@@ -47,7 +47,7 @@ def splitmix64_uniform(stream: int, count: int) -> np.ndarray:
 
 
 def tae_weights(config: dict) -> dict[str, torch.Tensor]:
-    """The fixture's TAEHV weights (README: biases 0.1 s, weights s sqrt(3/fan_in); the last layer kept off the clamp)."""
+    """The fixture's TAEHV weights (README: biases 0.1 s, weights s sqrt(3/fan_in); last layer kept off the clamp)."""
     state = {}
     keys = config["tae_state_dict_keys_sorted"]
     last = max((k for k in keys if k.startswith("decoder.")), key=lambda k: int(k.split(".")[1])).rsplit(".", 1)[0]

@@ -22,7 +22,6 @@ from avatarcli.testing import TINY_STABLEAVATAR
 from avatarcli.testing.flashportrait_turbo import (
     TINY_TAEHV,
     tae_key_shapes,
-    tiny_fast_lora_state_dict,
     write_tiny_fast_lora,
     write_tiny_fast_vae,
     write_tiny_turbo_files,

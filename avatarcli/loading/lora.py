@@ -39,7 +39,6 @@ class LoraPair:
     layer: str  # original Wan module path, e.g. blocks.0.self_attn.q
     down: tuple[str, torch.Tensor] | None = None  # (file key, tensor [rank, in, ...])
     up: tuple[str, torch.Tensor] | None = None  # (file key, tensor [out, rank, ...])
-    alpha: tuple[str, torch.Tensor] | None = None
     naming: str = ""
 
     def check(self, shape: torch.Size, source: str) -> None:
