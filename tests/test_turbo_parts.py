@@ -15,8 +15,8 @@ from avatarcli.loading.taehv import FAST_VAE_FILE, load_tiny_decoder
 from avatarcli.loading.transformer import build_transformer, diffusers_key
 from avatarcli.models.taehv import TAEHVConfig, TAEHVDecoder
 from avatarcli.sampling.sampler import sample_joint, sample_streaming
-from avatarcli.sampling.schedule import euler_step
-from avatarcli.sampling.step_distill import step_distill_sigmas, step_distill_step
+from avatarcli.sampling.schedule import euler_step, flow_sigmas
+from avatarcli.sampling.step_distill import schedule_for, step_distill_sigmas, step_distill_step
 from avatarcli.sampling.windows import plan_windows
 from avatarcli.testing import TINY_STABLEAVATAR
 from avatarcli.testing.flashportrait_turbo import (
@@ -256,3 +256,14 @@ def test_streaming_sampler_equals_the_joint_loop_with_the_step_distill_update():
     assert torch.equal(streamed, joint)
     pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist()))
     assert sorted(calls) == sorted(pairs * len(plan.windows) * 2)  # every window-step of both orders used it
+
+
+def test_schedule_choice_is_one_call():
+    sigmas, update = schedule_for("step_distill", 4)
+    assert update is step_distill_step and torch.equal(sigmas, step_distill_sigmas())
+    sigmas, update = schedule_for("flow", 30)
+    assert update is euler_step and torch.equal(sigmas, flow_sigmas(30))
+    with pytest.raises(ValueError, match="4 steps"):
+        schedule_for("step_distill", 8)
+    with pytest.raises(ValueError, match="flow, step_distill"):
+        schedule_for("lcm", 4)

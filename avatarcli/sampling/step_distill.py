@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from avatarcli.sampling.schedule import shift_sigma
+from avatarcli.sampling.schedule import euler_step, flow_sigmas, shift_sigma
 
 DENOISING_STEP_LIST = (1000, 750, 500, 250)
+SCHEDULES = ("flow", "step_distill")
 
 
 def step_distill_sigmas(denoising_step_list: tuple[int, ...] | list[int] = DENOISING_STEP_LIST, shift: float = 5.0,
@@ -41,3 +42,16 @@ def step_distill_step(sample: torch.Tensor, velocity: torch.Tensor, sigma: float
     x0 = latents - sigma * velocity
     new = x0 if sigma_next == 0 else x0 + velocity * sigma_next
     return new.to(sample.dtype)
+
+
+def schedule_for(kind: str, steps: int, shift: float = 5.0):
+    """(sigmas, step update) for a preset's schedule: "flow" is the 30-step path's Euler flow matching,
+    "step_distill" the distilled path, which exists only at its trained timesteps (4 steps)."""
+    if kind == "flow":
+        return flow_sigmas(steps, shift), euler_step
+    if kind == "step_distill":
+        if steps != len(DENOISING_STEP_LIST):
+            raise ValueError(f"the step-distill schedule has {len(DENOISING_STEP_LIST)} steps (timesteps "
+                             f"{', '.join(map(str, DENOISING_STEP_LIST))}), got steps={steps}")
+        return step_distill_sigmas(DENOISING_STEP_LIST, shift), step_distill_step
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
