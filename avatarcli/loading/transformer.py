@@ -47,6 +47,13 @@ def convert_original_keys(original: Mapping[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
+def diffusers_key(original_key: str) -> str:
+    """One original Wan key -> its name in our diffusers-layout models, by the same converter as checkpoints
+    (e.g. blocks.0.norm3.bias -> blocks.0.norm2.bias, blocks.0.modulation -> blocks.0.scale_shift_table)."""
+    (converted,) = convert_wan_transformer_to_diffusers({original_key: torch.empty(0)})
+    return converted
+
+
 def config_from_state_dict(original: Mapping[str, torch.Tensor], wan_config: Mapping) -> dict:
     """Model config: sizes from tensor shapes (works for any checkpoint), head count and text length from config.json."""
     def shape(key: str) -> tuple[int, ...]:

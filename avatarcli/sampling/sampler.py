@@ -25,13 +25,17 @@ from avatarcli.sampling.windows import Window, WindowPlan
 
 # (window, step index, window latents [1, C, F, h, w]) -> guided velocity, same shape
 Denoiser = Callable[[Window, int, torch.Tensor], torch.Tensor]
+# (sample, velocity, sigma, sigma_next) -> the sample at sigma_next; Euler unless a sampler is given another
+# (e.g. sampling/step_distill.py's x0-then-renoise update)
+StepUpdate = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
 def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tensor, sigmas: torch.Tensor,
-                denoise: Denoiser, previous: torch.Tensor | None, state_dtype: torch.dtype | None) -> torch.Tensor:
+                denoise: Denoiser, previous: torch.Tensor | None, state_dtype: torch.dtype | None,
+                update: StepUpdate = euler_step) -> torch.Tensor:
     """One denoising step of one window. `previous` = window k-1's output of this step on the overlap frames."""
     velocity = denoise(window, step, latents)
-    new = euler_step(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
+    new = update(latents, velocity, float(sigmas[step]), float(sigmas[step + 1]))
     if step > 0 and window.overlap:
         w = plan.weights(window).to(new).view(1, 1, -1, 1, 1)
         head = new[:, :, : window.overlap] * w + previous * (1 - w)
@@ -40,7 +44,7 @@ def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tens
 
 
 def sample_joint(plan: WindowPlan, sigmas: torch.Tensor, noise: torch.Tensor, denoise: Denoiser,
-                 state_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 state_dtype: torch.dtype | None = None, update: StepUpdate = euler_step) -> torch.Tensor:
     """The reference order: every step runs every window left to right over the whole latent video."""
     state = noise
     for step in range(len(sigmas) - 1):
@@ -48,7 +52,7 @@ def sample_joint(plan: WindowPlan, sigmas: torch.Tensor, noise: torch.Tensor, de
         for window in plan.windows:
             previous = written[:, :, window.start : window.start + window.overlap]
             new = window_step(plan, window, step, state[:, :, window.start : window.end], sigmas, denoise,
-                              previous, state_dtype)
+                              previous, state_dtype, update)
             written[:, :, window.start : window.end] = new
         state = written
     return state
@@ -103,7 +107,8 @@ class StreamState:
 
 def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
                      denoise: Denoiser, state_dtype: torch.dtype | None = None, state: StreamState | None = None,
-                     after_step: Callable[[StreamState], None] | None = None) -> Iterator[FinalFrames]:
+                     after_step: Callable[[StreamState], None] | None = None,
+                     update: StepUpdate = euler_step) -> Iterator[FinalFrames]:
     """Same result as `sample_joint`, yielding final latent frames in order as soon as they are final.
 
     `noise(start, end)` gives the initial noise of latent frames [start, end). Window k's next step is ready when
@@ -163,7 +168,7 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
         if s > 0 and window.overlap:
             offset = window.start - windows[k - 1].start
             previous = outputs[(k - 1, s)][:, :, offset : offset + window.overlap]
-        outputs[(k, s)] = window_step(plan, window, s, state, sigmas, denoise, previous, state_dtype)
+        outputs[(k, s)] = window_step(plan, window, s, state, sigmas, denoise, previous, state_dtype, update)
         done[k] += 1
 
         final_end = emitted
