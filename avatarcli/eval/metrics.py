@@ -5,7 +5,7 @@ Per frame (computed while the video streams past, see avatarcli/eval/report.py):
 - `face_distance`: colour distance of the face box from the reference's face box (CIE Lab, DeltaE 1976, on a coarse
   grid so a pixel or two of head motion matters little; the mouth's cells are left out so speaking is not drift).
 - `frame_difference`: mean |frame[t+1] - frame[t]| over all pixels and channels (0-255).
-- `mean_luma`: mean BT.601 luma of the whole frame.
+- `mean_luma_outside`: mean BT.601 luma of the frame outside the mouth box (so speaking is not flicker).
 - with a second video: `psnr` (RGB, capped at PSNR_CAP dB) and `ssim` (luma, Wang et al. 2004 Gaussian window).
 
 Metrics over the video (functions below): lip sync (`lip_sync`), seams (`seam_scores`), flicker (`flicker`).
@@ -77,6 +77,15 @@ def cell_mask_outside(face: tuple, hole: tuple, grid: int = DRIFT_GRID) -> np.nd
     xs, ys = fx0 + centres * (fx1 - fx0), fy0 + centres * (fy1 - fy0)
     inside = (ys[:, None] >= hole[1]) & (ys[:, None] <= hole[3]) & (xs[None, :] >= hole[0]) & (xs[None, :] <= hole[2])
     return ~inside
+
+
+def mean_luma_outside(frame: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Mean luma of the frame's pixels outside the pixel box (x0, y0, x1, y1)."""
+    y = luma(frame)
+    x0, y0, x1, y1 = box
+    inner = y[y0:y1, x0:x1]
+    outside = y.size - inner.size
+    return float((y.sum(dtype=np.float64) - inner.sum(dtype=np.float64)) / outside) if outside else float(y.mean())
 
 
 def frame_difference(frame: np.ndarray, previous: np.ndarray) -> float:
@@ -181,6 +190,8 @@ def lip_sync(mouth: np.ndarray, envelope: np.ndarray, max_lag: int = 10) -> LipS
 
 def flicker(mean_luma: np.ndarray) -> float:
     """Mean |Y[t+1] - 2 Y[t] + Y[t-1]| of the frames' mean luma (0-255): brightness that jumps back and forth.
+
+    `avatarcli eval` feeds it the mean luma outside the mouth box, so an opening and closing mouth is not flicker.
 
     Exactly 0 for a still video and for a steady fade; 0 for videos of fewer than 3 frames.
     """

@@ -105,7 +105,11 @@ class _Panel:
             right = self.legend_x
             self.draw.text((right, y), text, fill=(0, 0, 0), font=font, anchor="rm")
             width = self.draw.textlength(text, font=font)
-            self.draw.line([right - width - 34, y, right - width - 8, y], fill=colour, width=3)
+            if colour == SHADE:
+                self.draw.rectangle([right - width - 34, y - 6, right - width - 8, y + 6], fill=colour,
+                                    outline=(200, 150, 150))
+            else:
+                self.draw.line([right - width - 34, y, right - width - 8, y], fill=colour, width=3)
             self.legend_x = right - width - 50
 
 

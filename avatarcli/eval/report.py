@@ -62,7 +62,7 @@ class EvalReport:
     mouth: np.ndarray  # openness per frame
     drift: np.ndarray  # face distance from the reference per frame (DeltaE76)
     differences: np.ndarray  # |frame[t+1] - frame[t]| per transition
-    mean_luma: np.ndarray
+    mean_luma: np.ndarray  # of each frame outside the mouth box (what flicker is computed from)
     envelope: np.ndarray | None  # audio RMS per frame, None without audio
     lip_sync: m.LipSync | None
     seams: m.Seams
@@ -177,8 +177,16 @@ class _Regions:
                 self.misses += 1
             else:
                 self.detections += 1
-                self.current = lay.detected_regions(box, frame)
+                if _moved(self.current.face, box):
+                    self.current = lay.detected_regions(box, frame)
         return self.current
+
+
+def _moved(old: lay.Box, new: lay.Box, tolerance: float = 0.1) -> bool:
+    """Whether a detected face box moved by more than `tolerance` of the face's size (else it is detector jitter,
+    and keeping the old box keeps a still face at exactly the reference's crop)."""
+    width, height = old[2] - old[0], old[3] - old[1]
+    return any(abs(a - b) > tolerance * size for a, b, size in zip(old, new, (width, height, width, height)))
 
 
 def _reference_frame(path: Path, width: int, height: int) -> np.ndarray:
@@ -236,7 +244,7 @@ def evaluate(job: EvalJob) -> EvalReport:
             mouth.append(m.mouth_openness(lay.crop(frame, r.mouth), r.dark_luma))
             mask = m.cell_mask_outside(r.face, r.mouth)
             drift.append(m.face_distance(m.face_signature(lay.crop(frame, r.face)), reference_signature, mask))
-            mean_luma.append(float(m.luma(frame).mean()))
+            mean_luma.append(m.mean_luma_outside(frame, lay.pixel_box(r.mouth, info.width, info.height)))
             if previous is not None:
                 differences.append(m.frame_difference(frame, previous))
             previous = frame
