@@ -45,6 +45,8 @@ def _print_table(summary: dict) -> None:
         table.add_row("PSNR mean / min", f"{fmt(c['psnr_mean'], '.2f')} / {fmt(c['psnr_min'], '.2f')} dB",
                       f"{c['compared']} frames against the comparison video")
         table.add_row("SSIM mean / min", f"{fmt(c['ssim_mean'], '.4f')} / {fmt(c['ssim_min'], '.4f')}", "luma")
+        table.add_row("mouth vs comparison", f"r {fmt(c['mouth_correlation'])}, best lag {c['mouth_best_lag']} "
+                      f"(r {fmt(c['mouth_best_correlation'])})", "+ = this video's mouth moves later")
     console = Console()
     console.print(f"{summary['video']}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['size']}, "
                   f"layout {summary['layout']}, {summary['windows']} windows")

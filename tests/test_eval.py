@@ -343,3 +343,12 @@ def test_eval_bad_input_exits_2_with_one_line(tmp_path, talking, reference, caps
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "x.jpg").exists()
+
+
+def test_compare_measures_the_mouth_against_the_comparison_video(tmp_path, talking, reference):
+    """Generated vs ground truth for the same audio: a mouth two frames late shows as lag +2."""
+    video, audio, env = talking  # its mouth is env delayed by 3 frames
+    early = write(render(60, mouth=np.concatenate([np.zeros(1), env[:-1]]), scroll=False), tmp_path / "gt.mp4")
+    report = evaluate(EvalJob(video, reference, compare=early, **SMALL))
+    assert report.mouth_sync.best_lag == 2 and report.mouth_sync.best_correlation > 0.97
+    assert report.summary()["compare"]["mouth_best_lag"] == 2

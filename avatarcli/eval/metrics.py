@@ -59,8 +59,9 @@ def grid_average(image: np.ndarray, grid: int = DRIFT_GRID) -> np.ndarray:
 
 def face_signature(face: np.ndarray, grid: int = DRIFT_GRID) -> np.ndarray:
     """A face crop as grid x grid mean Lab colours: what `face_distance` compares."""
-    if min(face.shape[:2]) < grid:
-        raise ValueError(f"face crop {face.shape[1]}x{face.shape[0]} is smaller than the {grid}x{grid} drift grid")
+    if min(face.shape[:2]) < grid:  # tiny faces: repeat pixels so that every cell holds some
+        k = -(-grid // min(face.shape[:2]))
+        face = np.repeat(np.repeat(face, k, axis=0), k, axis=1)
     return srgb_to_lab(grid_average(face, grid))
 
 

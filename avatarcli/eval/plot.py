@@ -162,7 +162,13 @@ def draw_report(report, path: str | Path) -> Path:
     if report.envelope is not None:
         panel.line(t, _scaled(report.envelope), ORANGE)
         entries.append(("audio RMS / max", ORANGE))
-    panel.line(t, _scaled(report.mouth), BLUE)
+    top = max(float(report.mouth.max()), float(report.compare_mouth.max()) if report.compare_mouth is not None
+              and report.compare_mouth.size else 0.0)
+    top = top if top > 0 else 1.0
+    if report.compare_mouth is not None:  # both mouths on one scale, so a weaker articulation shows
+        panel.line(np.arange(report.compare_mouth.size) / fps, report.compare_mouth / top, GREY)
+        entries.append(("comparison's mouth", GREY))
+    panel.line(t, report.mouth / top, BLUE)
     panel.legend(entries)
 
     # 2. drift

@@ -73,6 +73,8 @@ class EvalReport:
     psnr: np.ndarray | None = None
     ssim: np.ndarray | None = None
     compare_frames: int | None = None
+    compare_mouth: np.ndarray | None = None  # the comparison video's mouth openness, same boxes
+    mouth_sync: m.LipSync | None = None  # this video's mouth against the comparison's (lag > 0: this one is late)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -105,6 +107,9 @@ class EvalReport:
                 "frames": self.compare_frames, "compared": int(len(self.psnr)),
                 "psnr_mean": _num(float(self.psnr.mean())), "psnr_min": _num(float(self.psnr.min())),
                 "ssim_mean": _num(float(self.ssim.mean())), "ssim_min": _num(float(self.ssim.min())),
+                "mouth_correlation": _num(self.mouth_sync.correlation),
+                "mouth_best_lag": self.mouth_sync.best_lag,
+                "mouth_best_correlation": _num(self.mouth_sync.best_correlation),
             }
         if self.notes:
             result["notes"] = list(self.notes)
@@ -236,7 +241,7 @@ def evaluate(job: EvalJob) -> EvalReport:
         regions = _Regions(job, layout, reference)
         reference_signature = m.face_signature(lay.crop(reference, regions.reference.face))
 
-        mouth, drift, differences, mean_luma, psnr, ssim = [], [], [], [], [], []
+        mouth, drift, differences, mean_luma, psnr, ssim, other_mouth = [], [], [], [], [], [], []
         other_frames = iter(other) if other is not None else None
         previous = None
         for index, frame in enumerate(reader):
@@ -253,6 +258,7 @@ def evaluate(job: EvalJob) -> EvalReport:
                 if second is not None:
                     psnr.append(m.psnr(frame, second))
                     ssim.append(m.ssim(frame, second))
+                    other_mouth.append(m.mouth_openness(lay.crop(second, r.mouth), r.dark_luma))
         compare_frames = None
         if other_frames is not None:
             compare_frames = len(psnr) + sum(1 for _ in other_frames)
@@ -292,4 +298,7 @@ def evaluate(job: EvalJob) -> EvalReport:
         drift_start=float(drift_a[:span].mean()), drift_end=float(drift_a[-span:].mean()),
         psnr=np.array(psnr) if other is not None else None, ssim=np.array(ssim) if other is not None else None,
         compare_frames=compare_frames, notes=notes,
+        compare_mouth=np.array(other_mouth) if other is not None else None,
+        mouth_sync=m.lip_sync(mouth_a[: len(other_mouth)], np.array(other_mouth), job.max_lag)
+        if other is not None else None,
     )
