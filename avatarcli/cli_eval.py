@@ -51,6 +51,8 @@ def _print_table(summary: dict) -> None:
     console.print(f"{summary['video']}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['size']}, "
                   f"layout {summary['layout']}, {summary['windows']} windows")
     console.print(table)
+    if "plot" in summary:
+        console.print(f"plot: {summary['plot']}")
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
 

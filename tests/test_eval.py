@@ -57,7 +57,8 @@ def render(frames: int, mouth: np.ndarray | None = None, skin_shift: np.ndarray 
     inside FACE_BOX, two dark eyes above MOUTH_BOX, and a black mouth inside MOUTH_BOX whose height follows `mouth`."""
     y, x = np.mgrid[0:SIZE, 0:SIZE]
     fx0, fy0, fx1, fy1 = (np.array(lay.FACE_BOX) * SIZE)
-    face = ((x - (fx0 + fx1) / 2) / ((fx1 - fx0) / 2 - 2)) ** 2 + ((y - (fy0 + fy1) / 2) / ((fy1 - fy0) / 2 - 2)) ** 2 <= 1
+    rx, ry = (fx1 - fx0) / 2 - 2, (fy1 - fy0) / 2 - 2
+    face = ((x - (fx0 + fx1) / 2) / rx) ** 2 + ((y - (fy0 + fy1) / 2) / ry) ** 2 <= 1
     mx0, my0, mx1, my1 = lay.pixel_box(lay.MOUTH_BOX, SIZE, SIZE)
     video = np.empty((frames, SIZE, SIZE, 3), dtype=np.uint8)
     for t in range(frames):

@@ -105,10 +105,11 @@ class FaceDetector:
             raise AvatarError(f"finding the face in a video that is not a demo-world video needs OpenCV: {hint}"
                               ) from error
         folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
-        if not hasattr(cv2, "CascadeClassifier") or not folder or not os.path.isfile(os.path.join(folder, self.CASCADE)):
+        path = os.path.join(folder, self.CASCADE) if folder else ""
+        if not hasattr(cv2, "CascadeClassifier") or not os.path.isfile(path):
             raise AvatarError(f"OpenCV {cv2.__version__} has no Haar face cascade (OpenCV 5 dropped them): {hint}")
         self._cv2 = cv2
-        self._cascade = cv2.CascadeClassifier(os.path.join(folder, self.CASCADE))
+        self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
             raise AvatarError(f"OpenCV's face cascade {self.CASCADE} could not be loaded: {hint}")
 

@@ -52,7 +52,8 @@ class VideoReader:
             for raw in self._frames:
                 yield np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
         except (OSError, RuntimeError) as error:
-            raise AvatarError(f"cannot read video {self.path}: decoding failed ({str(error).splitlines()[0]})") from error
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise AvatarError(f"cannot read video {self.path}: decoding failed ({first_line})") from error
         finally:
             self._frames.close()
 
