@@ -224,6 +224,7 @@ def evaluate(job: EvalJob) -> EvalReport:
         raise AvatarError(f"--max-lag must be >= 0, got {job.max_lag}")
     if job.span_seconds <= 0:
         raise AvatarError(f"--span-seconds must be > 0, got {job.span_seconds}")
+    window_boundaries(1, job.window_frames, job.overlap)  # a bad window or overlap fails before any reading
     reader = VideoReader(job.video)
     info = reader.info
     other = None
