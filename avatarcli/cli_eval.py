@@ -49,7 +49,7 @@ def _print_table(summary: dict) -> None:
                       f"(r {fmt(c['mouth_best_correlation'])})", "+ = this video's mouth moves later")
     console = Console()
     console.print(f"{summary['video']}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['size']}, "
-                  f"layout {summary['layout']}, {summary['windows']} windows")
+                  f"layout {summary['layout']}, {summary['windows']} window{'s' if summary['windows'] != 1 else ''}")
     console.print(table)
     if "plot" in summary:
         console.print(f"plot: {summary['plot']}")

@@ -127,6 +127,12 @@ def test_lip_sync_reads_the_videos_own_audio_track(talking, reference):
     assert report.lip_sync.best_lag == 3 and report.lip_sync.best_correlation > 0.97
 
 
+def test_demo_layout_is_the_demo_worlds_contract():
+    assert lay.DEMO_SIZE == (128, 128) and lay.DEMO_FPS == 25 and lay.DARK_LUMA == 40.0
+    assert lay.FACE_BOX == (0.18, 0.12, 0.82, 0.92) and lay.MOUTH_BOX == (0.36, 0.62, 0.64, 0.82)
+    assert lay.resolve_layout("auto", 128, 128) == "demo" and lay.resolve_layout("auto", 512, 512) == "detect"
+
+
 def test_mouth_openness_is_the_dark_fraction_of_the_mouth_box():
     frame = render(1, mouth=np.array([1.0]), scroll=False)[0]
     mx0, my0, mx1, my1 = lay.pixel_box(lay.MOUTH_BOX, SIZE, SIZE)
@@ -318,7 +324,7 @@ def test_eval_json_through_the_console_script_and_plot(tmp_path, talking, refere
 def test_eval_table_and_default_windows(talking, reference, capsys):
     assert main(["eval", str(talking[0]), "--reference", str(reference)]) == 0
     out = capsys.readouterr().out
-    assert "lip sync r" in out and "seam score" in out and "1 windows" in out
+    assert "lip sync r" in out and "seam score" in out and "1 window" in out  # 60 frames: one 81-frame window
 
 
 def test_eval_bad_input_exits_2_with_one_line(tmp_path, talking, reference, capsys):
