@@ -217,6 +217,9 @@ _register_batch(app)
 
 
 _register_optional_commands()
+from avatarcli.cli_eval import register as _register_eval  # noqa: E402
+
+_register_eval(app)
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,134 @@
+"""Where the face and the mouth are in a frame: the demo world's fixed layout, or OpenCV's face detector.
+
+The demo world (the synthetic talking faces the demo model is trained on) draws every frame at 128x128 RGB, 25 fps,
+with the face inside FACE_BOX and the mouth inside MOUTH_BOX whatever the head sway. Its open mouth is near-black
+(luma <= DARK_LUMA), the closed mouth a thin lip-coloured line, skin luma >= 100, and nothing else inside MOUTH_BOX is
+dark, so the fraction of dark pixels in MOUTH_BOX is the mouth's openness.
+
+Real videos have no known layout: the face box comes from the frontal-face Haar cascade that ships inside OpenCV
+(`cv2.data.haarcascades`, no download), and the mouth box is the lower-middle part of that face box (MOUTH_IN_FACE).
+Boxes are (x0, y0, x1, y1) as fractions of the width and height, so they do not depend on the frame size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from avatarcli.errors import AvatarError
+
+DEMO_SIZE = (128, 128)  # width, height
+DEMO_FPS = 25
+FACE_BOX = (0.18, 0.12, 0.82, 0.92)
+MOUTH_BOX = (0.36, 0.62, 0.64, 0.82)
+DARK_LUMA = 40.0  # demo world: an open mouth's interior is at most this dark (BT.601 luma, 0-255)
+
+# Real videos: the mouth as a part of the detected face box (fractions of the face box), and "dark" relative to the
+# face's median luma, because lighting varies from video to video.
+MOUTH_IN_FACE = (0.25, 0.65, 0.75, 0.95)
+DARK_FRACTION_OF_FACE = 0.45
+
+LAYOUTS = ("auto", "demo", "detect")
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Face and mouth boxes (fractions) and the luma at or below which a mouth pixel counts as open."""
+
+    face: Box
+    mouth: Box
+    dark_luma: float
+
+
+def demo_regions() -> Regions:
+    return Regions(FACE_BOX, MOUTH_BOX, DARK_LUMA)
+
+
+def resolve_layout(layout: str, width: int, height: int) -> str:
+    """`auto` is `demo` for the demo world's 128x128 frames and `detect` for anything else."""
+    if layout not in LAYOUTS:
+        raise AvatarError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        return "demo" if (width, height) == DEMO_SIZE else "detect"
+    return layout
+
+
+def pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """Fractional box -> integer pixel box [x0, x1) x [y0, y1), at least one pixel each way."""
+    x0, y0 = int(round(box[0] * width)), int(round(box[1] * height))
+    x1, y1 = int(round(box[2] * width)), int(round(box[3] * height))
+    x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def crop(frame: np.ndarray, box: Box) -> np.ndarray:
+    x0, y0, x1, y1 = pixel_box(box, frame.shape[1], frame.shape[0])
+    return frame[y0:y1, x0:x1]
+
+
+def mouth_in_face(face: Box) -> Box:
+    """The lower-middle part of a face box, where a frontal face's mouth is."""
+    fx0, fy0, fx1, fy1 = face
+    w, h = fx1 - fx0, fy1 - fy0
+    mx0, my0, mx1, my1 = MOUTH_IN_FACE
+    return (fx0 + mx0 * w, fy0 + my0 * h, fx0 + mx1 * w, fy0 + my1 * h)
+
+
+def parse_box(text: str) -> Box:
+    """'x0,y0,x1,y1' (fractions of width and height) -> a box, checked."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError as error:
+        raise AvatarError(f"a box is four fractions x0,y0,x1,y1, got {text!r}") from error
+    if len(values) != 4 or not (0 <= values[0] < values[2] <= 1 and 0 <= values[1] < values[3] <= 1):
+        raise AvatarError(f"a box is four fractions 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+class FaceDetector:
+    """The largest frontal face in an RGB frame, from the Haar cascade that OpenCV 4.x ships in `cv2.data`.
+
+    OpenCV 5 no longer ships the cascades; the error then says how to get them (avatarcli requires OpenCV < 5).
+    """
+
+    CASCADE = "haarcascade_frontalface_default.xml"
+
+    def __init__(self) -> None:
+        hint = "pip install 'opencv-python-headless<5', or give --face-box x0,y0,x1,y1"
+        try:
+            import cv2
+        except ImportError as error:
+            raise AvatarError(f"finding the face in a video that is not a demo-world video needs OpenCV: {hint}"
+                              ) from error
+        folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+        path = os.path.join(folder, self.CASCADE) if folder else ""
+        if not hasattr(cv2, "CascadeClassifier") or not os.path.isfile(path):
+            raise AvatarError(f"OpenCV {cv2.__version__} has no Haar face cascade (OpenCV 5 dropped them): {hint}")
+        self._cv2 = cv2
+        self._cascade = cv2.CascadeClassifier(path)
+        if self._cascade.empty():
+            raise AvatarError(f"OpenCV's face cascade {self.CASCADE} could not be loaded: {hint}")
+
+    def __call__(self, frame: np.ndarray) -> Box | None:
+        cv2 = self._cv2
+        height, width = frame.shape[:2]
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        side = min(width, height)
+        faces = self._cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                               minSize=(max(24, side // 8), max(24, side // 8)))
+        if len(faces) == 0:
+            return None
+        x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+        return (x / width, y / height, (x + w) / width, (y + h) / height)
+
+
+def detected_regions(face: Box, frame: np.ndarray) -> Regions:
+    """Regions for a real video from a face box: the mouth below, 'dark' relative to the face's median luma."""
+    from avatarcli.eval.metrics import luma
+
+    median = float(np.median(luma(crop(frame, face))))
+    return Regions(face, mouth_in_face(face), DARK_FRACTION_OF_FACE * median)
