@@ -92,7 +92,7 @@ def parse_box(text: str) -> Box:
 class FaceDetector:
     """The largest frontal face in an RGB frame, from the Haar cascade that OpenCV 4.x ships in `cv2.data`.
 
-    OpenCV 5 no longer ships the cascades; the error then says how to get them (avatarcli requires OpenCV < 5).
+    OpenCV 5 no longer ships the cascades; the error then says how to get them (avatarcli installs OpenCV 5, whose warps match the reference's face front end).
     """
 
     CASCADE = "haarcascade_frontalface_default.xml"
