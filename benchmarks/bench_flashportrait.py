@@ -17,7 +17,8 @@ Weights: full-size random bf16 tensors in the published (original Wan) key layou
       build_flashportrait_transformer, no file I/O (writing ~35 GB takes longer than the measurements);
   --weights-source disk: written in the published folder layout under --tmp and loaded by
       load_flashportrait_transformer (the overlay holds the fine-tuned attention weights and the expression
-      projections; to fit a 64 GB disk the 7 base shards hold only the weights the overlay lacks) — load time reported.
+      projections; to fit a 64 GB disk the 7 base shards hold only the weights the overlay lacks); load time
+      reported.
 Each variant starts from the same CPU copy of the weights. Timing: CUDA events, median of --repeat after a warm-up
 at 3 latent frames. Rows are printed as they finish; the table is printed last.
 

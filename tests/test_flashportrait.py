@@ -220,7 +220,8 @@ def tiny_denoiser(parts, latent_frames, guidance, steps, features):
     condition = torch.randn(1, 20, latent_frames, h, w)
     return FlashPortraitDenoiser(
         model, guidance, positive_text=torch.randn(1, 5, model.config.text_dim),
-        negative_text=torch.randn(1, 3, model.config.text_dim), image_tokens=torch.randn(1, 257, model.config.image_dim),
+        negative_text=torch.randn(1, 3, model.config.text_dim),
+        image_tokens=torch.randn(1, 257, model.config.image_dim),
         condition=condition, window_tokens=lambda win: window_expression_tokens(parts.portrait_encoder, features, win),
         sigmas=flow_sigmas(steps), steps=steps)
 

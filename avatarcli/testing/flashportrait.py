@@ -70,10 +70,10 @@ def transformer_key_shapes(sizes: dict, expression: bool = True) -> dict[str, tu
 def portrait_encoder_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
     c, r = sizes["emo_token_dim"], sizes["resampler_dim"]
     inner, ff = sizes["resampler_heads"] * sizes["resampler_dim_head"], r * sizes["ff_mult"]
-    shapes: dict[str, tuple[int, ...]] = {"proj_model.headpose_proj.weight": (c, 6), "proj_model.eye_proj.weight": (c, 6),
-                                          "proj_model.emo_proj.weight": (c, 30),
-                                          "proj_model.mouth_proj.weight": (c, 512),
-                                          "proj_model.norm.weight": (c,), "proj_model.norm.bias": (c,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "proj_model.headpose_proj.weight": (c, 6), "proj_model.eye_proj.weight": (c, 6),
+        "proj_model.emo_proj.weight": (c, 30), "proj_model.mouth_proj.weight": (c, 512),
+        "proj_model.norm.weight": (c,), "proj_model.norm.bias": (c,)}
     for name, queries, width in (("mouth_proj_model", 16, 512), ("emo_proj_model", 4, 30)):
         shapes.update({f"{name}.latents": (1, queries, r), f"{name}.proj_in.weight": (r, width),
                        f"{name}.proj_in.bias": (r,), f"{name}.proj_out.weight": (c, r), f"{name}.proj_out.bias": (c,),
