@@ -336,6 +336,15 @@ def test_reference_size_explicit_and_max_size():
         reference_size(1000, 750, size=(650, 352))
 
 
+def test_resize_portrait_uses_the_reference_size():
+    from PIL import Image
+
+    from avatarcli.sampling.flashportrait import resize_portrait
+
+    out = resize_portrait(Image.new("L", (1000, 750), 128))
+    assert out.size == (720, 544) and out.mode == "RGB"
+
+
 def test_guidance_branches():
     assert [(b.prompt, b.ip_scale) for b in ExpressionGuidance().branches] == [("positive", 1.0), ("positive", 0.0)]
     assert [b.prompt for b in ExpressionGuidance(text_scale=3.0).branches] == ["positive", "positive", "negative"]

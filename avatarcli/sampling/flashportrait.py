@@ -97,6 +97,17 @@ def reference_size(width: int, height: int, max_size: int = MAX_SIZE, size: tupl
     return up(width), up(height)
 
 
+def resize_portrait(image, max_size: int = MAX_SIZE, size: tuple[int, int] | None = None):
+    """The PIL portrait resized to `reference_size` with LANCZOS, as the reference does (whole image, no face crop).
+
+    Pass the result to features.image.reference_condition / clip_features with its own size: their bicubic resize
+    to the same size is then the identity."""
+    from PIL import Image
+
+    width, height = reference_size(image.width, image.height, max_size, size)
+    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+
+
 # ---- guidance -----------------------------------------------------------------------------------------------------
 
 
