@@ -399,3 +399,41 @@ def test_fp8_storage_keeps_linear_weights_in_fp8_and_computes_in_bf16(tiny_model
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     rel = (out - expected).norm() / expected.norm()
     assert 0 < rel < 0.2  # fp8 rounding changes the result, but only a little
+
+
+def test_library_pieces_compose_from_portrait_and_driving_features_to_frames(tiny, one_thread):
+    """Portrait + 7 driving frames -> resized portrait, prompt, CLIP, I2V condition, denoised latents, 7 frames."""
+    from PIL import Image
+
+    from avatarcli.decode.stream import StreamingDecoder
+    from avatarcli.features.image import clip_features, reference_condition
+    from avatarcli.features.text import encode_prompts
+    from avatarcli.sampling.flashportrait import resize_portrait
+
+    portrait = resize_portrait(Image.new("RGB", (90, 60), (200, 120, 90)), max_size=64)
+    width, height = portrait.size
+    driving_frames = 7
+    latent_frames = latent_frames_for_driving(driving_frames)
+    plan = plan_flashportrait_windows(latent_frames)
+    window_frames = plan.window_frames
+    model = tiny.transformer
+    with torch.no_grad():
+        text = encode_prompts(tiny.text_encoder, tiny.tokenizer, ["the girl is singing"],
+                              text_len=model.config.text_len)
+        image = clip_features(tiny.image_encoder, portrait, width, height)
+        condition = reference_condition(tiny.vae, portrait, width, height, num_frames=4 * (window_frames - 1) + 1)
+        features = pixel_features_for_driving(torch.randn(1, driving_frames, 554))
+        steps = 2
+        denoiser = FlashPortraitDenoiser(
+            model, ExpressionGuidance(), positive_text=text, negative_text=None, image_tokens=image,
+            condition=condition,
+            window_tokens=lambda win: window_expression_tokens(tiny.portrait_encoder, features, win),
+            sigmas=flow_sigmas(steps))
+        noise = torch.randn(1, 16, latent_frames, height // 8, width // 8)
+        decoder = StreamingDecoder(tiny.vae)
+        frames = [decoder.push(c.latents) for c in sample_streaming(plan, flow_sigmas(steps),
+                                                                    lambda s, e: noise[:, :, s:e], denoiser)]
+    video = [f for chunk in frames for f in chunk]
+    kept = video[output_frames(len(video), driving_frames)]
+    assert len(video) == 4 * (latent_frames - 1) + 1 and len(kept) == driving_frames
+    assert kept[0].shape == (height, width, 3)
