@@ -255,8 +255,8 @@ def test_batched_branches_equal_separate_forwards(tiny, one_thread):
                         ExpressionConditioning(tokens, (1.0, 0.0)))
         on = model(x, t, text, image, ExpressionConditioning(tokens, (1.0,)))
         off = model(x, t, text, image, None)
-    assert torch.allclose(batched[0:1], on, atol=1e-5)
-    assert torch.equal(batched[1:2], off) or torch.allclose(batched[1:2], off, atol=1e-6)
+    assert torch.allclose(batched[0:1], on, atol=1e-4)
+    assert torch.allclose(batched[1:2], off, atol=1e-4)  # batch-size-dependent matmul rounding only
     assert (on - off).abs().max() > 1e-3
 
 
