@@ -380,7 +380,7 @@ def test_offload_modes_attach_hooks_and_keep_the_output(tiny_model, mode, one_th
     assert has_offload_hooks(model)
     with torch.no_grad():
         out = model(*tiny_inputs(model))
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-5)
     placement.release()
 
 
