@@ -154,7 +154,7 @@ def build_flashportrait_transformer(overlay: Mapping[str, torch.Tensor], wan_con
         found = base.shape(key) if base is not None and not is_expression_key(key) else None
         if found is None:
             raise CheckpointError(f"{source} lacks {key!r}" + ("" if is_expression_key(key) else
-                                  f" and so does the base model") + "; is this FlashPortrait's transformer.pt?")
+                                  " and so does the base model") + "; is this FlashPortrait's transformer.pt?")
         return found
 
     config = transformer_config(wan_config, shape)
