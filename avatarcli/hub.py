@@ -44,6 +44,8 @@ class ModelSpec:
     required_any: tuple[tuple[str, ...], ...] = ()
     revision: str | None = None
     approx_size_gb: float = 0.0
+    # A model assembled from several repos: (subfolder, part) pairs; each part is fetched into its subfolder.
+    parts: tuple[tuple[str, "ModelSpec"], ...] = ()
 
 
 _WAV2VEC = "wav2vec2-base-960h"
@@ -88,7 +90,32 @@ STABLEAVATAR = ModelSpec(
     approx_size_gb=24.0,
 )
 
-MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR}
+# FlashPortrait (flashportrait.md §2): FrancisRing/FlashPortrait's transformer.pt, portrait encoder and face files
+# (not the 4-step LoRA or the tiny VAE) in FlashPortrait/, and the original-layout Wan2.1-I2V-14B-720P in
+# Wan2.1-I2V-14B-720P/ (not its xlm-roberta-large/ CLIP tokenizer: the portrait is never captioned).
+_FP_FILES = ("transformer.pt", "portrait_encoder.pt", "pd_fpg.pth", "face_det.onnx", "face_landmark.onnx")
+_I2V_FILES = ("config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
+              "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+              "google/umt5-xxl/tokenizer_config.json",
+              *(f"diffusion_pytorch_model-{n:05d}-of-00007.safetensors" for n in range(1, 8)))
+FLASHPORTRAIT = ModelSpec(
+    repo_id="FrancisRing/FlashPortrait",
+    description="FlashPortrait (transformer overlay, portrait encoder, face files) on Wan2.1-I2V-14B-720P",
+    allow_patterns=(),
+    parts=(
+        ("FlashPortrait", ModelSpec(repo_id="FrancisRing/FlashPortrait", allow_patterns=_FP_FILES,
+                                    required_files=_FP_FILES, description="FlashPortrait files")),
+        ("Wan2.1-I2V-14B-720P", ModelSpec(
+            repo_id="Wan-AI/Wan2.1-I2V-14B-720P", description="Wan2.1-I2V-14B-720P, original layout",
+            allow_patterns=tuple(f for f in _I2V_FILES if not f.startswith("google/")) + ("google/umt5-xxl/*",),
+            required_files=_I2V_FILES,
+            required_any=(("google/umt5-xxl/tokenizer.json", "google/umt5-xxl/spiece.model"),))),
+    ),
+    # Estimate: 16.4B-parameter base DiT in float32 66 + umT5 11.4 + CLIP 4.8 + VAE 0.5 + FlashPortrait files.
+    approx_size_gb=120.0,
+)
+
+MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR, "flashportrait": FLASHPORTRAIT}
 
 
 def register_model(name: str, spec: ModelSpec) -> None:
@@ -106,12 +133,20 @@ def model_spec(name: str) -> ModelSpec:
 
 def required_files(name: str) -> list[str]:
     """Relative paths that must all exist in a usable copy of model `name`."""
-    return list(model_spec(name).required_files)
+    spec = model_spec(name)
+    if spec.parts:
+        return [f"{sub}/{path}" for sub, part in spec.parts for path in part.required_files]
+    return list(spec.required_files)
 
 
 def missing_files(name: str, folder: Path) -> list[str]:
     """What `folder` lacks to be a usable copy of model `name` (empty list when complete)."""
-    spec = model_spec(name)
+    return _missing(model_spec(name), Path(folder))
+
+
+def _missing(spec: ModelSpec, folder: Path) -> list[str]:
+    if spec.parts:
+        return [f"{sub}/{path}" for sub, part in spec.parts for path in _missing(part, folder / sub)]
     missing = [path for path in spec.required_files if not (folder / path).is_file()]
     for alternatives in spec.required_any:
         if not any((folder / path).is_file() for path in alternatives):
@@ -187,9 +222,31 @@ def _snapshot(spec: ModelSpec, local_dir: Path | None, local_files_only: bool, p
 def download(name: str, local_dir: Path | None = None, progress: bool = True) -> Path:
     """Fetch the files of model `name` (resuming partial downloads) and return the folder holding them.
 
-    Without `local_dir` the files go to the Hub cache and the snapshot folder is returned.
+    Without `local_dir` the files go to the Hub cache and the snapshot folder is returned (for a model of several
+    repos, a folder in the cache linking each part's snapshot under its subfolder).
     """
     spec = model_spec(name)
+    if spec.parts:
+        folders = {sub: _download_spec(name, part, None if local_dir is None else Path(local_dir) / sub, progress)
+                   for sub, part in spec.parts}
+        return Path(local_dir) if local_dir is not None else _assemble(name, folders)
+    return _download_spec(name, spec, local_dir, progress)
+
+
+def _assemble(name: str, folders: dict[str, Path]) -> Path:
+    """A folder in the Hub cache whose subfolders link the parts' snapshot folders."""
+    folder = hub_cache_dir() / "avatarcli-models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub, target in folders.items():
+        link = folder / sub
+        if link.is_symlink() and Path(os.readlink(link)) != target:
+            link.unlink()
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    return folder
+
+
+def _download_spec(name: str, spec: ModelSpec, local_dir: Path | None, progress: bool) -> Path:
     try:
         folder = _snapshot(spec, local_dir, local_files_only=False, progress=progress)
     except RevisionNotFoundError as error:
@@ -214,7 +271,7 @@ def download(name: str, local_dir: Path | None = None, progress: bool = True) ->
         raise AvatarError(
             f"download of {name} failed ({_one_line(error)}); rerun `avatarcli download {name}` to resume"
         )
-    missing = missing_files(name, folder)
+    missing = _missing(spec, folder)
     if missing:
         raise AvatarError(
             f"{spec.repo_id} no longer provides {missing[0]}; the repo layout changed, pass --weights DIR "
@@ -226,6 +283,16 @@ def download(name: str, local_dir: Path | None = None, progress: bool = True) ->
 def cached_weights(name: str) -> Path | None:
     """The complete cached copy of model `name`, or None. Makes no network request."""
     spec = model_spec(name)
+    if spec.parts:
+        folders = {}
+        for sub, part in spec.parts:
+            try:
+                folders[sub] = _snapshot(part, None, local_files_only=True, progress=False)
+            except (LocalEntryNotFoundError, OSError):
+                return None
+            if _missing(part, folders[sub]):
+                return None
+        return _assemble(name, folders)
     try:
         folder = _snapshot(spec, None, local_files_only=True, progress=False)
     except (LocalEntryNotFoundError, OSError):

@@ -13,7 +13,7 @@ built on the meta device and the tensors assigned, so nothing is initialised twi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -36,15 +36,47 @@ def is_audio_key(key: str) -> bool:
     return key.startswith("vocal_projector.") or ".k_vocal." in key or ".v_vocal." in key
 
 
-def convert_original_keys(original: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original Wan/StableAvatar names -> StableAvatarTransformer3DModel names."""
-    original = {k.removeprefix("model.diffusion_model."): v for k, v in original.items()}
-    base = {k: v for k, v in original.items() if not is_audio_key(k)}
-    converted = convert_wan_transformer_to_diffusers(base)
-    for key, value in original.items():
-        if is_audio_key(key):
-            converted[key.replace(".cross_attn.", ".attn2.") if key.startswith("blocks.") else key] = value
-    return converted
+def wan_key_names(keys: Iterable[str], passthrough: Callable[[str], bool] = lambda key: False) -> dict[str, str]:
+    """Original Wan name -> diffusers name, for every key; the one converter of the Wan-based loaders.
+
+    Keys of layers diffusers' Wan model lacks (`passthrough`, e.g. StableAvatar's audio keys or FlashPortrait's
+    expression projections) are split off first, because diffusers' substring renames would mangle some of them; they
+    keep their name with the block's `cross_attn` renamed to `attn2`. Everything else goes through diffusers' own
+    converter (norm2/norm3 swap etc.), applied to the names only so the caller can say which file key failed.
+    """
+    keys = list(keys)
+    stripped = {key: key.removeprefix("model.diffusion_model.") for key in keys}
+    plain = {s: key for key, s in stripped.items() if not passthrough(s)}
+    names = {original: new for new, original in convert_wan_transformer_to_diffusers(dict(plain)).items()}
+    for key, s in stripped.items():
+        if passthrough(s):
+            names[key] = s.replace(".cross_attn.", ".attn2.") if s.startswith("blocks.") else s
+    return names
+
+
+def convert_original_keys(original: Mapping[str, torch.Tensor],
+                          passthrough: Callable[[str], bool] = is_audio_key) -> dict[str, torch.Tensor]:
+    """Original Wan/StableAvatar names -> model names (StableAvatar's audio keys passed through by default)."""
+    names = wan_key_names(original, passthrough)
+    return {names[key]: value for key, value in original.items()}
+
+
+def assign_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                   device: str | torch.device) -> torch.nn.Module:
+    """Assign a checked, converted state dict to a model built on meta; diffusers' fp32 modules stay float32.
+
+    A state dict of meta tensors (key/shape checks without weights) leaves the model on meta."""
+    on_meta = all(t.device.type == "meta" for t in state.values())
+    if not on_meta:
+        state = {k: v.to(device=device, dtype=torch.float32 if any(p in k for p in _FP32_PATTERNS) else dtype)
+                 for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if on_meta:
+        return model
+    # The RoPE tables are non-persistent buffers: they were created on meta and are not in any checkpoint.
+    config = model.config
+    model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+    return model.to(device).eval()
 
 
 def diffusers_key(original_key: str) -> str:
@@ -91,16 +123,7 @@ def build_transformer(original: Mapping[str, torch.Tensor], wan_config: Mapping,
         model = StableAvatarTransformer3DModel(**config)
     state = convert_original_keys(original)
     check_state_dict(model, state, source)
-    on_meta = all(t.device.type == "meta" for t in state.values())  # key/shape checks without any weights
-    if not on_meta:
-        state = {k: v.to(device=device, dtype=torch.float32 if any(p in k for p in _FP32_PATTERNS) else dtype)
-                 for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    if on_meta:
-        return model
-    # The RoPE tables are non-persistent buffers: they were created on meta and are not in any checkpoint.
-    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], model.config.rope_max_seq_len)
-    return model.to(device).eval()
+    return assign_weights(model, state, dtype=dtype, device=device)
 
 
 def read_wan_config(folder: Path) -> dict:

@@ -13,19 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-BLEND_SCHEMES = ("log", "uniform")
+BLEND_SCHEMES = ("log", "uniform", "linear")
 
 
 def blend_weights(overlap: int, scheme: str = "log") -> torch.Tensor:
     """Weight on the NEW window for overlap frame j (j=0 earliest); the previous window gets 1 - w.
 
-    uniform: j / (m-1). log (the paper's DWSW, best in its ablation): log1p(linspace(0,1,m) * (e-1)), which already
+    uniform: j / (m-1) as torch.linspace rounds it (StableAvatar's reference). linear: j / (m-1) exactly rounded
+    (FlashPortrait's reference; differs from uniform by up to 3e-8). log (the paper's DWSW, best in its ablation): log1p(linspace(0,1,m) * (e-1)), which already
     spans [0, 1]. w[0] = 0 keeps the previous window's value at the first overlap frame.
     """
     if overlap <= 0:
         return torch.zeros(0)
     if overlap == 1:
         return torch.ones(1)
+    if scheme == "linear":
+        return torch.arange(overlap, dtype=torch.float32) / (overlap - 1)
     ramp = torch.linspace(0, 1, overlap)
     if scheme == "uniform":
         return ramp
@@ -83,11 +86,18 @@ def latent_frames_for(video_frames: int) -> int:
     return (max(video_frames, 1) + 2) // 4 + 1
 
 
-def plan_windows(latent_frames: int, window_frames: int = 21, overlap: int = 5, blend: str = "log") -> WindowPlan:
+def plan_windows(latent_frames: int, window_frames: int = 21, overlap: int = 5, blend: str = "log",
+                 short: str = "pad") -> WindowPlan:
+    """short: how a video shorter than one window is planned. "pad": one full window (the caller trims the extra
+    frames); "shrink": one window exactly as long as the video."""
+    if short not in ("pad", "shrink"):
+        raise ValueError(f"unknown short-video plan {short!r}; choose pad or shrink")
     if blend not in BLEND_SCHEMES:
         raise ValueError(f"unknown blend scheme {blend!r}; choose one of {', '.join(BLEND_SCHEMES)}")
     if not 0 < overlap < window_frames:
         raise ValueError(f"overlap must be between 1 and {window_frames - 1} latent frames, got {overlap}")
+    if short == "shrink" and 0 < latent_frames < window_frames:
+        return WindowPlan(latent_frames, latent_frames, overlap, blend, (Window(0, 0, latent_frames, 0),))
     total = max(latent_frames, window_frames)
     starts = [0]
     while starts[-1] + window_frames < total:

@@ -19,11 +19,11 @@ from avatarcli.testing.stableavatar import FULL_SIZE
 TINY_STABLEAVATAR = dict(FULL_SIZE, dim=48, num_heads=2, text_dim=32, ffn_dim=64, num_layers=2, image_dim=32,
                          freq_dim=32)
 
-MODELS = ("stableavatar", "sfd")
+MODELS = ("stableavatar", "sfd", "flashportrait")
 
 
 def make_tiny_weights(path: str | Path, model: str = "stableavatar", seed: int = 0) -> Path:
-    """Write a tiny random checkpoint folder for `model` ("stableavatar" or "sfd") and return its path."""
+    """Write a tiny random checkpoint folder for `model` ("stableavatar", "sfd" or "flashportrait") and return its path."""
     path = Path(path)
     if model == "stableavatar":
         from avatarcli.testing.components import write_tiny_clip, write_tiny_t5, write_tiny_vae, write_tiny_wav2vec
@@ -41,4 +41,8 @@ def make_tiny_weights(path: str | Path, model: str = "stableavatar", seed: int =
 
         write_tiny_sfd(path, seed=seed)
         return path
+    if model == "flashportrait":
+        from avatarcli.testing.flashportrait import make_tiny_flashportrait
+
+        return make_tiny_flashportrait(path, seed=seed)
     raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")

@@ -1,0 +1,76 @@
+"""Memory options for a large transformer: where its weights live and in which dtype they are stored.
+
+Both go through diffusers/accelerate machinery rather than our own:
+  * `--weights-dtype fp8`: diffusers' layerwise casting; Linear/Conv weights are stored as float8_e4m3fn and cast to
+    the compute dtype (bf16) per layer during the forward. Patch embedding, condition embedder and norms keep their
+    dtype (WanTransformer3DModel's skip patterns), as the reference keeps its modulation out of fp8.
+  * `--offload model`: the whole transformer moves to the GPU at its first forward (accelerate's
+    cpu_offload_with_hook) — the text and image encoders are never resident beside it;
+    `--offload group`: diffusers' group offloading, one block on the GPU at a time (prefetched on a CUDA stream);
+    `--offload sequential`: the same at leaf-module level (least memory, slowest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+
+
+@dataclass
+class Placement:
+    """Where the transformer's inputs must go and in which dtype; `hook.offload()` frees the GPU (model offload)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    hook: object | None = None
+
+    def release(self) -> None:
+        if self.hook is not None:
+            self.hook.offload()
+
+
+def apply_fp8_storage(model: torch.nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Store Linear/Conv weights in float8_e4m3fn, compute in `compute_dtype` (diffusers' layerwise casting)."""
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
+def apply_offload(model: torch.nn.Module, mode: str, device: str | torch.device) -> object | None:
+    """Attach the offloading hooks of `mode` to a model whose weights are on the CPU; returns the model-offload hook."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    device = torch.device(device)
+    if mode == "none":
+        model.to(device)
+        return None
+    if mode == "model":
+        from accelerate import cpu_offload_with_hook
+
+        _, hook = cpu_offload_with_hook(model, execution_device=device)
+        return hook
+    stream = device.type == "cuda"
+    model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level" if mode == "group" else "leaf_level",
+                               num_blocks_per_group=1 if mode == "group" else None, use_stream=stream)
+    return None
+
+
+def place_transformer(model: torch.nn.Module, device: str | torch.device, *, offload: str = "none",
+                      weights_dtype: str = "bf16", compute_dtype: torch.dtype = torch.bfloat16) -> Placement:
+    """Apply the memory options to a transformer loaded on the CPU in `compute_dtype`.
+
+    fp8 storage is applied before the weights move, so a 14B model never needs its bf16 size on the GPU."""
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weights dtype {weights_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+    if weights_dtype == "fp8":
+        apply_fp8_storage(model, compute_dtype)
+    hook = apply_offload(model, offload, device)
+    return Placement(torch.device(device), compute_dtype, hook)
+
+
+def has_offload_hooks(model: torch.nn.Module) -> bool:
+    """Whether diffusers (group offloading / layerwise casting) or accelerate hooks are attached anywhere."""
+    return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in model.modules())

@@ -1,0 +1,204 @@
+"""FlashPortrait's sampling pieces: window plan, expression guidance, the window denoiser, frame and size helpers.
+
+The loop itself is the shared one (sampling/sampler.py); the schedule is the shared flow-matching Euler schedule
+(shift 5, 30 steps). What is FlashPortrait's own (flashportrait.md §5):
+  * windows of 51 latent frames, overlap 30, linear blend w_j = j/(n-1) on the Euler-stepped latents; the last window
+    is shifted back to end at the video's end. Videos shorter than one window get one window of their own length
+    (the reference wraps indices and mis-aligns the expression tokens there);
+  * expression CFG: v = v(ip=0) + s_emo (v(ip=1) - v(ip=0)), optionally text CFG as a third branch;
+  * each window's expression tokens are its pixel frames [4 first, 4 last] encoded as a fresh clip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from avatarcli.errors import AvatarError
+from avatarcli.models.flashportrait import (
+    ExpressionConditioning,
+    FlashPortraitTransformer3DModel,
+    PortraitEncoder,
+    group_tokens,
+    pixel_frames_for,
+)
+from avatarcli.sampling.windows import Window, WindowPlan, plan_windows
+
+WINDOW_LATENT_FRAMES = 51
+OVERLAP_LATENT_FRAMES = 30
+STEPS = 30
+SHIFT = 5.0
+MAX_SIZE = 720
+SIZE_MULTIPLE = 16
+
+
+def plan_flashportrait_windows(latent_frames: int, window_frames: int = WINDOW_LATENT_FRAMES,
+                               overlap: int = OVERLAP_LATENT_FRAMES) -> WindowPlan:
+    """Starts 0, 21, 42, ... while start < L - overlap, the last window moved back to [L - 51, L); linear blend."""
+    if latent_frames < 1:
+        raise ValueError("a video needs at least one latent frame")
+    return plan_windows(latent_frames, window_frames, overlap, blend="linear", short="shrink")
+
+
+# ---- frames -----------------------------------------------------------------------------------------------------
+
+
+def latent_frames_for_driving(driving_frames: int) -> int:
+    """Latent frames for an output of `driving_frames` frames: the decoded clip's frame 0 is the reference-image slot
+    and is dropped, so 4(L-1)+1 >= driving_frames + 1."""
+    if driving_frames < 1:
+        raise ValueError("the driving video needs at least one frame")
+    return math.ceil(driving_frames / 4) + 1
+
+
+def pixel_features_for_driving(features: torch.Tensor) -> torch.Tensor:
+    """[..., N, 554] per driving frame -> [..., 4(L-1)+1, 554] per generated pixel frame, L from the frame count.
+
+    Output frame k (generated pixel frame k+1) is driven by driving frame k, so the output keeps the driving video's
+    frame count and timing; pixel frame 0 (the dropped reference slot) takes driving frame 0, and the tail the last
+    frame. (The reference drives pixel frame p by driving frame p and drops frame 0, losing the first driving frame
+    and up to 3 at the end.)
+    """
+    n = features.shape[-2]
+    total = pixel_frames_for(latent_frames_for_driving(n))
+    index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n),
+                       torch.full((total - n - 1,), n - 1, dtype=torch.long)])
+    return features.index_select(-2, index.to(features.device))
+
+
+def output_frames(decoded_frames: int, driving_frames: int) -> slice:
+    """Which decoded pixel frames are the output: 1 .. driving_frames."""
+    if decoded_frames < driving_frames + 1:
+        raise ValueError(f"{decoded_frames} decoded frames cannot give {driving_frames} output frames")
+    return slice(1, driving_frames + 1)
+
+
+def reference_size(width: int, height: int, max_size: int = MAX_SIZE, size: tuple[int, int] | None = None
+                   ) -> tuple[int, int]:
+    """(width, height) of the generated video: the longer side scaled to `max_size`, each side rounded up to a
+    multiple of 16 (as the reference), or an explicit `size` (both sides multiples of 16)."""
+    if size is not None:
+        w, h = size
+        if w <= 0 or h <= 0 or w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
+            raise AvatarError(f"--size {w}x{h}: both sides must be positive multiples of {SIZE_MULTIPLE}")
+        return w, h
+    if width <= 0 or height <= 0:
+        raise AvatarError(f"the reference image has no pixels ({width}x{height})")
+    if max_size < SIZE_MULTIPLE:
+        raise AvatarError(f"max_size {max_size} is below {SIZE_MULTIPLE}")
+    scale = max_size / max(width, height)
+
+    def up(side: float) -> int:
+        return max(SIZE_MULTIPLE, math.ceil(round(side * scale) / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+    return up(width), up(height)
+
+
+def resize_portrait(image, max_size: int = MAX_SIZE, size: tuple[int, int] | None = None):
+    """The PIL portrait resized to `reference_size` with LANCZOS, as the reference does (whole image, no face crop).
+
+    Pass the result to features.image.reference_condition / clip_features with its own size: their bicubic resize
+    to the same size is then the identity."""
+    from PIL import Image
+
+    width, height = reference_size(image.width, image.height, max_size, size)
+    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+
+
+# ---- guidance -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpressionBranch:
+    prompt: str  # "positive" | "negative"
+    ip_scale: float
+
+
+@dataclass(frozen=True)
+class ExpressionGuidance:
+    """Expression CFG (2 branches); text CFG adds a third (negative prompt, no expression) when text_scale != 1.
+
+    Branch order as the reference calls them: emo on, emo off[, negative text emo off].
+    """
+
+    emo_scale: float = 4.0
+    text_scale: float = 1.0
+    ip_scale: float = 1.0
+
+    @property
+    def branches(self) -> tuple[ExpressionBranch, ...]:
+        on, off = ExpressionBranch("positive", self.ip_scale), ExpressionBranch("positive", 0.0)
+        return (on, off) if self.text_scale == 1.0 else (on, off, ExpressionBranch("negative", 0.0))
+
+    def combine(self, pred: torch.Tensor) -> torch.Tensor:
+        """[branches, ...] -> [1, ...] guided velocity."""
+        if self.text_scale == 1.0:
+            on, off = pred.chunk(2)
+            return off + self.emo_scale * (on - off)
+        on, off, neg = pred.chunk(3)
+        return neg + self.text_scale * (off - neg) + self.emo_scale * (on - off)
+
+
+# ---- the window denoiser ------------------------------------------------------------------------------------------
+
+
+def window_expression_tokens(encoder: PortraitEncoder, pixel_features: torch.Tensor, window: Window
+                             ) -> torch.Tensor:
+    """A window's grouped tokens [1, F, 97, C]: its pixel frames [4 first, 4 last] encoded as a fresh clip."""
+    start, end = window.video_frames
+    if pixel_features.shape[1] < end:
+        raise ValueError(f"expression features cover {pixel_features.shape[1]} pixel frames, window {window.index} "
+                         f"needs {end}")
+    param = next(encoder.parameters())
+    tokens = encoder(pixel_features[:, start:end].to(param.device, param.dtype))
+    return group_tokens(tokens, window.latent_frames, encoder.tokens_per_frame)
+
+
+class FlashPortraitDenoiser:
+    """(window, step, latents) -> guided velocity; all guidance branches in one batched forward.
+
+    Step-independent conditioning (text, CLIP tokens, reference latents) is cast and batched once; a window's
+    expression tokens are encoded at its first step and dropped after its last.
+    """
+
+    def __init__(self, model: FlashPortraitTransformer3DModel, guidance: ExpressionGuidance, *,
+                 positive_text: torch.Tensor, negative_text: torch.Tensor | None, image_tokens: torch.Tensor,
+                 condition: torch.Tensor, window_tokens: Callable[[Window], torch.Tensor], sigmas: torch.Tensor,
+                 steps: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """positive/negative_text [1, L, text_dim] (L <= text_len), image_tokens [1, 257, image_dim],
+        condition [1, 20, F_window, h, w] (mask + reference latents), window_tokens(window) -> [1, F, 97, C].
+        device/dtype: where the inputs go (default: the model's; give them when the model is offloaded)."""
+        self.model, self.guidance = model, guidance
+        self.window_tokens = window_tokens
+        self.timesteps = sigmas[:-1] * 1000
+        self.steps = steps if steps is not None else len(self.timesteps)
+        branches = guidance.branches
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or model.dtype
+        if any(b.prompt == "negative" for b in branches) and negative_text is None:
+            raise ValueError("text guidance needs a negative prompt embedding")
+        texts = {"positive": positive_text, "negative": negative_text}
+        self.text = torch.cat([model.pad_text(texts[b.prompt]) for b in branches]).to(self.device, self.dtype)
+        self.image = image_tokens.to(self.device, self.dtype).expand(len(branches), -1, -1)
+        self.condition = condition.to(self.device, self.dtype).expand(len(branches), -1, -1, -1, -1)
+        self.scales = tuple(b.ip_scale for b in branches)
+        self._tokens: dict[int, torch.Tensor] = {}
+
+    def expression_for(self, window: Window) -> ExpressionConditioning:
+        if window.index not in self._tokens:
+            self._tokens[window.index] = self.window_tokens(window).to(self.device, self.dtype)
+        return ExpressionConditioning(self._tokens[window.index], self.scales)
+
+    def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        n = len(self.scales)
+        frames = latents.shape[2]
+        x = torch.cat([latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
+                       self.condition[:, :, :frames]], dim=1)
+        t = self.timesteps[step].expand(n).to(self.device)
+        pred = self.model(x, t, self.text, self.image, self.expression_for(window))
+        if step == self.steps - 1:
+            self._tokens.pop(window.index, None)
+        return self.guidance.combine(pred.float()).to(latents.device)
