@@ -25,8 +25,10 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "portrait": str, "audio": str, "driving": str, "output": str, "weights": str, "preset": str, "prompt": str,
     "seed": int, "size": str, "fps": int, "steps": int, "guidance": str, "overlap": int, "blend": str,
     "checkpoint": str, "device": str, "dtype": str, "vae_dtype": str, "crf": int, "compile": bool, "no_audio": bool,
+    "emo_scale": (int, float), "text_scale": (int, float), "offload": str, "weights_dtype": str,
 }
-PRESET_OVERRIDES = ("size", "fps", "steps", "guidance", "overlap", "blend", "checkpoint", "seed")
+PRESET_OVERRIDES = ("size", "fps", "steps", "guidance", "overlap", "blend", "checkpoint", "seed", "emo_scale",
+                    "text_scale")
 
 
 @dataclass
@@ -166,8 +168,11 @@ def build_job(options: dict[str, Any], base: Path, resume: bool):
     preset_name = options.get("preset", "balanced")
     if preset_name.endswith((".yaml", ".yml")) or "/" in preset_name:
         preset_name = str(base / Path(preset_name).expanduser())
-    preset = load_preset(preset_name).with_overrides(**{k: options.get(k) for k in PRESET_OVERRIDES})
     portrait, audio, driving = path("portrait"), path("audio"), path("driving")
+    if driving is not None and options.get("fps") is not None:
+        raise AvatarError("'fps' does not apply to 'driving': the video keeps the driving video's frame rate")
+    preset = load_preset(preset_name).for_driver("driving" if driving is not None else "audio")
+    preset = preset.with_overrides(**{k: options.get(k) for k in PRESET_OVERRIDES})
     output = path("output")
     if output is None:
         signal = audio or driving
@@ -180,7 +185,8 @@ def build_job(options: dict[str, Any], base: Path, resume: bool):
                       seed=preset.seed if preset.seed is not None else 42, weights=path("weights"),
                       device=options.get("device", "auto"), dtype=options.get("dtype", "auto"), crf=crf,
                       vae_dtype=options.get("vae_dtype", "auto"), compile=options.get("compile", False),
-                      mux_audio=not options.get("no_audio", False), resume=resume)
+                      mux_audio=not options.get("no_audio", False), resume=resume,
+                      offload=options.get("offload", "none"), weights_dtype=options.get("weights_dtype", "auto"))
 
 
 def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> list[BatchEntry]:

@@ -41,13 +41,22 @@ def animate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt [default: 'The protagonist is talking.']."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: preset's, else 42]."),
     size: Optional[str] = typer.Option(None, "--size", help="WxH (multiples of 16) or auto."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second [default: 25]."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second [default: 25; a --driving video's own]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps."),
-    guidance: Optional[str] = typer.Option(None, "--guidance", help="cfg (text/audio CFG) or ang (Audio Native Guidance)."),
+    guidance: Optional[str] = typer.Option(None, "--guidance",
+                                           help="--audio: cfg (text/audio CFG) or ang (Audio Native Guidance); "
+                                                "--driving: expression (expression CFG)."),
+    emo_scale: Optional[float] = typer.Option(None, "--emo-scale", help="--driving: expression CFG scale [preset: 4]."),
+    text_scale: Optional[float] = typer.Option(None, "--text-scale", help="Text CFG scale [preset]."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Latent frames shared by neighbouring windows."),
-    blend: Optional[str] = typer.Option(None, "--blend", help="Overlap blend weights: log or uniform."),
+    blend: Optional[str] = typer.Option(None, "--blend", help="Overlap blend weights: log, uniform or linear."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="auto, square or rec-vec."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Folder with the StableAvatar files (else the HF cache)."),
+    weights: Optional[Path] = typer.Option(None, "--weights",
+                                           help="Folder with the model's published files (else the HF cache)."),
+    offload: str = typer.Option("none", "--offload",
+                                help="--driving: none, model, group or sequential CPU offload of the 14B DiT."),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype",
+                                      help="--driving: auto or fp8 (fp8 weight storage, bf16 compute)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     vae_dtype: str = typer.Option("auto", "--vae-dtype", help="VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
@@ -64,13 +73,20 @@ def animate(
 
     if not 0 <= crf <= 51:
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
-    chosen = load_preset(preset).with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap,
-                                                blend=blend, checkpoint=checkpoint, seed=seed)
+    if offload not in ("none", "model", "group", "sequential"):
+        raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
+    if weights_dtype not in ("auto", "fp8"):
+        raise UserError(f"--weights-dtype must be auto or fp8, got {weights_dtype!r}")
+    if driving is not None and fps is not None:
+        raise UserError("--fps does not apply to --driving: the video keeps the driving video's frame rate")
+    chosen = load_preset(preset).for_driver("driving" if driving is not None else "audio")
+    chosen = chosen.with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap, blend=blend,
+                                   checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale)
     job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume)
+                     resume=resume, offload=offload, weights_dtype=weights_dtype)
     prepared = prepare(job)  # bad input fails here, before any model loads
     with stop_on_signals() as stop:
         if quiet or as_json:

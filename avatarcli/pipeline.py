@@ -36,6 +36,8 @@ class AnimateJob:
     crf: int = 18
     vae_dtype: str = "auto"  # VAE decode precision: auto = bf16 on GPU (47-48 dB PSNR against fp32), fp32 on CPU
     compile: bool = False  # fuse q/k/v and torch.compile the DiT blocks (GPU; ~30 s once, ~20% faster per step)
+    offload: str = "none"  # none | model | group | sequential (diffusers' offloading; driving-video driver)
+    weights_dtype: str = "auto"  # auto | fp8: fp8 weight storage, bf16 compute (driving-video driver)
     mux_audio: bool = True  # mux the driving input's audio track into the output
     keep_text_encoder: bool = False  # keep umT5 loaded after the prompts are encoded (batches with several prompts)
     null_sink: bool = False  # benchmarks: generate and decode, write nothing
@@ -153,7 +155,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         return velocity
 
     audio_track = inputs.audio_track if job.mux_audio else None
-    decoder = StreamingDecoder(generation.vae)
+    decoder = generation.decoder if generation.decoder is not None else StreamingDecoder(generation.vae)
     state, job_fingerprint, segments = None, None, []
     if folder is not None:
         job_fingerprint = fingerprint(job)
@@ -188,12 +190,15 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     sink.open()
     try:
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
+        extra = {} if generation.update is None else {"update": generation.update}
         for chunk in sample_streaming(plan, generation.sigmas, noise, timed_denoise, state=state,
-                                      after_step=after_step):
+                                      after_step=after_step, **extra):
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
+            skip = 0 if decoder.started else generation.skip_frames  # leading frames only, once per video
             with clock("decode"), torch.no_grad():
-                pixels = decoder.push(chunk.latents.to(generation.vae.dtype))[: inputs.frames - done["frames"]]
+                pixels = decoder.push(chunk.latents.to(generation.vae.dtype))[skip:]
+                pixels = pixels[: inputs.frames - done["frames"]]
             with clock("encode"):
                 sink.write(pixels)
             done["frames"] += len(pixels)

@@ -19,8 +19,8 @@ import yaml
 import avatarcli
 from avatarcli.errors import AvatarError
 
-GUIDANCE_MODES = ("cfg", "ang")
-BLEND_SCHEMES = ("log", "uniform")
+GUIDANCE_MODES = ("cfg", "ang", "expression")  # expression: FlashPortrait's expression CFG (driving video)
+BLEND_SCHEMES = ("log", "uniform", "linear")
 CHECKPOINTS = ("auto", "square", "rec-vec")
 
 # StableAvatar was trained at these three resolutions (digest §1.1); "auto" picks one by aspect ratio.
@@ -59,6 +59,24 @@ class Preset:
     shift: float = 5.0
     checkpoint: str = "auto"
     seed: int | None = None
+    # The driving-video driver (FlashPortrait): expression CFG scale, the reference image's longer side, and the
+    # preset's settings for that driver (a mapping of the keys above, applied by `for_driver("driving")`).
+    emo_scale: float = 4.0
+    max_size: int = 720
+    driving: dict | None = None
+
+    def for_driver(self, driver: str) -> Preset:
+        """The settings a driver runs with: the driving-video driver takes the preset's `driving` section over the
+        top-level values (FlashPortrait's published defaults where the preset has none)."""
+        if driver != "driving":
+            if self.guidance == "expression":
+                raise AvatarError(f"preset '{self.name}': guidance 'expression' is for a --driving video")
+            return self
+        values = dataclasses.asdict(self)
+        values.update(DRIVING_DEFAULTS)
+        values.update(self.driving or {})
+        values["driving"] = None
+        return _build(values, source=f"preset '{self.name}' (driving section)", explicit=set(self.driving or {}))
 
     def with_overrides(self, **flags: Any) -> Preset:
         """A copy with the given fields replaced and validated again.
@@ -72,10 +90,17 @@ class Preset:
 
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Preset)}
+# FlashPortrait's published settings (infer.py): 30 Euler steps at shift 5, windows of 51 latent frames overlapping
+# by 30 with a linear blend, expression CFG 4 without text CFG.
+DRIVING_DEFAULTS = {"steps": 30, "guidance": "expression", "overlap": 30, "blend": "linear", "emo_scale": 4.0,
+                    "text_scale": 1.0, "shift": 5.0}
+_DRIVING_KEYS = ("steps", "guidance", "overlap", "blend", "emo_scale", "text_scale", "shift", "max_size", "size",
+                 "seed", "description")
 _REQUIRED_KEYS = ("description", "steps", "guidance", "overlap", "blend", "size", "fps")
 # Guidance scales only mean something for their own guidance rule; setting the other rule's scales
 # would be silently ignored, so it is rejected.
-_GUIDANCE_KEYS = {"cfg": ("text_scale", "audio_scale"), "ang": ("ang_alpha", "ang_beta")}
+_GUIDANCE_KEYS = {"cfg": ("text_scale", "audio_scale"), "ang": ("ang_alpha", "ang_beta"),
+                  "expression": ("emo_scale", "text_scale")}
 
 
 def presets_dir() -> Path:
@@ -129,8 +154,9 @@ def _load_file(path: Path) -> Preset:
 def _build(values: dict[str, Any], source: str, explicit: set[str]) -> Preset:
     checked = {key: _check_value(key, value, source) for key, value in values.items()}
     guidance = checked["guidance"]
+    own = set(_GUIDANCE_KEYS[guidance])
     for mode, keys in _GUIDANCE_KEYS.items():
-        stray = [key for key in keys if key in explicit and mode != guidance]
+        stray = [key for key in keys if key in explicit and key not in own]
         if stray:
             raise AvatarError(f"{source}: '{stray[0]}' applies only to guidance '{mode}', but guidance is '{guidance}'")
     return Preset(**checked)
@@ -149,8 +175,18 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if value not in allowed:
             raise fail("one of " + ", ".join(allowed))
         return value
-    if key in ("steps", "overlap", "fps", "seed"):
-        low, high = {"steps": (1, None), "overlap": (1, 20), "fps": (1, 60), "seed": (0, _MAX_SEED)}[key]
+    if key == "driving":
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise fail("a mapping of settings for the driving-video driver")
+        for name in value:
+            if name not in _DRIVING_KEYS:
+                raise AvatarError(f"{source}: unknown key 'driving.{name}' (allowed: {', '.join(_DRIVING_KEYS)})")
+        return {name: _check_value(name, item, f"{source}: driving") for name, item in value.items()}
+    if key in ("steps", "overlap", "fps", "seed", "max_size"):
+        low, high = {"steps": (1, None), "overlap": (1, 50), "fps": (1, 60), "seed": (0, _MAX_SEED),
+                     "max_size": (64, 4096)}[key]
         expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
         if key == "seed" and value is None:
             return None
@@ -159,7 +195,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if value < low or (high is not None and value > high):
             raise fail(expected)
         return value
-    if key in ("text_scale", "audio_scale", "ang_alpha", "ang_beta", "shift"):
+    if key in ("text_scale", "audio_scale", "ang_alpha", "ang_beta", "shift", "emo_scale"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         if key == "shift" and not value > 0:

@@ -111,10 +111,10 @@ def test_missing_preset_file_is_an_avatar_error(tmp_path: Path) -> None:
         (("steps: 20", "steps: 20.0"), None, "'steps' must be an integer"),
         (("steps: 20", "steps: true"), None, "'steps' must be an integer"),
         (("steps: 20", "steps: 0"), None, "'steps' must be an integer >= 1, got 0"),
-        (("overlap: 6", "overlap: 21"), None, "'overlap' must be an integer from 1 to 20, got 21"),
-        (("overlap: 6", "overlap: 0"), None, "'overlap' must be an integer from 1 to 20"),
+        (("overlap: 6", "overlap: 51"), None, "'overlap' must be an integer from 1 to 50, got 51"),
+        (("overlap: 6", "overlap: 0"), None, "'overlap' must be an integer from 1 to 50"),
         (("fps: 25", "fps: 61"), None, "'fps' must be an integer from 1 to 60"),
-        (("blend: log", "blend: linear"), None, "'blend' must be one of log, uniform, got 'linear'"),
+        (("blend: log", "blend: cosine"), None, "'blend' must be one of log, uniform, linear, got 'cosine'"),
         (("guidance: cfg", "guidance: apg"), None, "'guidance' must be one of cfg, ang"),
         (None, "checkpoint: wide\n", "'checkpoint' must be one of auto, square, rec-vec"),
         (("size: auto", "size: 500x500"), None, "'size' must be 'auto' or 'WxH' with W and H multiples of 16"),
@@ -181,8 +181,8 @@ def test_with_overrides_can_switch_guidance_and_keeps_the_default_scales() -> No
     "flags, message",
     [
         ({"steps": 0}, "'steps' must be an integer >= 1"),
-        ({"overlap": 25}, "'overlap' must be an integer from 1 to 20"),
-        ({"blend": "cosine"}, "'blend' must be one of log, uniform"),
+        ({"overlap": 55}, "'overlap' must be an integer from 1 to 50"),
+        ({"blend": "cosine"}, "'blend' must be one of log, uniform, linear"),
         ({"size": "100x100"}, "'size' must be"),
         ({"text_scale": 4.0}, "'text_scale' applies only to guidance 'cfg', but guidance is 'ang'"),
         ({"colour": "red"}, "unknown key 'colour'"),
@@ -243,3 +243,38 @@ def test_checkpoint_choice(checkpoint: str, size: tuple[int, int], expected: str
 def test_unknown_checkpoint_is_an_avatar_error() -> None:
     with pytest.raises(AvatarError, match="auto, square, rec-vec"):
         resolve_checkpoint("wide", 512, 512)
+
+
+# ---- the driving-video driver's section -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["reference", "quality", "balanced", "fast"])
+def test_every_preset_has_driving_video_settings_with_expression_guidance(name):
+    driving = load_preset(name).for_driver("driving")
+    assert driving.guidance == "expression" and driving.blend == "linear" and 1 <= driving.overlap < 51
+    assert driving.emo_scale == 4.0 and driving.text_scale == 1.0
+
+
+def test_reference_preset_with_a_driving_video_is_flashportraits_published_settings():
+    driving = load_preset("reference").for_driver("driving")
+    assert (driving.steps, driving.overlap, driving.shift, driving.size) == (30, 30, 5.0, "auto")
+
+
+def test_audio_settings_are_untouched_by_the_driving_section():
+    preset = load_preset("reference")
+    assert preset.for_driver("audio") == preset
+
+
+def test_unknown_key_in_the_driving_section_is_named(tmp_path):
+    from avatarcli.presets import presets_dir
+
+    text = (presets_dir() / "fast.yaml").read_text().replace("  emo_scale: 4.0", "  emo_scale: 4.0\n  audio_scale: 2.0")
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(AvatarError, match="driving.audio_scale"):
+        load_preset(path)
+
+
+def test_expression_guidance_with_audio_is_refused():
+    with pytest.raises(AvatarError, match="expression"):
+        load_preset("fast").with_overrides(guidance="expression").for_driver("audio")

@@ -42,6 +42,9 @@ class Generation:
     denoiser: Callable  # (window, step, latents [1, C, F, h, w]) -> guided velocity, same shape
     latent_shape: tuple[int, int, int]  # (channels, height, width) of one latent frame
     vae: Any  # decodes latents through avatarcli.decode.stream.StreamingDecoder
+    decoder: Any = None  # a streaming frame decoder (decode/decoders.py); default: StreamingDecoder(vae)
+    update: Callable | None = None  # the sampler's step update (sampling/sampler.py StepUpdate); default Euler
+    skip_frames: int = 0  # leading decoded frames that are not part of the output (FlashPortrait's reference slot)
 
 
 class Driver(Protocol):

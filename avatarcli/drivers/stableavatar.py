@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from avatarcli.drivers.base import Generation, Inputs
+from avatarcli.errors import AvatarError
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,13 @@ class StableAvatarDriver:
         from avatarcli.media.image import load_portrait
         from avatarcli.presets import resolve_checkpoint, resolve_size
 
+        if job.preset.guidance not in ("cfg", "ang"):
+            raise AvatarError(f"--guidance {job.preset.guidance} is for a --driving video; --audio uses cfg or ang")
+        if job.preset.overlap >= WINDOW_LATENT_FRAMES:
+            raise AvatarError(f"--overlap must be below the window of {WINDOW_LATENT_FRAMES} latent frames for "
+                              f"--audio, got {job.preset.overlap}")
+        if job.offload != "none" or job.weights_dtype != "auto":
+            raise AvatarError("--offload and --weights-dtype apply to a --driving video (the 14B model)")
         portrait = load_portrait(job.portrait)
         samples = load_audio(job.audio, SAMPLE_RATE)
         width, height = resolve_size(job.preset.size, *portrait.size)

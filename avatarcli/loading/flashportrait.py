@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -257,6 +257,7 @@ class FlashPortraitComponents:
     text_encoder: torch.nn.Module | None  # dropped once the prompts are encoded
     tokenizer: object
     image_encoder: torch.nn.Module
+    prompt_cache: dict = field(default_factory=dict)  # (negative, positive) -> their umT5 embeddings
 
 
 def load_flashportrait(weights_dir: Path, device: str | torch.device, dtype: torch.dtype,

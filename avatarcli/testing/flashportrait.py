@@ -175,10 +175,7 @@ def make_tiny_flashportrait(path: str | Path, seed: int = 0, sizes: dict | None 
     write_tiny_vae(base, seed + 3)
     write_tiny_t5(base, seed + 4)
     write_tiny_clip(base, seed + 5)
-    try:
-        from avatarcli.testing.flashportrait_face import write_tiny_face_files
-    except ImportError:
-        pass
-    else:
-        write_tiny_face_files(path / FLASHPORTRAIT_FOLDER)
+    from avatarcli.testing.flashportrait_face import write_tiny_face_files
+
+    write_tiny_face_files(path / FLASHPORTRAIT_FOLDER)
     return path

@@ -1,0 +1,163 @@
+"""The driving-video driver: a face video -> FlashPortrait (Wan2.1-I2V-14B + the expression block).
+
+Per job: the driving video's 554 PD-FGC expression values per frame (face detection, landmarks, tracking, PD-FGC,
+streamed frame by frame), umT5 prompt embeddings, CLIP tokens and the I2V reference condition of the portrait
+(once); each window's expression tokens when the window first runs. The output keeps the driving video's frame
+count and frame rate (decoded frame 0 is the reference-image slot and is dropped, as in the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from avatarcli.drivers.base import Generation, Inputs
+from avatarcli.errors import AvatarError
+
+if TYPE_CHECKING:
+    import torch
+
+    from avatarcli.pipeline import AnimateJob
+    from avatarcli.runtime import StageClock
+    from avatarcli.sampling.windows import Window
+
+FLASHPORTRAIT_FOLDER = "FlashPortrait"  # the files of FrancisRing/FlashPortrait inside the weights folder
+WINDOW_LATENT_FRAMES = 51  # 201 video frames per window, as FlashPortrait runs
+
+
+@dataclass
+class FlashPortraitModels:
+    components: Any  # loading.flashportrait.FlashPortraitComponents
+    extractor: Any  # features.expression.ExpressionExtractor
+    placement: Any  # loading.memory.Placement: where the DiT's inputs go
+
+
+def _explicit_size(size: str) -> tuple[int, int] | None:
+    if size == "auto":
+        return None
+    width, height = (int(v) for v in size.split("x"))
+    return width, height
+
+
+class FlashPortraitDriver:
+    name = "driving"
+
+    def prepare(self, job: AnimateJob) -> Inputs:
+        from avatarcli.media.image import load_portrait
+        from avatarcli.media.video import probe_video
+        from avatarcli.sampling.flashportrait import reference_size
+
+        preset = job.preset
+        if preset.guidance != "expression":
+            raise AvatarError(f"--guidance {preset.guidance} is for --audio; a --driving video uses 'expression'")
+        if preset.overlap >= WINDOW_LATENT_FRAMES:
+            raise AvatarError(f"--overlap must be below the window of {WINDOW_LATENT_FRAMES} latent frames for a "
+                              f"--driving video, got {preset.overlap}")
+        portrait = load_portrait(job.portrait)
+        info = probe_video(job.driving)
+        if info.frame_count < 1:
+            raise AvatarError(f"{job.driving}: the video has no frames")
+        width, height = reference_size(portrait.width, portrait.height, preset.max_size, _explicit_size(preset.size))
+        return Inputs(portrait=portrait, width=width, height=height, frames=info.frame_count, fps=info.fps,
+                      audio_track=job.driving if info.has_audio else None, signal=info)
+
+    def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
+        return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile)
+
+    def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> FlashPortraitModels:
+        from avatarcli.features.expression import ExpressionExtractor
+        from avatarcli.hub import resolve_weights
+        from avatarcli.loading.flashportrait import load_flashportrait
+        from avatarcli.loading.memory import place_transformer
+        from avatarcli.runtime import quiet_diffusers
+
+        weights = resolve_weights("flashportrait", job.weights, job.allow_download)
+        offloaded = job.offload != "none" or job.weights_dtype == "fp8"
+        components = load_flashportrait(weights, device, dtype, transformer_device="cpu" if offloaded else device)
+        if offloaded:
+            placement = place_transformer(components.transformer, device, offload=job.offload,
+                                          weights_dtype="fp8" if job.weights_dtype == "fp8" else "bf16",
+                                          compute_dtype=dtype)
+        else:
+            from avatarcli.loading.memory import Placement
+
+            placement = Placement(device, dtype)
+        if job.compile and device.type == "cuda" and job.offload == "none":
+            with quiet_diffusers():
+                components.transformer.compile_repeated_blocks(fullgraph=True)
+        extractor = ExpressionExtractor.from_folder(weights / FLASHPORTRAIT_FOLDER, device=str(device))
+        return FlashPortraitModels(components, extractor, placement)
+
+    def build(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, device: torch.device,
+              dtype: torch.dtype, clock: StageClock) -> Generation:
+        import copy
+
+        import torch
+
+        from avatarcli.features.image import clip_features, reference_condition
+        from avatarcli.features.text import encode_prompts
+        from avatarcli.media.video import iter_video_frames
+        from avatarcli.models.flashportrait import pixel_frames_for
+        from avatarcli.runtime import quiet_diffusers, resolve_dtype
+        from avatarcli.sampling.flashportrait import (
+            ExpressionGuidance,
+            FlashPortraitDenoiser,
+            latent_frames_for_driving,
+            pixel_features_for_driving,
+            plan_flashportrait_windows,
+            resize_portrait,
+            window_expression_tokens,
+        )
+        from avatarcli.sampling.schedule import flow_sigmas
+
+        preset, parts = job.preset, models.components
+        with clock("features"), torch.no_grad():
+            features = models.extractor.extract(iter_video_frames(job.driving, inputs.signal), source=job.driving)
+            pixel_features = pixel_features_for_driving(features)[None]  # [1, 4(L-1)+1, 554]
+            guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
+            prompts = (job.negative_prompt, job.prompt)
+            if prompts not in parts.prompt_cache:
+                if parts.text_encoder is None:
+                    from avatarcli.loading.components import load_text_encoder
+                    from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
+                    from avatarcli.hub import resolve_weights
+
+                    weights = resolve_weights("flashportrait", job.weights, job.allow_download)
+                    parts.text_encoder, parts.tokenizer = load_text_encoder(
+                        weights / T5_FILE, weights / TOKENIZER_FOLDER,
+                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+                parts.prompt_cache[prompts] = encode_prompts(parts.text_encoder, parts.tokenizer, list(prompts),
+                                                             device=device)
+            if not job.keep_text_encoder:
+                parts.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            text = parts.prompt_cache[prompts]
+            portrait = resize_portrait(inputs.portrait, preset.max_size, _explicit_size(preset.size))
+            image_tokens = clip_features(parts.image_encoder, portrait, inputs.width, inputs.height)
+            latent_frames = latent_frames_for_driving(inputs.frames)
+            window_frames = min(WINDOW_LATENT_FRAMES, latent_frames)
+            condition = reference_condition(parts.vae, portrait, inputs.width, inputs.height,
+                                            num_frames=pixel_frames_for(window_frames))
+        decode_vae = parts.vae
+        decode_dtype = resolve_dtype(job.vae_dtype, device)
+        if decode_dtype != next(parts.vae.parameters()).dtype:
+            with quiet_diffusers():  # a cast copy: the loaded VAE keeps encoding in float32 for later jobs
+                decode_vae = copy.deepcopy(parts.vae).to(decode_dtype)
+
+        plan = plan_flashportrait_windows(latent_frames, WINDOW_LATENT_FRAMES, preset.overlap)
+        sigmas = flow_sigmas(preset.steps, preset.shift)
+
+        def window_tokens(window: Window) -> torch.Tensor:
+            with clock("features"), torch.no_grad():
+                return window_expression_tokens(parts.portrait_encoder, pixel_features, window)
+
+        denoiser = FlashPortraitDenoiser(parts.transformer, guidance, positive_text=text[1:2],
+                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
+                                         window_tokens=window_tokens, sigmas=sigmas,
+                                         device=models.placement.device, dtype=models.placement.dtype)
+        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, skip_frames=1)
+
+
+DRIVER = FlashPortraitDriver()
