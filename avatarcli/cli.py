@@ -60,6 +60,8 @@ def animate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     vae_dtype: str = typer.Option("auto", "--vae-dtype", help="VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
+    decoder: Optional[str] = typer.Option(None, "--decoder",
+                                          help="--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
@@ -81,7 +83,8 @@ def animate(
         raise UserError("--fps does not apply to --driving: the video keeps the driving video's frame rate")
     chosen = load_preset(preset).for_driver("driving" if driving is not None else "audio")
     chosen = chosen.with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap, blend=blend,
-                                   checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale)
+                                   checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale,
+                                   decoder=decoder)
     job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
@@ -100,7 +103,7 @@ def animate(
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
-        "resumed_from_frame": result.resumed_from_frame,
+        "resumed_from_frame": result.resumed_from_frame, "nfe": result.nfe,
     }
     if as_json:
         print(json.dumps(summary), flush=True)

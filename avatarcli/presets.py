@@ -64,10 +64,20 @@ class Preset:
     emo_scale: float = 4.0
     max_size: int = 720
     driving: dict | None = None
+    # FlashPortrait's released 4-step path (fast_infer.py): the step-distill schedule and its x0-then-renoise update,
+    # the step-distill LoRA merged at this strength (0: none), and the tiny video decoder.
+    schedule: str = "flow"
+    lora_strength: float = 0.0
+    decoder: str = "full"
+    drivers: tuple = ("audio", "driving")  # the drivers this preset is made for
 
     def for_driver(self, driver: str) -> Preset:
         """The settings a driver runs with: the driving-video driver takes the preset's `driving` section over the
         top-level values (FlashPortrait's published defaults where the preset has none)."""
+        if driver not in self.drivers:
+            flag = {"audio": "--audio", "driving": "--driving"}.get(driver, driver)
+            raise AvatarError(f"preset '{self.name}' is for {' or '.join('--' + d for d in self.drivers)}, "
+                              f"not {flag}")
         if driver != "driving":
             if self.guidance == "expression":
                 raise AvatarError(f"preset '{self.name}': guidance 'expression' is for a --driving video")
@@ -95,7 +105,10 @@ _FIELDS = {field.name: field for field in dataclasses.fields(Preset)}
 DRIVING_DEFAULTS = {"steps": 30, "guidance": "expression", "overlap": 30, "blend": "linear", "emo_scale": 4.0,
                     "text_scale": 1.0, "shift": 5.0}
 _DRIVING_KEYS = ("steps", "guidance", "overlap", "blend", "emo_scale", "text_scale", "shift", "max_size", "size",
-                 "seed", "description")
+                 "seed", "description", "schedule", "lora_strength", "decoder")
+SCHEDULES = ("flow", "step_distill")
+DECODERS = ("full", "tiny")
+DRIVERS = ("audio", "driving")
 _REQUIRED_KEYS = ("description", "steps", "guidance", "overlap", "blend", "size", "fps")
 # Guidance scales only mean something for their own guidance rule; setting the other rule's scales
 # would be silently ignored, so it is rejected.
@@ -170,8 +183,15 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise fail("a string")
         return value
-    if key in ("guidance", "blend", "checkpoint"):
-        allowed = {"guidance": GUIDANCE_MODES, "blend": BLEND_SCHEMES, "checkpoint": CHECKPOINTS}[key]
+    if key == "drivers":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value or any(v not in DRIVERS for v in value):
+            raise fail("a list of drivers from " + ", ".join(DRIVERS))
+        return tuple(value)
+    if key in ("guidance", "blend", "checkpoint", "schedule", "decoder"):
+        allowed = {"guidance": GUIDANCE_MODES, "blend": BLEND_SCHEMES, "checkpoint": CHECKPOINTS,
+                   "schedule": SCHEDULES, "decoder": DECODERS}[key]
         if value not in allowed:
             raise fail("one of " + ", ".join(allowed))
         return value
@@ -195,7 +215,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if value < low or (high is not None and value > high):
             raise fail(expected)
         return value
-    if key in ("text_scale", "audio_scale", "ang_alpha", "ang_beta", "shift", "emo_scale"):
+    if key in ("text_scale", "audio_scale", "ang_alpha", "ang_beta", "shift", "emo_scale", "lora_strength"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         if key == "shift" and not value > 0:

@@ -86,3 +86,37 @@ def test_bad_driving_input_exits_2_and_writes_nothing(tmp_path, weights, capsys,
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and named in stderr and "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".result*"))
+
+
+def test_turbo_runs_the_four_step_path_with_the_tiny_decoder(tmp_path, weights, capsys, one_thread):
+    clip = write_driving_clip(tmp_path / "drive.mp4", synthetic_driving_frames(9))
+    out = tmp_path / "turbo.mp4"
+    code, stdout, stderr = run(["animate", EXAMPLES / "portrait.png", "--driving", clip, "-o", out, "--weights",
+                                weights, "--size", "64x64", "--preset", "turbo", "--json"], capsys)
+    assert code == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    windows = summary["windows"]
+    assert summary["steps"] == 4 and summary["nfe"] == 4 * windows  # one batched guided forward per window-step
+    assert probe_video(out)["frames"] == 9
+
+
+def test_turbo_decodes_differently_from_the_full_decoder(tmp_path, weights, capsys, one_thread):
+    from avatarcli.media.video import iter_video_frames as read_frames
+
+    clip = write_driving_clip(tmp_path / "drive.mp4", synthetic_driving_frames(5))
+    videos = {}
+    for decoder in ("tiny", "full"):
+        out = tmp_path / f"{decoder}.mp4"
+        code, _, stderr = run(["animate", EXAMPLES / "portrait.png", "--driving", clip, "-o", out, "--weights",
+                               weights, "--size", "64x64", "--preset", "turbo", "--decoder", decoder, "--crf", "0",
+                               "--quiet"], capsys)
+        assert code == 0, stderr
+        videos[decoder] = np.stack(list(read_frames(out)))
+    assert videos["tiny"].shape == videos["full"].shape
+    assert np.abs(videos["tiny"].astype(int) - videos["full"].astype(int)).mean() > 1.0
+
+
+def test_turbo_with_audio_is_refused(tmp_path, weights, capsys):
+    code, _, stderr = run(["animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o",
+                           tmp_path / "o.mp4", "--preset", "turbo", *FAST], capsys)
+    assert code == 2 and "turbo" in stderr and "--driving" in stderr

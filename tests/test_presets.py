@@ -35,10 +35,10 @@ def write_preset(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_shipped_presets_are_the_four_documented_ones() -> None:
+def test_shipped_presets_are_the_five_documented_ones() -> None:
     presets = list_presets()
 
-    assert [preset.name for preset in presets] == ["balanced", "fast", "quality", "reference"]
+    assert [preset.name for preset in presets] == ["balanced", "fast", "quality", "reference", "turbo"]
     for preset in presets:
         assert preset.description and "\n" not in preset.description
 
@@ -248,7 +248,7 @@ def test_unknown_checkpoint_is_an_avatar_error() -> None:
 # ---- the driving-video driver's section -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["reference", "quality", "balanced", "fast"])
+@pytest.mark.parametrize("name", ["reference", "quality", "balanced", "fast", "turbo"])
 def test_every_preset_has_driving_video_settings_with_expression_guidance(name):
     driving = load_preset(name).for_driver("driving")
     assert driving.guidance == "expression" and driving.blend == "linear" and 1 <= driving.overlap < 51
@@ -278,3 +278,10 @@ def test_unknown_key_in_the_driving_section_is_named(tmp_path):
 def test_expression_guidance_with_audio_is_refused():
     with pytest.raises(AvatarError, match="expression"):
         load_preset("fast").with_overrides(guidance="expression").for_driver("audio")
+
+
+def test_turbo_is_the_four_step_distilled_path_for_driving_videos_only():
+    turbo = load_preset("turbo").for_driver("driving")
+    assert (turbo.steps, turbo.schedule, turbo.lora_strength, turbo.decoder) == (4, "step_distill", 1.0, "tiny")
+    with pytest.raises(AvatarError, match="not --audio"):
+        load_preset("turbo").for_driver("audio")

@@ -30,6 +30,7 @@ class FlashPortraitModels:
     components: Any  # loading.flashportrait.FlashPortraitComponents
     extractor: Any  # features.expression.ExpressionExtractor
     placement: Any  # loading.memory.Placement: where the DiT's inputs go
+    tiny_decoder: Any = None  # models.taehv decoder (fast_vae.pth) when the preset or --decoder asks for it
 
 
 def _explicit_size(size: str) -> tuple[int, int] | None:
@@ -62,7 +63,8 @@ class FlashPortraitDriver:
                       audio_track=job.driving if info.has_audio else None, signal=info)
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
-        return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile)
+        return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile,
+                job.preset.lora_strength, job.preset.decoder)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> FlashPortraitModels:
         from avatarcli.features.expression import ExpressionExtractor
@@ -74,6 +76,20 @@ class FlashPortraitDriver:
         weights = resolve_weights("flashportrait", job.weights, job.allow_download)
         offloaded = job.offload != "none" or job.weights_dtype == "fp8"
         components = load_flashportrait(weights, device, dtype, transformer_device="cpu" if offloaded else device)
+        if job.preset.lora_strength:
+            from avatarcli.loading.lora import FAST_LORA_FILE, merge_lora_into_model, read_lora
+
+            # merged once, before any offloading or fp8 storage is applied (W += s * up @ down, strict keys)
+            lora_path = weights / FLASHPORTRAIT_FOLDER / FAST_LORA_FILE
+            merge_lora_into_model(components.transformer, read_lora(lora_path), job.preset.lora_strength,
+                                  source=str(lora_path))
+        tiny_decoder = None
+        if job.preset.decoder == "tiny":
+            from avatarcli.loading.taehv import FAST_VAE_FILE, load_tiny_decoder
+            from avatarcli.runtime import resolve_dtype
+
+            tiny_decoder = load_tiny_decoder(weights / FLASHPORTRAIT_FOLDER / FAST_VAE_FILE,
+                                             dtype=resolve_dtype(job.vae_dtype, device), device=device)
         if offloaded:
             placement = place_transformer(components.transformer, device, offload=job.offload,
                                           weights_dtype="fp8" if job.weights_dtype == "fp8" else "bf16",
@@ -86,7 +102,7 @@ class FlashPortraitDriver:
             with quiet_diffusers():
                 components.transformer.compile_repeated_blocks(fullgraph=True)
         extractor = ExpressionExtractor.from_folder(weights / FLASHPORTRAIT_FOLDER, device=str(device))
-        return FlashPortraitModels(components, extractor, placement)
+        return FlashPortraitModels(components, extractor, placement, tiny_decoder)
 
     def build(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, device: torch.device,
               dtype: torch.dtype, clock: StageClock) -> Generation:
@@ -108,7 +124,7 @@ class FlashPortraitDriver:
             resize_portrait,
             window_expression_tokens,
         )
-        from avatarcli.sampling.schedule import flow_sigmas
+        from avatarcli.sampling.step_distill import schedule_for
 
         preset, parts = job.preset, models.components
         with clock("features"), torch.no_grad():
@@ -146,7 +162,10 @@ class FlashPortraitDriver:
                 decode_vae = copy.deepcopy(parts.vae).to(decode_dtype)
 
         plan = plan_flashportrait_windows(latent_frames, WINDOW_LATENT_FRAMES, preset.overlap)
-        sigmas = flow_sigmas(preset.steps, preset.shift)
+        try:
+            sigmas, update = schedule_for(preset.schedule, preset.steps, preset.shift)
+        except ValueError as error:
+            raise AvatarError(str(error)) from error
 
         def window_tokens(window: Window) -> torch.Tensor:
             with clock("features"), torch.no_grad():
@@ -156,8 +175,14 @@ class FlashPortraitDriver:
                                          negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
                                          window_tokens=window_tokens, sigmas=sigmas,
                                          device=models.placement.device, dtype=models.placement.dtype)
+        decoder = None
+        if preset.decoder == "tiny":
+            from avatarcli.decode.decoders import streaming_decoder
+
+            decoder = streaming_decoder("tiny", tiny_vae=models.tiny_decoder)  # takes the normalised latents
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
-                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, skip_frames=1)
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, decoder=decoder,
+                          update=update, skip_frames=1)
 
 
 DRIVER = FlashPortraitDriver()

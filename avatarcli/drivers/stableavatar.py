@@ -45,6 +45,8 @@ class StableAvatarDriver:
         if job.preset.overlap >= WINDOW_LATENT_FRAMES:
             raise AvatarError(f"--overlap must be below the window of {WINDOW_LATENT_FRAMES} latent frames for "
                               f"--audio, got {job.preset.overlap}")
+        if job.preset.decoder != "full" or job.preset.schedule != "flow" or job.preset.lora_strength:
+            raise AvatarError("--decoder tiny, the step-distill schedule and its LoRA are FlashPortrait's (--driving)")
         if job.offload != "none" or job.weights_dtype != "auto":
             raise AvatarError("--offload and --weights-dtype apply to a --driving video (the 14B model)")
         portrait = load_portrait(job.portrait)

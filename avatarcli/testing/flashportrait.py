@@ -178,4 +178,7 @@ def make_tiny_flashportrait(path: str | Path, seed: int = 0, sizes: dict | None 
     from avatarcli.testing.flashportrait_face import write_tiny_face_files
 
     write_tiny_face_files(path / FLASHPORTRAIT_FOLDER)
+    from avatarcli.testing.flashportrait_turbo import write_tiny_turbo_files
+
+    write_tiny_turbo_files(path / FLASHPORTRAIT_FOLDER, transformer_key_shapes(sizes), seed=seed + 6)
     return path
