@@ -50,6 +50,13 @@ def animate(
     vae_dtype: str = typer.Option("auto", "--vae-dtype", help="VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
+    predict: Optional[bool] = typer.Option(None, "--predict/--no-predict", help="Step prediction on/off [default: preset]."),
+    predict_order: Optional[int] = typer.Option(None, "--predict-order", help="Prediction: extrapolation order, 1-3."),
+    predict_max: Optional[int] = typer.Option(None, "--predict-max", help="Prediction: at most K predicted steps in a row."),
+    predict_tolerance: Optional[float] = typer.Option(None, "--predict-tolerance",
+                                                      help="Prediction: relative latent error budget per jump."),
+    predict_layer_ratio: Optional[float] = typer.Option(None, "--predict-layer-ratio",
+                                                        help="Prediction: layer-change ratio above which jumps shrink (0: off)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
 ):
@@ -61,6 +68,8 @@ def animate(
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
     chosen = load_preset(preset).with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap,
                                                 blend=blend, checkpoint=checkpoint, seed=seed)
+    chosen = chosen.with_prediction(predict, order=predict_order, max_predicted=predict_max,
+                                    tolerance=predict_tolerance, layer_ratio=predict_layer_ratio)
     job = AnimateJob(portrait=portrait, audio=audio, output=output or Path(portrait.stem + ".mp4"), preset=chosen,
                      prompt=prompt or DEFAULT_PROMPT, seed=chosen.seed if chosen.seed is not None else 42,
                      weights=weights, device=device, dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit)
@@ -73,6 +82,7 @@ def animate(
         "output": str(result.output), "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
+        "nfe": result.nfe,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
     }

@@ -27,6 +27,7 @@ from avatarcli.media.image import load_portrait
 from avatarcli.presets import Preset, resolve_checkpoint, resolve_size
 from avatarcli.sampling.denoiser import StableAvatarDenoiser
 from avatarcli.sampling.guidance import Guidance
+from avatarcli.sampling.predict import BlockProbe, CountedDenoiser
 from avatarcli.sampling.sampler import sample_streaming
 from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import Window, latent_frames_for, plan_windows
@@ -80,6 +81,7 @@ class AnimateResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    nfe: int = 0  # transformer forwards (one batched call of all guidance branches counts once)
 
 
 @dataclass
@@ -242,10 +244,19 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         clock.sync()
         spent = time.perf_counter() - tick - (clock.totals.get("features", 0.0) - features_before)
         clock.totals["dit"] = clock.totals.get("dit", 0.0) + spent
+        return velocity
+
+    if preset.prediction is not None and preset.prediction.layer_ratio > 0:
+        timed_denoise.layer_probe = BlockProbe(components.transformer.blocks[0], components.transformer.blocks[-1])
+    model_calls = CountedDenoiser(timed_denoise)
+    velocity = preset.prediction.bind(model_calls, sigmas) if preset.prediction is not None else model_calls
+
+    def tracked(window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        result = velocity(window, step, latents)
         done["steps"] += 1
         done["windows"] += step == preset.steps - 1
         report()
-        return velocity
+        return result
 
     sink_type = NullSink if job.null_sink else Mp4Sink
     sink = BackgroundSink(sink_type(job.output, inputs.width, inputs.height, preset.fps, audio_path=job.audio,
@@ -254,7 +265,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     sink.open()
     try:
         for chunk in sample_streaming(plan, sigmas, lambda s, e: frame_noise(job.seed, s, e, latent_shape, device),
-                                      timed_denoise):
+                                      tracked):
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
             with clock("decode"), torch.no_grad():
@@ -270,11 +281,13 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         raise
     finally:
         decoder.close()
+        if hasattr(timed_denoise, "layer_probe"):
+            timed_denoise.layer_probe.close()
 
     return AnimateResult(
         output=None if job.null_sink else job.output, frames=done["frames"], fps=preset.fps, width=inputs.width,
         height=inputs.height, video_seconds=done["frames"] / preset.fps, wall_seconds=time.perf_counter() - started,
         windows=len(plan.windows), steps=preset.steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, nfe=model_calls.calls,
     )

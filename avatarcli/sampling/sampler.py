@@ -10,12 +10,17 @@ The wavefront computes the same thing in another order: window k at step s needs
   * window k-1's output of step s (for the blend),
 so windows can run staggered and each window's frames are final long before the video ends; the live state is
 bounded by the number of steps, not the video length.
+
+Optional step prediction plugs in as a `StepPredictor` (avatarcli/sampling/predict.py): it binds the denoiser
+into one with the same signature that calls the transformer only on the steps it cannot predict. It keeps its state
+per window, so both orders give the same frames with it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -24,6 +29,11 @@ from avatarcli.sampling.windows import Window, WindowPlan
 
 # (window, step index, window latents [1, C, F, h, w]) -> guided velocity, same shape
 Denoiser = Callable[[Window, int, torch.Tensor], torch.Tensor]
+
+
+class StepPredictor(Protocol):
+    def bind(self, denoise: Denoiser, sigmas: torch.Tensor) -> Denoiser:
+        """A denoiser giving the velocity of every window-step, calling `denoise` only where it must."""
 
 
 def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tensor, sigmas: torch.Tensor,
@@ -39,8 +49,10 @@ def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tens
 
 
 def sample_joint(plan: WindowPlan, sigmas: torch.Tensor, noise: torch.Tensor, denoise: Denoiser,
-                 state_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 state_dtype: torch.dtype | None = None, predictor: StepPredictor | None = None) -> torch.Tensor:
     """The reference order: every step runs every window left to right over the whole latent video."""
+    if predictor is not None:
+        denoise = predictor.bind(denoise, sigmas)
     state = noise
     for step in range(len(sigmas) - 1):
         written = torch.zeros_like(state)
@@ -60,13 +72,16 @@ class FinalFrames:
 
 
 def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
-                     denoise: Denoiser, state_dtype: torch.dtype | None = None) -> Iterator[FinalFrames]:
+                     denoise: Denoiser, state_dtype: torch.dtype | None = None,
+                     predictor: StepPredictor | None = None) -> Iterator[FinalFrames]:
     """Same result as `sample_joint`, yielding final latent frames in order as soon as they are final.
 
     `noise(start, end)` gives the initial noise of latent frames [start, end). Window k's next step is ready when
     the writers of its frames have finished the previous step and window k-1 has finished this one; among ready
     windows the wavefront order (step + index, later windows first) keeps about `steps` windows live.
     """
+    if predictor is not None:
+        denoise = predictor.bind(denoise, sigmas)
     steps, windows = len(sigmas) - 1, plan.windows
     owner = [plan.owner(f) for f in range(plan.latent_frames)]
     writers = [plan.writers(w) for w in windows]

@@ -1,0 +1,198 @@
+"""Fidelity against NFE of step prediction, Euler with fewer steps, UniPC and diffusers' cache hooks.
+
+    python benchmarks/bench_predict.py                      # closed-form flow (CPU, seconds)
+    python benchmarks/bench_predict.py --weights DIR        # a StableAvatar weights folder (tiny, demo or published)
+    python benchmarks/bench_predict.py --tiny               # the same on tiny random weights written on the fly
+
+Every method runs through the real sliding-window sampler (windows, overlap blend, wavefront order) and is scored by
+its PSNR against the `reference` preset's result (50 Euler steps, its overlap and blend, same seed). The presets'
+rows apply each preset's `prediction` section to the reference's steps, guidance, overlap and blend, so the table
+measures prediction alone. NFE counts transformer forwards per window (the guidance branches are one batched call).
+
+Closed-form flow: the exact flow-matching velocity of a Gaussian mixture, token by token in a latent shaped like a
+16-channel video window (8 components whose means drift smoothly over frames and pixels), with text/audio-style
+guidance between two mixture weightings. Its "layer probe" is the denoiser's input and output (there are no
+layers); PSNR is on the final latents with the reference's range as the peak. Cache hooks need a transformer, so
+their rows only appear with --weights/--tiny, where PSNR is on the decoded frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avatarcli.presets import load_preset  # noqa: E402
+from avatarcli.sampling.predict import CountedDenoiser  # noqa: E402
+from avatarcli.sampling.sampler import sample_joint, sample_streaming  # noqa: E402
+from avatarcli.sampling.schedule import flow_sigmas  # noqa: E402
+from avatarcli.sampling.windows import plan_windows  # noqa: E402
+
+PRESETS = ("quality", "balanced", "fast")
+
+
+class MixtureFlow:
+    """Exact guided flow-matching velocity of a per-token Gaussian mixture (x = (1 - sigma) x0 + sigma noise)."""
+
+    def __init__(self, sigmas: torch.Tensor, channels: int = 16, height: int = 8, width: int = 8,
+                 components: int = 8, spread: float = 0.35, guidance: float = 3.0, seed: int = 0, probe: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.sigmas = [float(s) for s in sigmas]
+        self.means = torch.randn(components, channels, generator=g, dtype=torch.float64)
+        self.drift = 0.5 * torch.randn(components, channels, generator=g, dtype=torch.float64)
+        self.phase = torch.rand(3, generator=g, dtype=torch.float64) * 6.283
+        self.spread, self.guidance, self.hw = spread, guidance, (height, width)
+        logits = torch.randn(components, generator=g, dtype=torch.float64)
+        self.log_weights = {"uncond": torch.zeros(components, dtype=torch.float64),
+                            "cond": torch.log_softmax(2.0 * logits, 0)}
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        if probe:
+            self.layer_probe = lambda: self.last
+
+    def component_means(self, start: int, frames: int, window_index: int) -> torch.Tensor:
+        """[K, C, F, h, w]: means drifting smoothly over latent frames and pixels; a small per-window offset stands in
+        for the conditioning that differs between windows."""
+        h, w = self.hw
+        f = torch.arange(start, start + frames, dtype=torch.float64).view(-1, 1, 1)
+        i = torch.arange(h, dtype=torch.float64).view(1, -1, 1)
+        j = torch.arange(w, dtype=torch.float64).view(1, 1, -1)
+        wave = torch.cos(0.15 * f + 0.4 * i + self.phase[0]) * torch.sin(0.3 * j + 0.2 * f + self.phase[1])
+        mu = self.means.view(*self.means.shape, 1, 1, 1) + self.drift.view(*self.drift.shape, 1, 1, 1) * wave
+        return mu + 0.05 * window_index
+
+    def velocity(self, x: torch.Tensor, sigma: float, mu: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        a = 1.0 - sigma
+        var = a * a * self.spread**2 + sigma * sigma
+        diff = x - a * mu  # [K, C, F, h, w]
+        logits = log_weights.view(-1, 1, 1, 1) - (diff * diff).sum(1) / (2 * var)
+        post = torch.softmax(logits, dim=0).unsqueeze(1)
+        x0_k = mu + (a * self.spread**2 / var) * diff
+        x0 = (post * x0_k).sum(0)
+        return (x - x0) / sigma
+
+    def __call__(self, window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas[step]
+        x = latents[0].double()
+        mu = self.component_means(window.start, latents.shape[2], window.index)
+        v_u = self.velocity(x, sigma, mu, self.log_weights["uncond"])
+        v_c = self.velocity(x, sigma, mu, self.log_weights["cond"])
+        v = (v_u + self.guidance * (v_c - v_u)).unsqueeze(0).to(latents.dtype)
+        self.last = (latents.detach().clone(), v.detach().clone())
+        return v
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    peak = float(ref.max() - ref.min())
+    mse = float(((x.double() - ref.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+class UniPCWindows:
+    """diffusers' UniPCMultistepScheduler (flow mode) as a window Denoiser: one scheduler per window, and the
+    velocity handed to the sampler's Euler step is the one that lands on UniPC's next sample."""
+
+    def __init__(self, denoise, steps: int, shift: float, order: int = 2):
+        from diffusers import UniPCMultistepScheduler
+
+        self.denoise = denoise
+        self.template = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=shift, solver_order=order, num_train_timesteps=1000)
+        self.template.set_timesteps(steps)
+        self.sigmas = self.template.sigmas.float()
+        self.schedulers: dict[int, object] = {}
+
+    def __call__(self, window, step, latents):
+        sched = self.schedulers.setdefault(window.index, copy.deepcopy(self.template))
+        v = self.denoise(window, step, latents)
+        nxt = sched.step(v, sched.timesteps[step], latents, return_dict=False)[0]
+        if step == len(sched.timesteps) - 1:
+            del self.schedulers[window.index]
+        return (nxt - latents) / (self.sigmas[step + 1] - self.sigmas[step])
+
+
+def run(plan, sigmas, noise, denoise, predictor=None, streaming=False):
+    counted = CountedDenoiser(denoise)
+    if streaming:
+        chunks = sample_streaming(plan, sigmas, lambda s, e: noise[:, :, s:e], counted, predictor=predictor)
+        out = torch.cat([c.latents for c in chunks], dim=2)
+    else:
+        out = sample_joint(plan, sigmas, noise, counted, predictor=predictor)
+    return out, counted.calls / len(plan.windows)
+
+
+def closed_form_table(args) -> list[tuple[str, float, float]]:
+    ref = load_preset("reference")
+    plan = plan_windows(args.latent_frames, 21, ref.overlap, ref.blend)
+    noise = torch.randn(1, 16, plan.latent_frames, 8, 8, generator=torch.Generator().manual_seed(ref.seed or 42))
+    sigmas = flow_sigmas(ref.steps, ref.shift)
+
+    def flow(grid, probe=True):
+        return MixtureFlow(grid, guidance=args.guidance, probe=probe)
+
+    reference, ref_nfe = run(plan, sigmas, noise, flow(sigmas))
+    rows = [("reference (Euler 50)", ref_nfe, math.inf)]
+    nfes = []
+    for name in PRESETS:
+        prediction = load_preset(name).prediction
+        out, nfe = run(plan, sigmas, noise, flow(sigmas), prediction)
+        rows.append((f"{name} (prediction)", nfe, psnr(out, reference)))
+        nfes.append(nfe)
+        if args.no_probe:
+            out, nfe = run(plan, sigmas, noise, flow(sigmas, probe=False), prediction)
+            rows.append((f"{name} (no layer probe)", nfe, psnr(out, reference)))
+    for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
+        grid = flow_sigmas(steps, ref.shift)
+        out, nfe = run(plan, grid, noise, flow(grid))
+        rows.append((f"Euler {steps} steps", nfe, psnr(out, reference)))
+        for order in (2, 3):
+            unipc = UniPCWindows(flow(sigmas), steps, ref.shift, order)
+            unipc.denoise = flow(unipc.sigmas)
+            out, nfe = run(plan, unipc.sigmas, noise, unipc)
+            rows.append((f"UniPC-{order} {steps} steps", nfe, psnr(out, reference)))
+    return rows
+
+
+def print_table(title: str, rows, reference_nfe: float) -> None:
+    print(title)
+    print("| method | NFE / window | NFE vs reference | PSNR vs reference (dB) |")
+    print("| --- | --- | --- | --- |")
+    for name, nfe, value in rows:
+        shown = "exact" if math.isinf(value) else f"{value:.2f}"
+        print(f"| {name} | {nfe:.1f} | 1/{reference_nfe / nfe:.2f} | {shown} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latent-frames", type=int, default=53, help="latent frames (53 = three windows at overlap 5)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="closed-form flow: guidance scale")
+    parser.add_argument("--no-probe", action="store_true", help="also run each preset without the layer probe")
+    parser.add_argument("--weights", type=Path, help="run a StableAvatar weights folder instead of the closed form")
+    parser.add_argument("--tiny", action="store_true", help="like --weights, with tiny random weights")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    tick = time.perf_counter()
+    if args.weights or args.tiny:
+        from model_table import model_rows  # noqa: PLC0415
+
+        if args.tiny:
+            from avatarcli.testing import make_tiny_weights
+
+            args.weights = make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", model="stableavatar")
+        rows, title = model_rows(args)
+    else:
+        rows = closed_form_table(args)
+        title = (f"closed-form Gaussian-mixture flow, {args.latent_frames} latent frames x 16 ch x 8 x 8, "
+                 f"guidance {args.guidance}, reference preset's overlap/blend, {time.perf_counter() - tick:.1f} s")
+    print_table(title, rows, rows[0][1])
+
+
+if __name__ == "__main__":
+    main()
