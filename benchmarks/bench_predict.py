@@ -43,11 +43,19 @@ class MixtureFlow:
     """Exact guided flow-matching velocity of a per-token Gaussian mixture (x = (1 - sigma) x0 + sigma noise)."""
 
     def __init__(self, sigmas: torch.Tensor, channels: int = 16, height: int = 8, width: int = 8,
-                 components: int = 8, spread: float = 0.35, guidance: float = 3.0, seed: int = 0, probe: bool = True):
+                 levels: tuple[float, ...] = (1.0, 0.4, 0.15), branching: int = 4, spread: float = 0.05,
+                 guidance: float = 3.0, seed: int = 0, probe: bool = True):
+        """Component means form a tree (`branching` children per level, offsets shrinking by `levels`), so samples
+        commit to a coarse cluster at high noise and to finer ones later: the path bends at every noise level."""
         g = torch.Generator().manual_seed(seed)
         self.sigmas = [float(s) for s in sigmas]
-        self.means = torch.randn(components, channels, generator=g, dtype=torch.float64)
-        self.drift = 0.5 * torch.randn(components, channels, generator=g, dtype=torch.float64)
+        means = torch.zeros(1, channels, dtype=torch.float64)
+        for scale in levels:
+            offsets = scale * torch.randn(branching, channels, generator=g, dtype=torch.float64)
+            means = (means.unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1, channels)
+        components = means.shape[0]
+        self.means = means
+        self.drift = 0.3 * torch.randn(components, channels, generator=g, dtype=torch.float64)
         self.phase = torch.rand(3, generator=g, dtype=torch.float64) * 6.283
         self.spread, self.guidance, self.hw = spread, guidance, (height, width)
         logits = torch.randn(components, generator=g, dtype=torch.float64)
@@ -160,6 +168,129 @@ def closed_form_table(args) -> list[tuple[str, float, float]]:
     return rows
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def model_rows(args):
+    """The same comparison with a real StableAvatar model, through the pipeline's own feature and denoiser code."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    from avatarcli.decode.stream import decode_all
+    from avatarcli.features.image import clip_features, reference_condition
+    from avatarcli.features.text import encode_prompts
+    from avatarcli.loading.stableavatar import load_stableavatar
+    from avatarcli.models.stableavatar import AvatarTransformerBlock
+    from avatarcli.pipeline import (WINDOW_LATENT_FRAMES, AnimateJob, frame_noise, prepare_inputs, resolve_device,
+                                    resolve_dtype, window_samples)
+    from avatarcli.features.audio import wav2vec_features
+    from avatarcli.sampling.denoiser import StableAvatarDenoiser
+    from avatarcli.sampling.guidance import Guidance
+    from avatarcli.sampling.predict import BlockProbe
+    from avatarcli.sampling.windows import latent_frames_for
+
+    ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=args.audio, output=Path("unused.mp4"), preset=ref,
+                     null_sink=True)
+    inputs = prepare_inputs(job)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
+    c = load_stableavatar(args.weights, inputs.checkpoint, device, dtype)
+    model = c.transformer
+    text = encode_prompts(c.text_encoder, c.tokenizer, [job.negative_prompt, job.prompt], device=device)
+    image_tokens = clip_features(c.image_encoder, inputs.portrait, inputs.width, inputs.height)
+    condition = reference_condition(c.vae, inputs.portrait, inputs.width, inputs.height,
+                                    num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+    plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, ref.overlap, ref.blend)
+    guidance = Guidance(ref.guidance, ref.text_scale, ref.audio_scale)
+    shape = (16, inputs.height // 8, inputs.width // 8)
+    noise = frame_noise(ref.seed, 0, plan.latent_frames, shape, device)
+
+    def window_audio(window):
+        return wav2vec_features(c.audio_encoder, c.feature_extractor, window_samples(inputs.samples, window, ref.fps))
+
+    def denoiser(sigmas, cached=False):
+        inner = StableAvatarDenoiser(model, guidance, positive_text=text[1:2], negative_text=text[0:1],
+                                     image_tokens=image_tokens, condition=condition, window_audio=window_audio,
+                                     sigmas=sigmas)
+        if not cached:
+            return inner
+
+        def call(window, step, latents):  # one cache state per window, like the predictor's
+            with model.cache_context(f"window{window.index}"):
+                return inner(window, step, latents)
+
+        return call
+
+    # Full-compute forwards of the cache hooks: forwards in which the last block's self-attention ran (68% of a
+    # full-size step; a skipped block or a TaylorSeer-predicted attention never reaches its q projection).
+    executed = {"n": 0}
+    model.blocks[-1].attn1.to_q.register_forward_pre_hook(lambda *a: executed.__setitem__("n", executed["n"] + 1))
+
+    def frames(latents):
+        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
+
+    sigmas = flow_sigmas(ref.steps, ref.shift)
+    reference_latents, ref_nfe = run(plan, sigmas, noise, denoiser(sigmas))
+    reference = frames(reference_latents)
+    rows = [("reference (Euler 50)", ref_nfe, math.inf)]
+
+    def score(latents):
+        x, r = frames(latents).double(), reference.double()
+        mse = float(((x - r) ** 2).mean())
+        return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+    nfes = []
+    probe = BlockProbe(model.blocks[0], model.blocks[-1])
+    for name in PRESETS:
+        prediction = load_preset(name).prediction
+        inner = denoiser(sigmas)
+        inner.layer_probe = probe
+        out, nfe = run(plan, sigmas, noise, inner, prediction)
+        rows.append((f"{name} (prediction)", nfe, score(out)))
+        nfes.append(nfe)
+    probe.close()
+    for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
+        grid = flow_sigmas(steps, ref.shift)
+        out, nfe = run(plan, grid, noise, denoiser(grid))
+        rows.append((f"Euler {steps} steps", nfe, score(out)))
+        unipc = UniPCWindows(None, steps, ref.shift, 2)
+        unipc.denoise = denoiser(unipc.sigmas)
+        out, nfe = run(plan, unipc.sigmas, noise, unipc)
+        rows.append((f"UniPC-2 {steps} steps", nfe, score(out)))
+
+    # diffusers' cache hooks on the same model and 50-step grid. Our block subclass must be registered for the
+    # block-level hooks; MagCache's ratios are calibrated on this model first (only Flux ratios ship).
+    TransformerBlockRegistry.register(AvatarTransformerBlock, TransformerBlockMetadata(
+        return_hidden_states_index=0, return_encoder_hidden_states_index=None))
+    import contextlib
+    import io
+
+    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=ref.steps))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run(plan, sigmas, noise, denoiser(sigmas, cached=True))
+    model.disable_cache()
+    ratios = [float(v) for v in printed.getvalue().strip().splitlines()[-1].strip("[] ").split(",")]
+    configs = [(f"FirstBlockCache {t}", FirstBlockCacheConfig(threshold=t)) for t in (0.05, 0.1, 0.2)]
+    configs += [(f"TaylorSeer interval {i}", TaylorSeerCacheConfig(cache_interval=i, disable_cache_before_step=3,
+                                                                   max_order=2, taylor_factors_dtype=torch.float32,
+                                                                   cache_identifiers=[r"blocks\.\d+\.attn[12]"]))
+                for i in (3, 6)]
+    configs += [(f"MagCache {t}", MagCacheConfig(threshold=t, max_skip_steps=k, retention_ratio=0.1,
+                                                 num_inference_steps=ref.steps, mag_ratios=ratios))
+                for t, k in ((0.06, 3), (0.24, 6), (1.0, 12))]
+    for name, config in configs:
+        model.enable_cache(config)
+        executed["n"] = 0
+        out, _ = run(plan, sigmas, noise, denoiser(sigmas, cached=True))
+        rows.append((name, executed["n"] / len(plan.windows), score(out)))
+        model.disable_cache()
+    title = (f"StableAvatar {args.weights}, {inputs.width}x{inputs.height}, {inputs.frames} frames, "
+             f"{len(plan.windows)} windows, cfg, reference overlap/blend, PSNR of decoded uint8 frames")
+    return rows, title
+
+
 def print_table(title: str, rows, reference_nfe: float) -> None:
     print(title)
     print("| method | NFE / window | NFE vs reference | PSNR vs reference (dB) |")
@@ -176,12 +307,13 @@ def main() -> None:
     parser.add_argument("--no-probe", action="store_true", help="also run each preset without the layer probe")
     parser.add_argument("--weights", type=Path, help="run a StableAvatar weights folder instead of the closed form")
     parser.add_argument("--tiny", action="store_true", help="like --weights, with tiny random weights")
+    parser.add_argument("--size", default="64x64", help="with --weights: output size")
+    parser.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav", help="with --weights: speech")
+    parser.add_argument("--device", default="auto", help="with --weights: device")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     tick = time.perf_counter()
     if args.weights or args.tiny:
-        from model_table import model_rows  # noqa: PLC0415
-
         if args.tiny:
             from avatarcli.testing import make_tiny_weights
 

@@ -60,7 +60,7 @@ def test_quality_preset_uses_audio_native_guidance_with_the_paper_values() -> No
 
 @pytest.mark.parametrize(
     "name, steps, overlap",
-    [("balanced", 30, 8), ("fast", 10, 5)],
+    [("balanced", 50, 8), ("fast", 50, 5)],
 )
 def test_cheaper_presets_use_cfg_with_log_blend(name: str, steps: int, overlap: int) -> None:
     preset = load_preset(name)
@@ -106,7 +106,7 @@ def test_missing_preset_file_is_an_avatar_error(tmp_path: Path) -> None:
     [
         (None, "stepz: 3\n", r"unknown key 'stepz' \(allowed keys: description, steps, guidance"),
         (None, "name: other\n", "unknown key 'name'"),
-        (None, "prediction:\n  method: none\n", "unknown key 'prediction'"),
+        (None, "prediction:\n  method: none\n", "unknown key 'prediction.method'"),
         (("steps: 20", "steps: ten"), None, "'steps' must be an integer >= 1, got 'ten'"),
         (("steps: 20", "steps: 20.0"), None, "'steps' must be an integer"),
         (("steps: 20", "steps: true"), None, "'steps' must be an integer"),
