@@ -231,7 +231,9 @@ def model_rows(args):
         return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
 
     sigmas = flow_sigmas(ref.steps, ref.shift)
+    tick = time.perf_counter()
     reference_latents, ref_nfe = run(plan, sigmas, noise, denoiser(sigmas))
+    print(f"  reference: {time.perf_counter() - tick:.1f} s", file=sys.stderr, flush=True)
     reference = frames(reference_latents)
     rows = [("reference (Euler 50)", ref_nfe, math.inf)]
 
@@ -248,6 +250,7 @@ def model_rows(args):
         inner.layer_probe = probe
         out, nfe = run(plan, sigmas, noise, inner, prediction)
         rows.append((f"{name} (prediction)", nfe, score(out)))
+        note(rows[-1])
         nfes.append(nfe)
     probe.close()
     for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
@@ -258,6 +261,7 @@ def model_rows(args):
         unipc.denoise = denoiser(unipc.sigmas)
         out, nfe = run(plan, unipc.sigmas, noise, unipc)
         rows.append((f"UniPC-2 {steps} steps", nfe, score(out)))
+        note(rows[-1])
 
     # diffusers' cache hooks on the same model and 50-step grid. Our block subclass must be registered for the
     # block-level hooks; MagCache's ratios are calibrated on this model first (only Flux ratios ship).
@@ -285,10 +289,15 @@ def model_rows(args):
         executed["n"] = 0
         out, _ = run(plan, sigmas, noise, denoiser(sigmas, cached=True))
         rows.append((name, executed["n"] / len(plan.windows), score(out)))
+        note(rows[-1])
         model.disable_cache()
     title = (f"StableAvatar {args.weights}, {inputs.width}x{inputs.height}, {inputs.frames} frames, "
              f"{len(plan.windows)} windows, cfg, reference overlap/blend, PSNR of decoded uint8 frames")
     return rows, title
+
+
+def note(row) -> None:
+    print(f"  {row[0]}: NFE {row[1]:.1f}, {row[2]:.2f} dB", file=sys.stderr, flush=True)
 
 
 def print_table(title: str, rows, reference_nfe: float) -> None:
@@ -310,8 +319,11 @@ def main() -> None:
     parser.add_argument("--size", default="64x64", help="with --weights: output size")
     parser.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav", help="with --weights: speech")
     parser.add_argument("--device", default="auto", help="with --weights: device")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tick = time.perf_counter()
     if args.weights or args.tiny:
         if args.tiny:

@@ -184,24 +184,32 @@ def test_streaming_equals_joint_with_prediction_on(length, overlap):
     assert not torch.equal(joint, sample_joint(plan, sigmas, noise, denoise))  # prediction did something
 
 
-def test_layer_probe_with_a_large_change_ratio_shortens_the_jumps():
+def test_layer_probe_whose_change_ratio_grows_shortens_the_jumps():
     plan = plan_windows(21, WINDOW, 5, "log")
     sigmas = flow_sigmas(40)
     denoise = smooth_denoiser(sigmas)
-    state = {"n": 0}
 
-    def probed(window, step, x):
-        state["n"] += 1
-        return denoise(window, step, x)
+    def probe_for(jump: float):
+        state = {"first": 1.0, "last": 1.0, "n": 0}
 
-    # the "last block" changes 100x more than the "first block" between full steps
-    probed.layer_probe = lambda: (torch.full((4,), 1.0 + 0.001 * state["n"]), torch.full((4,), 1.0 + 0.1 * state["n"]))
+        def probed(window, step, x):
+            # the first block's output changes by 0.1% per call, the last block's by 0.1% or, every other call,
+            # by `jump` times that: the change ratio keeps jumping by that factor
+            state["n"] += 1
+            state["first"] *= 1.001
+            state["last"] *= 1 + 0.001 * (jump if state["n"] % 2 else 1.0)
+            return denoise(window, step, x)
+
+        probed.layer_probe = lambda: (torch.full((4,), state["first"]), torch.full((4,), state["last"]))
+        return probed
+
     settings = Prediction(order=2, max_predicted=8, tolerance=1e-4, layer_ratio=2.0)
-    trusting = settings.bind(CountedDenoiser(denoise), sigmas)
-    wary = settings.bind(CountedDenoiser(probed), sigmas)
-    sample_joint(plan, sigmas, noise_for(plan), trusting)
-    sample_joint(plan, sigmas, noise_for(plan), wary)
-    assert trusting.full_steps < wary.full_steps
+    steady = settings.bind(CountedDenoiser(probe_for(1.0)), sigmas)
+    growing = settings.bind(CountedDenoiser(probe_for(10.0)), sigmas)
+    unprobed = settings.bind(CountedDenoiser(denoise), sigmas)
+    for bound in (steady, growing, unprobed):
+        sample_joint(plan, sigmas, noise_for(plan), bound)
+    assert steady.full_steps == unprobed.full_steps < growing.full_steps
 
 
 def test_block_probe_keeps_a_strided_sample_of_the_first_and_last_block_outputs():

@@ -161,8 +161,8 @@ def test_with_overrides_returns_a_changed_copy() -> None:
     changed = base.with_overrides(steps=12, overlap=4, seed=7, size="832x480")
 
     assert (changed.steps, changed.overlap, changed.seed, changed.size) == (12, 4, 7, "832x480")
-    assert base.steps == 30
-    assert dataclasses.replace(changed, steps=30, overlap=8, seed=None, size="auto") == base
+    assert base.steps == 50
+    assert dataclasses.replace(changed, steps=50, overlap=8, seed=None, size="auto") == base
 
 
 def test_with_overrides_treats_none_as_not_given() -> None:

@@ -22,8 +22,10 @@ Design (FlashPortrait's adaptive latent prediction names the signals; its code i
 * Whether to trust prediction (the per-layer signal). A denoiser may expose `layer_probe()`, returning a cheap
   summary of its first and last transformer blocks' outputs from its latest call. Between two full steps the
   relative change of the last block's output over that of the first block measures how much the network
-  amplifies the change of its input; above `layer_ratio` the planned jump's tolerance shrinks by the excess (ratio
-  twice the limit: half the tolerance). A denoiser without the probe uses the latent signal alone.
+  amplifies the change of its input. While that ratio is steady the network is in a smooth regime; when it grows
+  by more than `layer_ratio` times from one full step to the next, the planned jump's tolerance shrinks by the
+  excess (growth twice the limit: half the tolerance). Comparing the ratio with its own previous value needs no
+  per-model calibration. A denoiser without the probe uses the latent signal alone.
 * Re-anchoring. At most `max_predicted` (K) steps are predicted in a row; the first `warmup` steps are full.
 
 Each window's state (a few velocities) is created at its first step and dropped after its last, so memory follows
@@ -58,7 +60,7 @@ class Prediction:
     max_predicted: int = 3  # K: a full step re-anchors after at most this many predicted steps
     tolerance: float = 0.01  # budget for the estimated relative latent error of one predicted run
     warmup: int = 2  # the first steps of every window are full
-    layer_ratio: float = 0.0  # trust limit on the first/last block change ratio; 0 turns the layer signal off
+    layer_ratio: float = 0.0  # trust limit on the growth of the last/first block change ratio; 0: signal off
 
     def __post_init__(self):
         if not 1 <= self.order <= MAX_ORDER:
@@ -108,6 +110,7 @@ class _WindowState:
     planned: int = 0  # predicted steps still allowed before the next full step
     features: tuple[torch.Tensor, torch.Tensor] | None = None  # layer-probe summary at the last full step
     layer_ratio: float | None = None  # last block's relative change over the first block's, between full steps
+    previous_ratio: float | None = None  # the same one full step earlier
 
 
 class PredictingDenoiser:
@@ -150,7 +153,7 @@ class PredictingDenoiser:
             if features is not None and state.features is not None:
                 first = relative_change(features[0], state.features[0])
                 last = relative_change(features[1], state.features[1])
-                state.layer_ratio = last / max(first, 1e-12)
+                state.previous_ratio, state.layer_ratio = state.layer_ratio, last / max(first, 1e-12)
             state.features = features
         state.planned = self._plan(state, step, float(latents.float().norm()))
 
@@ -160,8 +163,10 @@ class PredictingDenoiser:
         if step + 1 < s.warmup or len(state.sigmas) < 2:
             return 0
         budget = s.tolerance * latent_norm
-        if state.layer_ratio is not None and s.layer_ratio > 0 and state.layer_ratio > s.layer_ratio:
-            budget *= s.layer_ratio / state.layer_ratio
+        if state.previous_ratio is not None and s.layer_ratio > 0:
+            growth = state.layer_ratio / max(state.previous_ratio, 1e-12)
+            if growth > s.layer_ratio:
+                budget *= s.layer_ratio / growth
         # The order-p prediction uses the latest p + 1 velocities; its error is estimated by the next Newton term
         # (the polynomial through one more stored velocity minus it), or, before that many full steps exist, by
         # the difference to the order p - 1 polynomial (an overestimate).
