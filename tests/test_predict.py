@@ -266,3 +266,49 @@ def test_prediction_flags_override_the_preset():
         preset.with_prediction(None, order=9)
     with pytest.raises(AvatarError):
         preset.with_prediction(False, tolerance=0.1)
+
+
+# ---- through the CLI, on tiny random weights ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from avatarcli.testing import make_tiny_weights
+
+    return make_tiny_weights(tmp_path_factory.mktemp("weights"), model="stableavatar")
+
+
+def animate_json(tmp_path, weights, capsys, *flags):
+    import json
+    from pathlib import Path
+
+    from avatarcli.cli import main
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    code = main([str(a) for a in ["animate", examples / "portrait.png", "--audio", examples / "speech.wav", "-o",
+                                  tmp_path / "out.mp4", "--weights", weights, "--size", "64x64", "--json", *flags]])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else None), captured.err
+
+
+def test_json_reports_the_transformer_forwards(tmp_path, weights, capsys, one_thread):
+    code, full, _ = animate_json(tmp_path, weights, capsys, "--steps", "6", "--no-predict")
+    assert code == 0 and full["nfe"] == 6 * full["windows"]
+    code, predicted, _ = animate_json(tmp_path, weights, capsys, "--steps", "6", "--predict", "--predict-order", "1",
+                                      "--predict-max", "2", "--predict-tolerance", "1")
+    assert code == 0 and predicted["windows"] == full["windows"]
+    assert full["windows"] * 2 <= predicted["nfe"] < full["nfe"]  # warm-up steps computed, later ones predicted
+    assert predicted["frames"] == full["frames"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--predict-order", "5"], "prediction.order"),
+    (["--predict-tolerance", "0"], "prediction.tolerance"),
+    (["--predict-max", "0"], "prediction.max_predicted"),
+    (["--no-predict", "--predict-max", "3"], "prediction off"),
+])
+def test_bad_prediction_flags_exit_2_with_one_line(tmp_path, weights, capsys, flags, message):
+    code, _, err = animate_json(tmp_path, weights, capsys, "--steps", "2", *flags)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out.mp4").exists()
