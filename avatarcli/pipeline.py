@@ -246,7 +246,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         clock.totals["dit"] = clock.totals.get("dit", 0.0) + spent
         return velocity
 
-    if preset.prediction is not None and preset.prediction.layer_ratio > 0:
+    # The layer probe hooks the first and last blocks; compiled blocks run without it (latent signal only).
+    if preset.prediction is not None and preset.prediction.layer_ratio > 0 and not job.compile:
         timed_denoise.layer_probe = BlockProbe(components.transformer.blocks[0], components.transformer.blocks[-1])
     model_calls = CountedDenoiser(timed_denoise)
     velocity = preset.prediction.bind(model_calls, sigmas) if preset.prediction is not None else model_calls
