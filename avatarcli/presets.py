@@ -215,7 +215,8 @@ def _check_prediction(value: Any, source: str) -> Prediction:
         else:
             ok = isinstance(item, (int, float)) and not isinstance(item, bool) and (
                 (low < item <= high) if key == "tolerance" else (low <= item <= high))
-            expected = f"a number in ({low:g}, {high:g}]" if key == "tolerance" else f"a number from {low:g} to {high:g}"
+            expected = (f"a number in ({low:g}, {high:g}]" if key == "tolerance"
+                        else f"a number from {low:g} to {high:g}")
         if not ok:
             raise AvatarError(f"{source}: 'prediction.{key}' must be {expected}, got {item!r}")
         checked[key] = float(item) if kind is float else item
