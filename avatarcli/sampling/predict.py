@@ -8,17 +8,18 @@ coarser solver's.
 
 Design (FlashPortrait's adaptive latent prediction names the signals; its code is not public, so this is ours):
 
-* Prediction. The last `order + 1` full-step velocities v(sigma_i) of the window are stored. A skipped step gets the
-  polynomial through them evaluated at its sigma, i.e. the Taylor expansion around the last full step with the
+* Prediction. A skipped step's velocity is the polynomial through the window's last `order + 1` full-step
+  velocities v(sigma_i), evaluated at its sigma: the Taylor expansion around the last full step with the
   derivatives d^k v / d sigma^k taken as divided differences (Newton form; order 2-3 uses 3-4 points). A latent
   trajectory that is a polynomial of degree <= order in sigma is therefore predicted exactly. Velocities, not
   latents, are extrapolated: in flow matching the velocity (noise minus data) varies slowly along the path, and the
   predicted velocity goes through the same Euler step and blend as a computed one.
-* How far to jump (the latent variation signal). After each full step the window plans the run of steps it will
-  predict: for each candidate step it adds the latent change that the highest-order term would make,
-  |sigma_next - sigma| * ||P_p(sigma) - P_{p-1}(sigma)||, relative to the window's latent norm, and stops before the
-  sum passes `tolerance`. Where the velocity bends, this grows quickly and jumps get short; on straight stretches
-  they run to the cap.
+* How far to jump (the latent variation signal). One more full-step velocity is kept, so the polynomial through
+  `order + 2` points minus the prediction estimates the prediction's error (the next Newton term; with fewer full
+  steps so far, the difference to the order - 1 polynomial, an overestimate). After each full step the window
+  plans its run of predicted steps: it adds up |sigma_next - sigma| * ||estimated velocity error||, the latent
+  change the error would cause, relative to the window's latent norm, and stops before the sum passes `tolerance`.
+  Where the velocity bends, this grows quickly and jumps get short; on straight stretches they run to the cap.
 * Whether to trust prediction (the per-layer signal). A denoiser may expose `layer_probe()`, returning a cheap
   summary of its first and last transformer blocks' outputs from its latest call. Between two full steps the
   relative change of the last block's output over that of the first block measures how much the network
@@ -28,9 +29,9 @@ Design (FlashPortrait's adaptive latent prediction names the signals; its code i
   per-model calibration. A denoiser without the probe uses the latent signal alone.
 * Re-anchoring. At most `max_predicted` (K) steps are predicted in a row; the first `warmup` steps are full.
 
-Each window's state (a few velocities) is created at its first step and dropped after its last, so memory follows
-the live windows of the wavefront. The state depends only on the window's own (step, latents) calls, which are the
-same in the joint and the streaming order: both give identical frames. Nothing is random.
+Each window's state (order + 2 velocities of the window) is created at its first step and dropped after its last,
+so memory follows the live windows of the wavefront. The state depends only on the window's own (step, latents)
+calls, which are the same in the joint and the streaming order: both give identical frames. Nothing is random.
 """
 
 from __future__ import annotations
