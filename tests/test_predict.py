@@ -312,3 +312,15 @@ def test_bad_prediction_flags_exit_2_with_one_line(tmp_path, weights, capsys, fl
     assert code == 2
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("section, message", [
+    ("prediction:\n  order: 0\n", "prediction.order"),
+    ("prediction:\n  jump: 4\n", "unknown key 'prediction.jump'"),
+])
+def test_preset_file_with_a_bad_prediction_section_exits_2(tmp_path, weights, capsys, section, message):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(PRESET_HEAD + section, encoding="utf-8")
+    code, _, err = animate_json(tmp_path, weights, capsys, "--preset", preset)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
