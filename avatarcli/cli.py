@@ -65,6 +65,15 @@ def animate(
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
+    predict: Optional[bool] = typer.Option(None, "--predict/--no-predict",
+                                           help="Step prediction on/off [default: preset]."),
+    predict_order: Optional[int] = typer.Option(None, "--predict-order", help="Prediction: extrapolation order, 1-3."),
+    predict_max: Optional[int] = typer.Option(None, "--predict-max",
+                                              help="Prediction: at most K predicted steps in a row."),
+    predict_tolerance: Optional[float] = typer.Option(None, "--predict-tolerance",
+                                                      help="Prediction: relative latent error budget per jump."),
+    predict_layer_ratio: Optional[float] = typer.Option(None, "--predict-layer-ratio",
+                                                        help="Prediction: layer-signal growth limit (0: off)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
@@ -85,6 +94,8 @@ def animate(
     chosen = chosen.with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap, blend=blend,
                                    checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale,
                                    decoder=decoder)
+    chosen = chosen.with_prediction(predict, order=predict_order, max_predicted=predict_max,
+                                    tolerance=predict_tolerance, layer_ratio=predict_layer_ratio)
     job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
@@ -101,9 +112,10 @@ def animate(
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
+        "nfe": result.nfe,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
-        "resumed_from_frame": result.resumed_from_frame, "nfe": result.nfe,
+        "resumed_from_frame": result.resumed_from_frame,
     }
     if as_json:
         print(json.dumps(summary), flush=True)

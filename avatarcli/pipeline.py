@@ -74,7 +74,7 @@ class AnimateResult:
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
     resumed_from_frame: int = 0  # frames taken from a saved run (0: a fresh run)
-    nfe: int = 0  # window denoiser evaluations (guided window-steps) run by this call
+    nfe: int = 0  # transformer forwards run by this call (one batched call of all guidance branches counts once)
 
 
 def prepare(job: AnimateJob):
@@ -133,6 +133,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             models = driver.load(job, inputs, device, dtype)
     generation = driver.build(job, inputs, models, device, dtype, clock)
     plan, steps = generation.plan, len(generation.sigmas) - 1
+    prediction = job.preset.prediction
 
     done = {"window_steps": 0, "windows": 0, "frames": 0}
 
@@ -149,6 +150,23 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         clock.sync()
         spent = time.perf_counter() - tick - (clock.totals.get("features", 0.0) - features_before)
         clock.totals["dit"] = clock.totals.get("dit", 0.0) + spent
+        return velocity
+
+    # Step prediction (sampling/predict.py) sits between the sampler and the model; the layer probe hooks the
+    # driver's first and last blocks (compiled blocks run without it: the latent signal only).
+    probe = None
+    if prediction is not None and prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile:
+        from avatarcli.sampling.predict import BlockProbe
+
+        probe = timed_denoise.layer_probe = BlockProbe(*generation.probe_blocks)
+    from avatarcli.sampling.predict import CountedDenoiser
+
+    model_calls = CountedDenoiser(timed_denoise)
+    predictor = prediction.bind(model_calls, generation.sigmas) if prediction is not None else None
+    velocity_of = predictor if predictor is not None else model_calls
+
+    def tracked(window, step: int, latents):
+        velocity = velocity_of(window, step, latents)
         done["window_steps"] += 1
         done["windows"] += step == steps - 1
         report()
@@ -162,6 +180,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         if saved is not None:
             restored = folder.load()
             state = StreamState.from_state_dict(restored["sampler"], device)
+            if predictor is not None:
+                predictor.load_extras(state.extras)
             decoder.load_state_dict(restored["decoder"])
             segments, done["frames"] = restored["segments"], restored["frames"]
             done["window_steps"] = state.window_steps
@@ -172,7 +192,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
                              segments=segments, frames_written=done["frames"])
     else:
         sink = BackgroundSink(NullSink(job.output, inputs.width, inputs.height, inputs.fps))
-    resumed_from, window_steps_before = done["frames"], done["window_steps"]
+    resumed_from = done["frames"]
     last_save = time.perf_counter()
 
     def after_step(live: StreamState) -> None:
@@ -180,6 +200,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         unfinished = live.emitted < plan.latent_frames
         stopping = stop is not None and stop.requested and unfinished
         if folder is not None and unfinished and (stopping or time.perf_counter() - last_save >= job.save_every):
+            if predictor is not None:
+                live.extras = predictor.extras()  # the stored velocities each live window predicts from
             with clock("save"):
                 folder.save(job_fingerprint, done["frames"], inputs.frames, sink.cut(), live.state_dict(),
                             decoder.state_dict())
@@ -191,7 +213,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     try:
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
         extra = {} if generation.update is None else {"update": generation.update}
-        for chunk in sample_streaming(plan, generation.sigmas, noise, timed_denoise, state=state,
+        for chunk in sample_streaming(plan, generation.sigmas, noise, tracked, state=state,
                                       after_step=after_step, **extra):
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
@@ -212,6 +234,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         raise
     finally:
         decoder.close()
+        if probe is not None:
+            probe.close()
     if folder is not None:
         folder.remove()
 
@@ -221,5 +245,5 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         wall_seconds=time.perf_counter() - started, windows=len(plan.windows), steps=steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        resumed_from_frame=resumed_from, nfe=done["window_steps"] - window_steps_before,
+        resumed_from_frame=resumed_from, nfe=model_calls.calls,
     )

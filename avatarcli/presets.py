@@ -18,6 +18,7 @@ import yaml
 
 import avatarcli
 from avatarcli.errors import AvatarError
+from avatarcli.sampling.predict import Prediction
 
 GUIDANCE_MODES = ("cfg", "ang", "expression")  # expression: FlashPortrait's expression CFG (driving video)
 BLEND_SCHEMES = ("log", "uniform", "linear")
@@ -87,6 +88,20 @@ class Preset:
         values.update(self.driving or {})
         values["driving"] = None
         return _build(values, source=f"preset '{self.name}' (driving section)", explicit=set(self.driving or {}))
+    prediction: Prediction | None = None  # step prediction (avatarcli/sampling/predict.py); None: every step full
+
+    def with_prediction(self, enabled: bool | None = None, **knobs: Any) -> Preset:
+        """A copy with step prediction switched on/off (None: as the preset) and its knobs replaced (None: keep)."""
+        given = {key: value for key, value in knobs.items() if value is not None}
+        if enabled is False:
+            if given:
+                raise AvatarError(f"prediction setting '{next(iter(given))}' was given with prediction off")
+            return dataclasses.replace(self, prediction=None)
+        if self.prediction is None and not enabled and not given:
+            return self
+        base = dataclasses.asdict(self.prediction) if self.prediction is not None else {}
+        checked = _check_value("prediction", {**base, **given}, f"preset '{self.name}' with overrides")
+        return dataclasses.replace(self, prediction=checked)
 
     def with_overrides(self, **flags: Any) -> Preset:
         """A copy with the given fields replaced and validated again.
@@ -95,6 +110,7 @@ class Preset:
         """
         given = {key: value for key, value in flags.items() if value is not None}
         values = dataclasses.asdict(self)
+        values["prediction"] = self.prediction  # already checked; asdict made it a mapping
         values.update(given)
         return _build(values, source=f"preset '{self.name}' with overrides", explicit=set(given))
 
@@ -105,7 +121,7 @@ _FIELDS = {field.name: field for field in dataclasses.fields(Preset)}
 DRIVING_DEFAULTS = {"steps": 30, "guidance": "expression", "overlap": 30, "blend": "linear", "emo_scale": 4.0,
                     "text_scale": 1.0, "shift": 5.0}
 _DRIVING_KEYS = ("steps", "guidance", "overlap", "blend", "emo_scale", "text_scale", "shift", "max_size", "size",
-                 "seed", "description", "schedule", "lora_strength", "decoder")
+                 "seed", "description", "schedule", "lora_strength", "decoder", "prediction")
 SCHEDULES = ("flow", "step_distill")
 DECODERS = ("full", "tiny")
 DRIVERS = ("audio", "driving")
@@ -223,11 +239,44 @@ def _check_value(key: str, value: Any, source: str) -> Any:
         if key != "shift" and not value >= 0:
             raise fail("a number >= 0")
         return float(value)
+    if key == "prediction":
+        if value is None or isinstance(value, Prediction):
+            return value
+        return _check_prediction(value, source)
     if key == "size":
         if value != "auto":
             _parse_size(value, fail)
         return value
     raise AvatarError(f"{source}: unknown key '{key}'")
+
+
+# key -> (type, low, high); a float range excludes its low end
+_PREDICTION_KEYS = {"order": (int, 1, 3), "max_predicted": (int, 1, 20), "tolerance": (float, 0.0, 1.0),
+                    "warmup": (int, 2, 20), "layer_ratio": (float, 0.0, 1000.0)}
+
+
+def _check_prediction(value: Any, source: str) -> Prediction:
+    """The `prediction` section: null (every step computed) or a mapping of the Prediction fields."""
+    if not isinstance(value, dict):
+        raise AvatarError(f"{source}: 'prediction' must be null or a mapping of "
+                          f"{', '.join(_PREDICTION_KEYS)}, got {value!r}")
+    checked = {}
+    for key, item in value.items():
+        if key not in _PREDICTION_KEYS:
+            raise AvatarError(f"{source}: unknown key 'prediction.{key}' (allowed keys: {', '.join(_PREDICTION_KEYS)})")
+        kind, low, high = _PREDICTION_KEYS[key]
+        if kind is int:
+            ok = isinstance(item, int) and not isinstance(item, bool) and low <= item <= high
+            expected = f"an integer from {low} to {high}"
+        else:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool) and (
+                (low < item <= high) if key == "tolerance" else (low <= item <= high))
+            expected = (f"a number in ({low:g}, {high:g}]" if key == "tolerance"
+                        else f"a number from {low:g} to {high:g}")
+        if not ok:
+            raise AvatarError(f"{source}: 'prediction.{key}' must be {expected}, got {item!r}")
+        checked[key] = float(item) if kind is float else item
+    return Prediction(**checked)
 
 
 def _parse_size(value: Any, fail) -> tuple[int, int]:

@@ -7,6 +7,7 @@ library's `animate` on a synthetic speech clip. Run one clip length per process 
     python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
     python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
     python benchmarks/bench_animate.py --tiny --seconds 2     # CPU smoke test of the script
+    python benchmarks/bench_animate.py --seconds 10 --preset fast --steps 50 --size 480x832 --compile  # prediction
 
 Prints a table last (one row per run; --append FILE also accumulates rows across runs).
 """
@@ -146,7 +147,7 @@ def main() -> None:
     stages = {k: v for k, v in result.timings.items() if k != "load"}
     generation = sum(stages.values())
     row = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
-               frames=result.frames, windows=result.windows, steps=result.steps,
+               frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=args.preset,
                wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
                dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
                gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
@@ -159,13 +160,14 @@ def main() -> None:
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
     print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
           f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8} {'vae':>5} "
-          f"{'bf16 PSNR':>9}")
+          f"{'bf16 PSNR':>9} {'preset':>9} {'NFE':>5} {'wall s / video s':>16}")
     for r in rows:
         print(f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
               f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
               f"{r.get('t_encode', 0):>7.1f} {100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
               f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
-              f"{r.get('bf16_decode_psnr', float('nan')):>9.1f}")
+              f"{r.get('bf16_decode_psnr', float('nan')):>9.1f} {r.get('preset', '?'):>9} {r.get('nfe', 0):>5} "
+              f"{1 / r['video_per_wall']:>16.2f}")
 
 
 if __name__ == "__main__":

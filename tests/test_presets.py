@@ -60,7 +60,7 @@ def test_quality_preset_uses_audio_native_guidance_with_the_paper_values() -> No
 
 @pytest.mark.parametrize(
     "name, steps, overlap",
-    [("balanced", 30, 8), ("fast", 10, 5)],
+    [("balanced", 50, 8), ("fast", 50, 5)],
 )
 def test_cheaper_presets_use_cfg_with_log_blend(name: str, steps: int, overlap: int) -> None:
     preset = load_preset(name)
@@ -106,7 +106,7 @@ def test_missing_preset_file_is_an_avatar_error(tmp_path: Path) -> None:
     [
         (None, "stepz: 3\n", r"unknown key 'stepz' \(allowed keys: description, steps, guidance"),
         (None, "name: other\n", "unknown key 'name'"),
-        (None, "prediction:\n  method: none\n", "unknown key 'prediction'"),
+        (None, "prediction:\n  method: none\n", "unknown key 'prediction.method'"),
         (("steps: 20", "steps: ten"), None, "'steps' must be an integer >= 1, got 'ten'"),
         (("steps: 20", "steps: 20.0"), None, "'steps' must be an integer"),
         (("steps: 20", "steps: true"), None, "'steps' must be an integer"),
@@ -161,8 +161,8 @@ def test_with_overrides_returns_a_changed_copy() -> None:
     changed = base.with_overrides(steps=12, overlap=4, seed=7, size="832x480")
 
     assert (changed.steps, changed.overlap, changed.seed, changed.size) == (12, 4, 7, "832x480")
-    assert base.steps == 30
-    assert dataclasses.replace(changed, steps=30, overlap=8, seed=None, size="auto") == base
+    assert base.steps == 50
+    assert dataclasses.replace(changed, steps=50, overlap=8, seed=None, size="auto") == base
 
 
 def test_with_overrides_treats_none_as_not_given() -> None:

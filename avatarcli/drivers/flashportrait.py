@@ -182,7 +182,8 @@ class FlashPortraitDriver:
             decoder = streaming_decoder("tiny", tiny_vae=models.tiny_decoder)  # takes the normalised latents
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, decoder=decoder,
-                          update=update, skip_frames=1)
+                          update=update, skip_frames=1,
+                          probe_blocks=(parts.transformer.blocks[0], parts.transformer.blocks[-1]))
 
 
 DRIVER = FlashPortraitDriver()

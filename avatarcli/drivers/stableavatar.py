@@ -152,7 +152,8 @@ class StableAvatarDriver:
                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
                                         window_audio=window_audio, sigmas=sigmas)
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
-                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=vae)
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8),
+                          probe_blocks=(components.transformer.blocks[0], components.transformer.blocks[-1]), vae=vae)
 
 
 DRIVER = StableAvatarDriver()

@@ -41,6 +41,10 @@ class StableAvatarDenoiser:
     def audio_for(self, window: Window) -> AudioConditioning:
         if window.index not in self._audio:
             self._audio[window.index] = self.window_audio(window)
+            # A window whose last steps are predicted never reaches the drop below; at most steps + 2 windows are
+            # live in the wavefront, so older entries are finished (recomputing one would give the same features).
+            while len(self._audio) > self.steps + 2:
+                del self._audio[next(iter(self._audio))]
         real = self._audio[window.index]
         features = torch.cat([real if r == "real" else torch.zeros_like(real) for r in self.audio_rows])
         return AudioConditioning(features, self.branch_audio)

@@ -10,13 +10,17 @@ The wavefront computes the same thing in another order: window k at step s needs
   * window k-1's output of step s (for the blend),
 so windows can run staggered and each window's frames are final long before the video ends; the live state is
 bounded by the number of steps, not the video length.
+
+Optional step prediction plugs in as a `StepPredictor` (avatarcli/sampling/predict.py): it binds the denoiser
+into one with the same signature that calls the transformer only on the steps it cannot predict. It keeps its state
+per window, so both orders give the same frames with it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +32,11 @@ Denoiser = Callable[[Window, int, torch.Tensor], torch.Tensor]
 # (sample, velocity, sigma, sigma_next) -> the sample at sigma_next; Euler unless a sampler is given another
 # (e.g. sampling/step_distill.py's x0-then-renoise update)
 StepUpdate = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+class StepPredictor(Protocol):
+    def bind(self, denoise: Denoiser, sigmas: torch.Tensor) -> Denoiser:
+        """A denoiser giving the velocity of every window-step, calling `denoise` only where it must."""
 
 
 def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tensor, sigmas: torch.Tensor,
@@ -44,8 +53,11 @@ def window_step(plan: WindowPlan, window: Window, step: int, latents: torch.Tens
 
 
 def sample_joint(plan: WindowPlan, sigmas: torch.Tensor, noise: torch.Tensor, denoise: Denoiser,
-                 state_dtype: torch.dtype | None = None, update: StepUpdate = euler_step) -> torch.Tensor:
+                 state_dtype: torch.dtype | None = None, update: StepUpdate = euler_step,
+                 predictor: StepPredictor | None = None) -> torch.Tensor:
     """The reference order: every step runs every window left to right over the whole latent video."""
+    if predictor is not None:
+        denoise = predictor.bind(denoise, sigmas)
     state = noise
     for step in range(len(sigmas) - 1):
         written = torch.zeros_like(state)
@@ -108,7 +120,8 @@ class StreamState:
 def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
                      denoise: Denoiser, state_dtype: torch.dtype | None = None, state: StreamState | None = None,
                      after_step: Callable[[StreamState], None] | None = None,
-                     update: StepUpdate = euler_step) -> Iterator[FinalFrames]:
+                     update: StepUpdate = euler_step, predictor: StepPredictor | None = None
+                     ) -> Iterator[FinalFrames]:
     """Same result as `sample_joint`, yielding final latent frames in order as soon as they are final.
 
     `noise(start, end)` gives the initial noise of latent frames [start, end). Window k's next step is ready when
@@ -119,6 +132,8 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
     window-step, once the frames it finalised have been yielded and consumed: a consistent point to save the state
     or to stop (by raising).
     """
+    if predictor is not None:
+        denoise = predictor.bind(denoise, sigmas)
     steps, windows = len(sigmas) - 1, plan.windows
     owner = [plan.owner(f) for f in range(plan.latent_frames)]
     writers = [plan.writers(w) for w in windows]

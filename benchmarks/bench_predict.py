@@ -1,0 +1,342 @@
+"""Fidelity against NFE of step prediction, Euler with fewer steps, UniPC and diffusers' cache hooks.
+
+    python benchmarks/bench_predict.py                      # closed-form flow (CPU, seconds)
+    python benchmarks/bench_predict.py --weights DIR        # a StableAvatar weights folder (tiny, demo or published)
+    python benchmarks/bench_predict.py --tiny               # the same on tiny random weights written on the fly
+
+Every method runs through the real sliding-window sampler (windows, overlap blend, wavefront order) and is scored by
+its PSNR against the `reference` preset's result (50 Euler steps, its overlap and blend, same seed). The presets'
+rows apply each preset's `prediction` section to the reference's steps, guidance, overlap and blend, so the table
+measures prediction alone. NFE counts transformer forwards per window (the guidance branches are one batched call).
+
+Closed-form flow: the exact flow-matching velocity of a Gaussian mixture, token by token in a latent shaped like a
+16-channel video window (8 components whose means drift smoothly over frames and pixels), with text/audio-style
+guidance between two mixture weightings. Its "layer probe" is the denoiser's input and output (there are no
+layers); PSNR is on the final latents with the reference's range as the peak. Cache hooks need a transformer, so
+their rows only appear with --weights/--tiny, where PSNR is on the decoded frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avatarcli.presets import load_preset  # noqa: E402
+from avatarcli.sampling.predict import CountedDenoiser  # noqa: E402
+from avatarcli.sampling.sampler import sample_joint, sample_streaming  # noqa: E402
+from avatarcli.sampling.schedule import flow_sigmas  # noqa: E402
+from avatarcli.sampling.windows import plan_windows  # noqa: E402
+
+PRESETS = ("quality", "balanced", "fast")
+
+
+class MixtureFlow:
+    """Exact guided flow-matching velocity of a per-token Gaussian mixture (x = (1 - sigma) x0 + sigma noise)."""
+
+    def __init__(self, sigmas: torch.Tensor, channels: int = 16, height: int = 8, width: int = 8,
+                 levels: tuple[float, ...] = (1.0, 0.4, 0.15), branching: int = 4, spread: float = 0.05,
+                 guidance: float = 3.0, seed: int = 0, probe: bool = True):
+        """Component means form a tree (`branching` children per level, offsets shrinking by `levels`), so samples
+        commit to a coarse cluster at high noise and to finer ones later: the path bends at every noise level."""
+        g = torch.Generator().manual_seed(seed)
+        self.sigmas = [float(s) for s in sigmas]
+        means = torch.zeros(1, channels, dtype=torch.float64)
+        for scale in levels:
+            offsets = scale * torch.randn(branching, channels, generator=g, dtype=torch.float64)
+            means = (means.unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1, channels)
+        components = means.shape[0]
+        self.means = means
+        self.drift = 0.3 * torch.randn(components, channels, generator=g, dtype=torch.float64)
+        self.phase = torch.rand(3, generator=g, dtype=torch.float64) * 6.283
+        self.spread, self.guidance, self.hw = spread, guidance, (height, width)
+        logits = torch.randn(components, generator=g, dtype=torch.float64)
+        self.log_weights = {"uncond": torch.zeros(components, dtype=torch.float64),
+                            "cond": torch.log_softmax(2.0 * logits, 0)}
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        if probe:
+            self.layer_probe = lambda: self.last
+
+    def component_means(self, start: int, frames: int, window_index: int) -> torch.Tensor:
+        """[K, C, F, h, w]: means drifting smoothly over latent frames and pixels; a small per-window offset stands in
+        for the conditioning that differs between windows."""
+        h, w = self.hw
+        f = torch.arange(start, start + frames, dtype=torch.float64).view(-1, 1, 1)
+        i = torch.arange(h, dtype=torch.float64).view(1, -1, 1)
+        j = torch.arange(w, dtype=torch.float64).view(1, 1, -1)
+        wave = torch.cos(0.15 * f + 0.4 * i + self.phase[0]) * torch.sin(0.3 * j + 0.2 * f + self.phase[1])
+        mu = self.means.view(*self.means.shape, 1, 1, 1) + self.drift.view(*self.drift.shape, 1, 1, 1) * wave
+        return mu + 0.05 * window_index
+
+    def velocity(self, x: torch.Tensor, sigma: float, mu: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        a = 1.0 - sigma
+        var = a * a * self.spread**2 + sigma * sigma
+        diff = x - a * mu  # [K, C, F, h, w]
+        logits = log_weights.view(-1, 1, 1, 1) - (diff * diff).sum(1) / (2 * var)
+        post = torch.softmax(logits, dim=0).unsqueeze(1)
+        x0_k = mu + (a * self.spread**2 / var) * diff
+        x0 = (post * x0_k).sum(0)
+        return (x - x0) / sigma
+
+    def __call__(self, window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas[step]
+        x = latents[0].double()
+        mu = self.component_means(window.start, latents.shape[2], window.index)
+        v_u = self.velocity(x, sigma, mu, self.log_weights["uncond"])
+        v_c = self.velocity(x, sigma, mu, self.log_weights["cond"])
+        v = (v_u + self.guidance * (v_c - v_u)).unsqueeze(0).to(latents.dtype)
+        self.last = (latents.detach().clone(), v.detach().clone())
+        return v
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    peak = float(ref.max() - ref.min())
+    mse = float(((x.double() - ref.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+class UniPCWindows:
+    """diffusers' UniPCMultistepScheduler (flow mode) as a window Denoiser: one scheduler per window, and the
+    velocity handed to the sampler's Euler step is the one that lands on UniPC's next sample."""
+
+    def __init__(self, denoise, steps: int, shift: float, order: int = 2):
+        from diffusers import UniPCMultistepScheduler
+
+        self.denoise = denoise
+        self.template = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=shift, solver_order=order, num_train_timesteps=1000)
+        self.template.set_timesteps(steps)
+        self.sigmas = self.template.sigmas.float()
+        self.schedulers: dict[int, object] = {}
+
+    def __call__(self, window, step, latents):
+        sched = self.schedulers.setdefault(window.index, copy.deepcopy(self.template))
+        v = self.denoise(window, step, latents)
+        nxt = sched.step(v, sched.timesteps[step], latents, return_dict=False)[0]
+        if step == len(sched.timesteps) - 1:
+            del self.schedulers[window.index]
+        return (nxt - latents) / (self.sigmas[step + 1] - self.sigmas[step])
+
+
+def run(plan, sigmas, noise, denoise, predictor=None, streaming=False):
+    counted = CountedDenoiser(denoise)
+    if streaming:
+        chunks = sample_streaming(plan, sigmas, lambda s, e: noise[:, :, s:e], counted, predictor=predictor)
+        out = torch.cat([c.latents for c in chunks], dim=2)
+    else:
+        out = sample_joint(plan, sigmas, noise, counted, predictor=predictor)
+    return out, counted.calls / len(plan.windows)
+
+
+def closed_form_table(args) -> list[tuple[str, float, float]]:
+    ref = load_preset("reference")
+    plan = plan_windows(args.latent_frames, 21, ref.overlap, ref.blend)
+    noise = torch.randn(1, 16, plan.latent_frames, 8, 8, generator=torch.Generator().manual_seed(ref.seed or 42))
+    sigmas = flow_sigmas(ref.steps, ref.shift)
+
+    def flow(grid, probe=True):
+        return MixtureFlow(grid, guidance=args.guidance, probe=probe)
+
+    reference, ref_nfe = run(plan, sigmas, noise, flow(sigmas))
+    rows = [("reference (Euler 50)", ref_nfe, math.inf)]
+    nfes = []
+    for name in PRESETS:
+        prediction = load_preset(name).prediction
+        out, nfe = run(plan, sigmas, noise, flow(sigmas), prediction)
+        rows.append((f"{name} (prediction)", nfe, psnr(out, reference)))
+        nfes.append(nfe)
+        if args.no_probe:
+            out, nfe = run(plan, sigmas, noise, flow(sigmas, probe=False), prediction)
+            rows.append((f"{name} (no layer probe)", nfe, psnr(out, reference)))
+    for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
+        grid = flow_sigmas(steps, ref.shift)
+        out, nfe = run(plan, grid, noise, flow(grid))
+        rows.append((f"Euler {steps} steps", nfe, psnr(out, reference)))
+        for order in (2, 3):
+            unipc = UniPCWindows(flow(sigmas), steps, ref.shift, order)
+            unipc.denoise = flow(unipc.sigmas)
+            out, nfe = run(plan, unipc.sigmas, noise, unipc)
+            rows.append((f"UniPC-{order} {steps} steps", nfe, psnr(out, reference)))
+    return rows
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def model_rows(args):
+    """The same comparison with a real StableAvatar model, through the pipeline's own feature and denoiser code."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    from avatarcli.decode.stream import decode_all
+    from avatarcli.features.image import clip_features, reference_condition
+    from avatarcli.features.text import encode_prompts
+    from avatarcli.loading.stableavatar import load_stableavatar
+    from avatarcli.models.stableavatar import AvatarTransformerBlock
+    from avatarcli.pipeline import (WINDOW_LATENT_FRAMES, AnimateJob, frame_noise, prepare_inputs, resolve_device,
+                                    resolve_dtype, window_samples)
+    from avatarcli.features.audio import wav2vec_features
+    from avatarcli.sampling.denoiser import StableAvatarDenoiser
+    from avatarcli.sampling.guidance import Guidance
+    from avatarcli.sampling.predict import BlockProbe
+    from avatarcli.sampling.windows import latent_frames_for
+
+    ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=args.audio, output=Path("unused.mp4"), preset=ref,
+                     null_sink=True)
+    inputs = prepare_inputs(job)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
+    c = load_stableavatar(args.weights, inputs.checkpoint, device, dtype)
+    model = c.transformer
+    text = encode_prompts(c.text_encoder, c.tokenizer, [job.negative_prompt, job.prompt], device=device)
+    image_tokens = clip_features(c.image_encoder, inputs.portrait, inputs.width, inputs.height)
+    condition = reference_condition(c.vae, inputs.portrait, inputs.width, inputs.height,
+                                    num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+    plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, ref.overlap, ref.blend)
+    guidance = Guidance(ref.guidance, ref.text_scale, ref.audio_scale)
+    shape = (16, inputs.height // 8, inputs.width // 8)
+    noise = frame_noise(ref.seed, 0, plan.latent_frames, shape, device)
+
+    def window_audio(window):
+        return wav2vec_features(c.audio_encoder, c.feature_extractor, window_samples(inputs.samples, window, ref.fps))
+
+    def denoiser(sigmas, cached=False):
+        inner = StableAvatarDenoiser(model, guidance, positive_text=text[1:2], negative_text=text[0:1],
+                                     image_tokens=image_tokens, condition=condition, window_audio=window_audio,
+                                     sigmas=sigmas)
+        if not cached:
+            return inner
+
+        def call(window, step, latents):  # one cache state per window, like the predictor's
+            with model.cache_context(f"window{window.index}"):
+                return inner(window, step, latents)
+
+        return call
+
+    # Full-compute forwards of the cache hooks: forwards in which the last block's self-attention ran (68% of a
+    # full-size step; a skipped block or a TaylorSeer-predicted attention never reaches its q projection).
+    executed = {"n": 0}
+    model.blocks[-1].attn1.to_q.register_forward_pre_hook(lambda *a: executed.__setitem__("n", executed["n"] + 1))
+
+    def frames(latents):
+        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
+
+    sigmas = flow_sigmas(ref.steps, ref.shift)
+    tick = time.perf_counter()
+    reference_latents, ref_nfe = run(plan, sigmas, noise, denoiser(sigmas))
+    print(f"  reference: {time.perf_counter() - tick:.1f} s", file=sys.stderr, flush=True)
+    reference = frames(reference_latents)
+    rows = [("reference (Euler 50)", ref_nfe, math.inf)]
+
+    def score(latents):
+        x, r = frames(latents).double(), reference.double()
+        mse = float(((x - r) ** 2).mean())
+        return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+    nfes = []
+    probe = BlockProbe(model.blocks[0], model.blocks[-1])
+    for name in PRESETS:
+        prediction = load_preset(name).prediction
+        inner = denoiser(sigmas)
+        inner.layer_probe = probe
+        out, nfe = run(plan, sigmas, noise, inner, prediction)
+        rows.append((f"{name} (prediction)", nfe, score(out)))
+        note(rows[-1])
+        nfes.append(nfe)
+    probe.close()
+    for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
+        grid = flow_sigmas(steps, ref.shift)
+        out, nfe = run(plan, grid, noise, denoiser(grid))
+        rows.append((f"Euler {steps} steps", nfe, score(out)))
+        unipc = UniPCWindows(None, steps, ref.shift, 2)
+        unipc.denoise = denoiser(unipc.sigmas)
+        out, nfe = run(plan, unipc.sigmas, noise, unipc)
+        rows.append((f"UniPC-2 {steps} steps", nfe, score(out)))
+        note(rows[-1])
+
+    # diffusers' cache hooks on the same model and 50-step grid. Our block subclass must be registered for the
+    # block-level hooks; MagCache's ratios are calibrated on this model first (only Flux ratios ship).
+    TransformerBlockRegistry.register(AvatarTransformerBlock, TransformerBlockMetadata(
+        return_hidden_states_index=0, return_encoder_hidden_states_index=None))
+    import contextlib
+    import io
+
+    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=ref.steps))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run(plan, sigmas, noise, denoiser(sigmas, cached=True))
+    model.disable_cache()
+    ratios = [float(v) for v in printed.getvalue().strip().splitlines()[-1].strip("[] ").split(",")]
+    configs = [(f"FirstBlockCache {t}", FirstBlockCacheConfig(threshold=t)) for t in (0.05, 0.1, 0.2)]
+    configs += [(f"TaylorSeer interval {i}", TaylorSeerCacheConfig(cache_interval=i, disable_cache_before_step=3,
+                                                                   max_order=2, taylor_factors_dtype=torch.float32,
+                                                                   cache_identifiers=[r"blocks\.\d+\.attn[12]"]))
+                for i in (3, 6)]
+    configs += [(f"MagCache {t}", MagCacheConfig(threshold=t, max_skip_steps=k, retention_ratio=0.1,
+                                                 num_inference_steps=ref.steps, mag_ratios=ratios))
+                for t, k in ((0.06, 3), (0.24, 6), (1.0, 12))]
+    for name, config in configs:
+        model.enable_cache(config)
+        executed["n"] = 0
+        out, _ = run(plan, sigmas, noise, denoiser(sigmas, cached=True))
+        rows.append((name, executed["n"] / len(plan.windows), score(out)))
+        note(rows[-1])
+        model.disable_cache()
+    title = (f"StableAvatar {args.weights}, {inputs.width}x{inputs.height}, {inputs.frames} frames, "
+             f"{len(plan.windows)} windows, cfg, reference overlap/blend, PSNR of decoded uint8 frames")
+    return rows, title
+
+
+def note(row) -> None:
+    print(f"  {row[0]}: NFE {row[1]:.1f}, {row[2]:.2f} dB", file=sys.stderr, flush=True)
+
+
+def print_table(title: str, rows, reference_nfe: float) -> None:
+    print(title)
+    print("| method | NFE / window | NFE vs reference | PSNR vs reference (dB) |")
+    print("| --- | --- | --- | --- |")
+    for name, nfe, value in rows:
+        shown = "exact" if math.isinf(value) else f"{value:.2f}"
+        print(f"| {name} | {nfe:.1f} | 1/{reference_nfe / nfe:.2f} | {shown} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latent-frames", type=int, default=53, help="latent frames (53 = three windows at overlap 5)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="closed-form flow: guidance scale")
+    parser.add_argument("--no-probe", action="store_true", help="also run each preset without the layer probe")
+    parser.add_argument("--weights", type=Path, help="run a StableAvatar weights folder instead of the closed form")
+    parser.add_argument("--tiny", action="store_true", help="like --weights, with tiny random weights")
+    parser.add_argument("--size", default="64x64", help="with --weights: output size")
+    parser.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav", help="with --weights: speech")
+    parser.add_argument("--device", default="auto", help="with --weights: device")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tick = time.perf_counter()
+    if args.weights or args.tiny:
+        if args.tiny:
+            from avatarcli.testing import make_tiny_weights
+
+            args.weights = make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", model="stableavatar")
+        rows, title = model_rows(args)
+    else:
+        rows = closed_form_table(args)
+        title = (f"closed-form Gaussian-mixture flow, {args.latent_frames} latent frames x 16 ch x 8 x 8, "
+                 f"guidance {args.guidance}, reference preset's overlap/blend, {time.perf_counter() - tick:.1f} s")
+    print_table(title, rows, rows[0][1])
+
+
+if __name__ == "__main__":
+    main()
