@@ -52,6 +52,8 @@ def animate(
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    model: str = typer.Option("stableavatar", "--model", help="stableavatar, or demo: the small embedded model "
+                              "trained on the synthetic world (no download; 128x128 unless --size)."),
 ):
     """Animate PORTRAIT speaking AUDIO: an mp4 as long as the audio, with the audio muxed in."""
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run
@@ -59,11 +61,18 @@ def animate(
 
     if not 0 <= crf <= 51:
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
+    if model not in ("stableavatar", "demo"):
+        raise UserError(f"--model must be stableavatar or demo, got {model!r}")
+    if model == "demo":
+        from avatarcli.demo.model import demo_size
+
+        size = demo_size(size)
     chosen = load_preset(preset).with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap,
                                                 blend=blend, checkpoint=checkpoint, seed=seed)
     job = AnimateJob(portrait=portrait, audio=audio, output=output or Path(portrait.stem + ".mp4"), preset=chosen,
                      prompt=prompt or DEFAULT_PROMPT, seed=chosen.seed if chosen.seed is not None else 42,
-                     weights=weights, device=device, dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit)
+                     weights=weights, device=device, dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit,
+                     model=model)
     if quiet or as_json:
         result = run(job)
     else:
@@ -158,6 +167,9 @@ def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A wei
 
 
 def _register_optional_commands() -> None:
+    from avatarcli.cli_demo import register as register_demo
+
+    register_demo(app)
     try:
         from avatarcli.cli_sfd import register
     except ImportError:

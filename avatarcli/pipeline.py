@@ -53,6 +53,7 @@ class AnimateJob:
     vae_dtype: str = "auto"  # VAE decode precision: auto = bf16 on GPU (47-48 dB PSNR against fp32), fp32 on CPU
     compile: bool = False  # fuse q/k/v and torch.compile the DiT blocks (GPU; ~30 s once, ~20% faster per step)
     null_sink: bool = False  # benchmarks: generate and decode, write nothing
+    model: str = "stableavatar"  # "demo": the embedded demo weights (avatarcli.demo.model), no download
 
 
 @dataclass
@@ -134,8 +135,8 @@ def prepare_inputs(job: AnimateJob) -> PreparedInputs:
     samples = load_audio(job.audio, SAMPLE_RATE)
     width, height = resolve_size(job.preset.size, *portrait.size)
     frames = max(1, round(len(samples) * job.preset.fps / SAMPLE_RATE))
-    return PreparedInputs(portrait, samples, width, height, frames,
-                          resolve_checkpoint(job.preset.checkpoint, width, height))
+    checkpoint = "square" if job.model == "demo" else resolve_checkpoint(job.preset.checkpoint, width, height)
+    return PreparedInputs(portrait, samples, width, height, frames, checkpoint)
 
 
 def window_samples(samples: np.ndarray, window: Window, fps: int) -> np.ndarray:
@@ -193,7 +194,12 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         from avatarcli.loading.stableavatar import load_stableavatar
 
         with clock("load"):
-            weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+            if job.model == "demo":
+                from avatarcli.demo.model import demo_weights_dir
+
+                weights = demo_weights_dir()
+            else:
+                weights = resolve_weights("stableavatar", job.weights, job.allow_download)
             components = load_stableavatar(weights, inputs.checkpoint, device, dtype)
     if job.compile and device.type == "cuda":
         with quiet_diffusers():
