@@ -83,12 +83,13 @@ class TrainConfig:
     dit_seconds: float = 240.0
     ema: float = 0.999
     device: str = "cuda"
+    size: int = world.SIZE  # frame size of the training videos
     init: str | None = None  # continue from a weights folder: audio encoder kept, VAE decoder and DiT trained on
 
     @classmethod
     def tiny(cls) -> TrainConfig:
         """A few iterations of everything on CPU at toy sizes (tests)."""
-        return cls(identities=2, clip_latents=22, workers=0,
+        return cls(identities=1, clip_latents=22, workers=0, size=32,
                    sizes=DemoSizes(dim=32, num_heads=2, ffn_dim=32, num_layers=1, freq_dim=32, vae_base=4,
                                    audio_dim=32, audio_layers=1, audio_heads=2, audio_conv=8),
                    audio_steps=2, audio_batch=2, vae_steps=2, vae_batch=1, vae_clip_frames=5, dit_steps=2,
@@ -108,13 +109,13 @@ def transformer_sizes(sizes: DemoSizes) -> dict:
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def _render_one(args: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    seed, frames = args
+def _render_one(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    seed, frames, size = args
     identity = world.random_identity(seed)
     samples = world.speech(seed, frames / world.FPS)
-    video = world.render_video(identity, samples, motion_seed=seed)
+    video = world.render_video(identity, samples, motion_seed=seed, size=size)
     openness = world.mouth_openness(samples, frames=len(video))
-    return video, samples, np.asarray(world.portrait(identity)), openness.astype(np.float32)
+    return video, samples, np.asarray(world.portrait(identity, size)), openness.astype(np.float32)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Pool:
 def make_pool(config: TrainConfig, log: Callable[[str], None]) -> Pool:
     """Identities 1_000_000 + seed * 100_000 + i, so the training people are not the small-seed demo faces."""
     frames = 4 * (config.clip_latents - 1) + 1
-    jobs = [(1_000_000 + config.seed * 100_000 + i, frames) for i in range(config.identities)]
+    jobs = [(1_000_000 + config.seed * 100_000 + i, frames, config.size) for i in range(config.identities)]
     started = time.perf_counter()
     if config.workers:
         import multiprocessing
