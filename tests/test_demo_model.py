@@ -92,3 +92,43 @@ def test_training_script_tiny_mode_writes_loadable_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights load strictly" in result.stdout
     assert (out / "StableAvatar-1.3B" / "transformer3d-square.safetensors").is_file()
+
+
+def test_export_round_trips_through_the_loaders_value_for_value():
+    from avatarcli.demo.train import TrainConfig, export_transformer, export_vae, new_transformer, new_vae, \
+        transformer_sizes
+    from avatarcli.loading.components import vae_from_state_dict
+    from avatarcli.loading.transformer import build_transformer
+    from avatarcli.testing.stableavatar import wan_config
+
+    sizes = TrainConfig.tiny().sizes
+    torch.manual_seed(0)
+    model, vae = new_transformer(sizes), new_vae(sizes)
+    loaded = build_transformer(export_transformer(model, sizes), wan_config(transformer_sizes(sizes)))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    loaded_vae = vae_from_state_dict(export_vae(vae, sizes))
+    for key, value in vae.state_dict().items():
+        torch.testing.assert_close(loaded_vae.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_folded_latent_statistics_normalise_with_the_wan_constants_and_decode_the_same():
+    from avatarcli.demo.train import DemoSizes, decode_for_training, fold_latent_statistics, new_vae
+
+    torch.manual_seed(0)
+    vae = new_vae(DemoSizes(vae_base=4)).eval()
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    wan_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    wan_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mode()
+        before = decode_for_training(vae, mu)
+        mean, std = mu.mean(dim=(0, 2, 3, 4)), mu.std(dim=(0, 2, 3, 4))
+        fold_latent_statistics(vae, mean, std)
+        folded = vae.encode(x).latent_dist.mode()
+        normalised = (folded - wan_mean) / wan_std
+        torch.testing.assert_close(normalised, (mu - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decode_for_training(vae, folded), before, rtol=1e-4, atol=1e-4)
+        # the training decode is diffusers' decode without its final clamp
+        torch.testing.assert_close(decode_for_training(vae, folded).clamp(-1, 1), vae.decode(folded).sample)

@@ -348,6 +348,20 @@ def train_audio_encoder(pool: Pool, config: TrainConfig, log) -> torch.nn.Module
     return model.eval().requires_grad_(False)
 
 
+def decode_for_training(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z).sample` without its final clamp to [-1, 1]: a clamped output gets no gradient, so a pixel pushed
+    past the range by one update could never come back. Same causal per-latent-frame loop as diffusers' _decode."""
+    vae.clear_cache()
+    hidden = vae.post_quant_conv(z)
+    frames = []
+    for i in range(hidden.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(hidden[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
 def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module:
     """From scratch, or (given `vae`) only its decoder side, so its latent space and every DiT trained on it stay."""
     device = torch.device(config.device)
@@ -377,7 +391,7 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module
             with torch.set_grad_enabled(not decoder_only):
                 posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn_like(posterior.std)
-            recon = vae.decode(z).sample
+            recon = decode_for_training(vae, z)
         rec = ((recon.float() - x).abs() * weight).mean() / weight.mean()
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         loss = rec + config.vae_kl * kl
