@@ -76,11 +76,11 @@ class TrainConfig:
     vae_clip_frames: int = 17
     vae_lr: float = 5e-4
     vae_kl: float = 1e-4
-    vae_seconds: float = 140.0
+    vae_seconds: float = 300.0
     dit_steps: int = 100000
     dit_batch: int = 96
     dit_lr: float = 4e-4
-    dit_seconds: float = 240.0
+    dit_seconds: float = 420.0
     ema: float = 0.999
     device: str = "cuda"
     size: int = world.SIZE  # frame size of the training videos
