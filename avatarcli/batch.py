@@ -26,6 +26,7 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "seed": int, "size": str, "fps": int, "steps": int, "guidance": str, "overlap": int, "blend": str,
     "checkpoint": str, "device": str, "dtype": str, "vae_dtype": str, "crf": int, "compile": bool, "no_audio": bool,
     "emo_scale": (int, float), "text_scale": (int, float), "offload": str, "weights_dtype": str, "decoder": str,
+    "model": str,
 }
 PRESET_OVERRIDES = ("size", "fps", "steps", "guidance", "overlap", "blend", "checkpoint", "seed", "emo_scale",
                     "text_scale", "decoder")
@@ -186,7 +187,8 @@ def build_job(options: dict[str, Any], base: Path, resume: bool):
                       device=options.get("device", "auto"), dtype=options.get("dtype", "auto"), crf=crf,
                       vae_dtype=options.get("vae_dtype", "auto"), compile=options.get("compile", False),
                       mux_audio=not options.get("no_audio", False), resume=resume,
-                      offload=options.get("offload", "none"), weights_dtype=options.get("weights_dtype", "auto"))
+                      offload=options.get("offload", "none"), weights_dtype=options.get("weights_dtype", "auto"),
+                      model=options.get("model", "stableavatar"))
 
 
 def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> list[BatchEntry]:

@@ -77,6 +77,8 @@ def animate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
+    model: str = typer.Option("stableavatar", "--model", help="stableavatar, or demo: the small embedded model "
+                              "trained on the synthetic world (no download; 128x128 unless --size)."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
@@ -88,6 +90,14 @@ def animate(
         raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
     if weights_dtype not in ("auto", "fp8"):
         raise UserError(f"--weights-dtype must be auto or fp8, got {weights_dtype!r}")
+    if model not in ("stableavatar", "demo"):
+        raise UserError(f"--model must be stableavatar or demo, got {model!r}")
+    if model == "demo":
+        if driving is not None:
+            raise UserError("--model demo is an audio-driven model: use it with --audio")
+        from avatarcli.demo.model import demo_size
+
+        size = demo_size(size)
     if driving is not None and fps is not None:
         raise UserError("--fps does not apply to --driving: the video keeps the driving video's frame rate")
     chosen = load_preset(preset).for_driver("driving" if driving is not None else "audio")
@@ -100,7 +110,7 @@ def animate(
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume, offload=offload, weights_dtype=weights_dtype)
+                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
     prepared = prepare(job)  # bad input fails here, before any model loads
     with stop_on_signals() as stop:
         if quiet or as_json:
@@ -235,6 +245,9 @@ def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A wei
 
 
 def _register_optional_commands() -> None:
+    from avatarcli.cli_demo import register as register_demo
+
+    register_demo(app)
     try:
         from avatarcli.cli_sfd import register
     except ImportError:

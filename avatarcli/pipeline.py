@@ -44,6 +44,7 @@ class AnimateJob:
     resume: bool = False  # continue the unfinished run saved beside the output (avatarcli/resume.py), if any
     # seconds of work between saves of the resume state (0: after every window-step)
     save_every: float = field(default_factory=lambda: float(os.environ.get("AVATARCLI_SAVE_EVERY", "120")))
+    model: str = "stableavatar"  # "demo": the embedded demo weights (avatarcli.demo.model), no download
 
 
 @dataclass

@@ -54,18 +54,33 @@ class StableAvatarDriver:
         width, height = resolve_size(job.preset.size, *portrait.size)
         fps = job.preset.fps
         frames = max(1, round(len(samples) * fps / SAMPLE_RATE))
+        if job.model == "demo":
+            from avatarcli.demo.model import DEMO_CHECKPOINT
+
+            checkpoint = DEMO_CHECKPOINT  # the demo ships one transformer
+        else:
+            checkpoint = resolve_checkpoint(job.preset.checkpoint, width, height)
         return Inputs(portrait=portrait, width=width, height=height, frames=frames, fps=fps, audio_track=job.audio,
-                      signal=samples, checkpoint=resolve_checkpoint(job.preset.checkpoint, width, height))
+                      signal=samples, checkpoint=checkpoint)
+
+    @staticmethod
+    def weights_dir(job: AnimateJob):
+        if job.model == "demo":
+            from avatarcli.demo.model import demo_weights_dir
+
+            return demo_weights_dir()  # embedded: no download
+        from avatarcli.hub import resolve_weights
+
+        return resolve_weights("stableavatar", job.weights, job.allow_download)
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
-        return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile)
+        return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
-        from avatarcli.hub import resolve_weights
         from avatarcli.loading.stableavatar import load_stableavatar
         from avatarcli.runtime import quiet_diffusers
 
-        weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+        weights = self.weights_dir(job)
         components = load_stableavatar(weights, inputs.checkpoint, device, dtype)
         if job.compile and device.type == "cuda":
             with quiet_diffusers():
@@ -82,7 +97,6 @@ class StableAvatarDriver:
 
         import torch
 
-        from avatarcli.hub import resolve_weights
         from avatarcli.loading.transformer import load_stableavatar_transformer
 
         key = self.models_key(job, inputs)
@@ -92,7 +106,7 @@ class StableAvatarDriver:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+        weights = self.weights_dir(job)
         components.transformer = load_stableavatar_transformer(weights, inputs.checkpoint, dtype=dtype, device=device)
         return components
 
@@ -114,11 +128,10 @@ class StableAvatarDriver:
             prompts = (job.negative_prompt, job.prompt)
             if prompts not in components.prompt_cache:
                 if components.text_encoder is None:  # freed by an earlier job sharing these models: load it again
-                    from avatarcli.hub import resolve_weights
                     from avatarcli.loading.components import load_text_encoder
                     from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
 
-                    weights = resolve_weights("stableavatar", job.weights, job.allow_download)
+                    weights = self.weights_dir(job)
                     components.text_encoder, _ = load_text_encoder(
                         weights / T5_FILE, weights / TOKENIZER_FOLDER, device=device,
                         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)

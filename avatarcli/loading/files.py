@@ -92,6 +92,8 @@ def _load_pickle(path: Path) -> object:
 def read_checkpoint(path: str | Path) -> Mapping[str, object]:
     """The file's top-level mapping (a state dict, or a dict holding one under e.g. 'ema' or 'state_dict')."""
     path = Path(path)
+    if not path.is_file() and path.with_suffix(".safetensors").is_file():
+        path = path.with_suffix(".safetensors")  # the same keys in a safetensors container (the embedded demo model)
     if not path.is_file():
         raise AvatarError(f"weight file not found: {path}; download the model files (avatarcli download)")
     if path.suffix == ".safetensors":

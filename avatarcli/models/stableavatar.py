@@ -140,6 +140,12 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
     def audio_context(self, audio: AudioConditioning, tokens: torch.Tensor, e0: torch.Tensor, e: torch.Tensor,
                       latent_frames: int) -> torch.Tensor:
         """Run the adapter once per distinct audio row, then lay the results out per batch element."""
+        if audio.features.shape[0] == tokens.shape[0] and all(
+                row is None or row == i for i, row in enumerate(audio.branch_audio)):
+            # One audio row per batch element (training batches): one batched adapter call.
+            context = self.vocal_projector(audio.features.to(tokens.dtype), tokens, e0, e, latent_frames)
+            keep = torch.tensor([row is not None for row in audio.branch_audio], device=context.device)
+            return torch.where(keep.view(-1, 1, 1, 1), context, torch.zeros_like(context))
         contexts = []
         for row in range(audio.features.shape[0]):
             src = audio.branch_audio.index(row)  # all branches share the noisy latent and timestep
