@@ -211,3 +211,53 @@ def test_sigterm_finishes_the_window_step_saves_and_exits_130(tmp_path, weights,
     monkeypatch.setattr(stableavatar.DRIVER, "build", real_build)
     assert main([str(a) for a in command] + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == 10 and not resume_dir(output).exists()
+
+
+def test_resume_with_step_prediction_continues_the_predictor_exactly(tmp_path):
+    """With step prediction on, the per-window stored velocities are part of the saved state: stopping after any
+    window-step and continuing from a weights_only round trip gives the uninterrupted latents and NFE."""
+    from avatarcli.sampling.predict import Prediction
+
+    plan = plan_windows(40, 21, 8, "log")
+    sigmas = flow_sigmas(12)
+    steps = len(sigmas) - 1
+    noise = torch.randn(1, 4, plan.latent_frames, 2, 3, generator=torch.Generator().manual_seed(5))
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(6))
+    settings = Prediction(order=2, max_predicted=4, tolerance=0.5, warmup=2)
+
+    def denoise(window, step, x):
+        return torch.tanh(torch.einsum("bcfhw,cd->bdfhw", x, mix)) * (1 + 0.05 * float(sigmas[step]))
+
+    def noise_of(s, e):
+        return noise[:, :, s:e]
+
+    predictor = settings.bind(denoise, sigmas)
+    whole = torch.cat([c.latents for c in sample_streaming(plan, sigmas, noise_of, predictor)], dim=2)
+    assert predictor.predicted_steps > 0  # the test needs skipped steps to mean anything
+    full_calls = predictor.full_steps
+
+    class Stop(Exception):
+        pass
+
+    for stop_at in range(3, len(plan.windows) * steps, 5):
+        first = settings.bind(denoise, sigmas)
+        chunks, kept = [], {}
+
+        def after(live, stop_at=stop_at, first=first):
+            if live.window_steps == stop_at:
+                live.extras = first.extras()
+                kept["state"] = live.state_dict()
+                raise Stop
+
+        try:
+            for chunk in sample_streaming(plan, sigmas, noise_of, first, after_step=after):
+                chunks.append(chunk.latents)
+        except Stop:
+            pass
+        torch.save(kept["state"], tmp_path / "s.pt")
+        state = StreamState.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        second = settings.bind(denoise, sigmas)
+        second.load_extras(state.extras)
+        rest = [c.latents for c in sample_streaming(plan, sigmas, noise_of, second, state=state)]
+        assert torch.equal(torch.cat(chunks + rest, dim=2), whole), stop_at
+        assert first.full_steps + second.full_steps == full_calls, stop_at
