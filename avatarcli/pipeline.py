@@ -22,15 +22,15 @@ from avatarcli.errors import AvatarError
 from avatarcli.features.audio import wav2vec_features
 from avatarcli.features.image import clip_features, reference_condition
 from avatarcli.features.text import NEGATIVE_PROMPT, encode_prompts
-from avatarcli.media.audio import SAMPLE_RATE, load_audio
-from avatarcli.media.image import load_portrait
-from avatarcli.presets import Preset, resolve_checkpoint, resolve_size
+from avatarcli.inputs import PreparedInputs, check_inputs
+from avatarcli.media.audio import SAMPLE_RATE
+from avatarcli.presets import Preset
 from avatarcli.sampling.denoiser import StableAvatarDenoiser
 from avatarcli.sampling.guidance import Guidance
 from avatarcli.sampling.sampler import sample_streaming
 from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import Window, latent_frames_for, plan_windows
-from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink, check_writable_output
+from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink
 
 WINDOW_LATENT_FRAMES = 21  # 81 video frames per window, as StableAvatar was trained
 DEFAULT_PROMPT = "The protagonist is talking."  # the fixed training prompt family of the reference
@@ -82,16 +82,6 @@ class AnimateResult:
     peak_rss_bytes: int = 0
 
 
-@dataclass
-class PreparedInputs:
-    portrait: object  # PIL image, EXIF-oriented, RGB
-    samples: np.ndarray  # 16 kHz mono float32
-    width: int
-    height: int
-    frames: int
-    checkpoint: str
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,14 +118,7 @@ def quiet_diffusers():
 
 def prepare_inputs(job: AnimateJob) -> PreparedInputs:
     """Everything that can fail on bad input, before any model is loaded."""
-    if not job.null_sink:
-        check_writable_output(job.output)
-    portrait = load_portrait(job.portrait)
-    samples = load_audio(job.audio, SAMPLE_RATE)
-    width, height = resolve_size(job.preset.size, *portrait.size)
-    frames = max(1, round(len(samples) * job.preset.fps / SAMPLE_RATE))
-    return PreparedInputs(portrait, samples, width, height, frames,
-                          resolve_checkpoint(job.preset.checkpoint, width, height))
+    return check_inputs(job.portrait, job.audio, None if job.null_sink else job.output, job.preset)
 
 
 def window_samples(samples: np.ndarray, window: Window, fps: int) -> np.ndarray:
@@ -179,9 +162,11 @@ class StageClock:
             torch.cuda.synchronize(self.device)
 
 
-def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, components=None) -> AnimateResult:
+def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, components=None,
+            inputs: PreparedInputs | None = None) -> AnimateResult:
+    """Run `job`; `inputs` from check_inputs() may be given when the caller has already checked and decoded them."""
     started = time.perf_counter()
-    inputs = prepare_inputs(job)
+    inputs = inputs if inputs is not None else prepare_inputs(job)
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     clock = StageClock(device)
