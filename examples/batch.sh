@@ -8,15 +8,17 @@
 #   Example:   examples/batch.sh examples/pairs.txt out -- --preset fast --seed 7
 #
 # Every pair adds one JSON line to OUT_DIR/results.jsonl (and stdout): avatarcli's own summary on success, or
-# {"portrait", "audio", "output", "exit_code", "error"} on failure. avatarcli exits 0 when the video was written,
-# 2 for a bad input (unreadable image, audio without speech, ...) and 1 for an internal failure.
-# This script exits 0 if every pair succeeded, 2 if the only failures were bad inputs, 1 otherwise.
+# {"portrait", "audio", "output", "exit_code", "error"} on failure. avatarcli exits 0 when the video was written
+# (silent audio too: it warns and still writes the video), 2 for a bad input (unreadable image or audio, no
+# samples, ...), 3 for an environment problem (network, weights, memory, disk), 130 when interrupted, 1 for a bug.
+# This script exits 0 if every pair succeeded, 2 if the only failures were bad inputs, 1 otherwise; Ctrl-C stops
+# the whole batch (exit 130).
 # Set AVATARCLI to run another command, e.g. AVATARCLI="python -m avatarcli".
 
 set -u
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -85,6 +87,10 @@ while read -r portrait audio output _ || [[ -n "${portrait:-}" ]]; do
             "$(json_string "$message")" | tee -a "$results"
         echo "batch.sh: failed (exit $code): $message" >&2
         failed=$((failed + 1))
+        if [[ $code -eq 130 ]]; then
+            echo "batch.sh: interrupted; $ok succeeded before that" >&2
+            exit 130
+        fi
         if [[ $code -eq 2 ]]; then
             [[ $status -eq 0 ]] && status=2
         else
