@@ -52,6 +52,7 @@ def _global_options(
                                  help="Print the version and exit."),
 ) -> None:
     """Talking-portrait video from one image and speech, streamed to mp4."""
+    # --debug is acted on by main(), which also accepts it after the command name.
 
 
 @app.command()
