@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, AvatarError, Interrupted, \
-    as_environment_problem, exit_code_for
+from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, AvatarError, EnvironmentProblem, \
+    Interrupted, as_environment_problem, exit_code_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Talking-portrait video from one image and speech, streamed to mp4.")
@@ -92,6 +92,9 @@ def animate(
     inputs = check_inputs(portrait, audio, output, chosen)  # bad input fails here, before torch is imported
     if is_silent(inputs.samples):
         err.print(SILENT_AUDIO_WARNING, markup=False, highlight=False)
+    if weights is not None and not weights.expanduser().is_dir():
+        raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
+                                 f"use (and fill) the Hub cache")
     try:
         from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run
 

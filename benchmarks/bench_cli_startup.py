@@ -6,6 +6,9 @@ machine, and much less sensitive to other load than the wall time), and whether 
 must not be for any of these).
 
     python benchmarks/bench_cli_startup.py [--runs 5]
+
+Cases: --help, animate --help, --version, and animate with a missing portrait, unreadable audio, an unknown flag and
+a --weights folder that does not exist.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def cases(folder: Path) -> dict[str, list[str]]:
         "missing portrait": ["animate", str(folder / "nope.png"), "--audio", str(speech), "-o", str(out)],
         "unreadable audio": ["animate", str(portrait), "--audio", str(unreadable), "-o", str(out)],
         "bad flag": ["animate", str(portrait), "--audio", str(speech), "--no-such-flag"],
+        "no --weights folder": ["animate", str(portrait), "--audio", str(speech), "-o", str(out), "--weights",
+                                str(folder / "nowhere")],
     }
 
 

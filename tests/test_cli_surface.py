@@ -48,14 +48,19 @@ def rejected_inputs(folder: Path) -> dict[str, list[str]]:
         "missing portrait": ["animate", str(folder / "nope.png"), "--audio", str(speech), "-o", str(out)],
         "unreadable audio": ["animate", str(portrait), "--audio", str(unreadable), "-o", str(out)],
         "bad flag": ["animate", str(portrait), "--audio", str(speech), "--no-such-flag"],
+        "no weights folder": ["animate", str(portrait), "--audio", str(speech), "-o", str(out), "--weights",
+                              str(folder / "nowhere")],
     }
 
 
-@pytest.mark.parametrize("case", ["--help", "animate --help", "--version", "missing portrait", "unreadable audio",
-                                  "bad flag"])
+EXPECTED_CODE = {"--help": 0, "animate --help": 0, "--version": 0, "missing portrait": 2, "unreadable audio": 2,
+                 "bad flag": 2, "no weights folder": 3}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED_CODE))
 def test_help_and_rejected_input_never_import_torch(tmp_path, case):
     args = rejected_inputs(tmp_path)[case]
-    code = f"from avatarcli.cli import main\nrc = main({args!r})\nassert rc == {0 if 'help' in case or 'version' in case else 2}, rc"
+    code = f"from avatarcli.cli import main\nrc = main({args!r})\nassert rc == {EXPECTED_CODE[case]}, rc"
     assert heavy_modules_after(code) == []
 
 

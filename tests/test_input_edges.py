@@ -1,7 +1,8 @@
 """Portraits and audio at the edges: high bit depths, tiny and huge images, silent, multichannel and odd-rate audio.
 
 Loading is checked in-process for the exact tones; acceptance and rejection go through the installed console script.
-An accepted input is shown by `animate` getting past the input checks to the (empty) weights folder, exit 3.
+An accepted input is shown by `animate` getting past the input checks to a --weights folder that does not exist
+(exit 3), which it checks before importing torch.
 """
 
 from __future__ import annotations
@@ -120,11 +121,10 @@ def test_float_and_32_bit_grey_keep_their_tones(tmp_path):
 
 def test_sixteen_bit_grey_png_runs_through_the_cli(tmp_path):
     portrait = sixteen_bit_portraits(tmp_path)["grey"]
-    empty = tmp_path / "no-weights"
-    empty.mkdir()
-    result = cli("animate", portrait, "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4", "--weights", empty)
+    nowhere = tmp_path / "no-weights"  # never created: the run stops right after the input checks
+    result = cli("animate", portrait, "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4", "--weights", nowhere)
     assert result.returncode == 3, result.stderr  # past the input checks, stopped at the missing weights
-    assert "--weights folder" in result.stderr
+    assert "--weights folder" in result.stderr and "does not exist" in result.stderr
 
 
 # ---- too small, very large, beyond the limit -----------------------------------------------------------------------
@@ -147,9 +147,8 @@ def test_a_very_large_portrait_is_downscaled_without_warnings(tmp_path, recwarn)
     image = load_portrait(big)
     assert not recwarn.list
     assert max(image.size) == MAX_SIDE and np.abs(np.asarray(image)[5, 5].astype(int) - (20, 160, 60)).max() <= 3
-    empty = tmp_path / "no-weights"
-    empty.mkdir()
-    result = cli("animate", big, "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4", "--weights", empty)
+    nowhere = tmp_path / "no-weights"  # never created: the run stops right after the input checks
+    result = cli("animate", big, "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4", "--weights", nowhere)
     assert result.returncode == 3, result.stderr
     assert "Warning" not in result.stderr and "DecompressionBomb" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -180,9 +179,8 @@ def test_a_portrait_beyond_the_limit_exits_2_stating_it(tmp_path):
 def test_silent_audio_warns_once_and_is_accepted(tmp_path):
     audio = tmp_path / "silent.wav"
     write_wav(audio, np.zeros(SAMPLE_RATE))
-    empty = tmp_path / "no-weights"
-    empty.mkdir()
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", audio, "-o", tmp_path / "o.mp4", "--weights", empty)
+    nowhere = tmp_path / "no-weights"  # never created: the run stops right after the input checks
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", audio, "-o", tmp_path / "o.mp4", "--weights", nowhere)
     assert result.returncode == 3, result.stderr  # accepted: it stops only at the missing weights
     lines = result.stderr.strip().splitlines()
     assert lines.count(SILENT_LINE) == 1 and len(lines) == 2
@@ -208,9 +206,8 @@ def test_multichannel_and_odd_rate_audio_is_accepted(tmp_path, channels, rate):
     samples = load_audio(audio)
     assert abs(len(samples) - seconds * SAMPLE_RATE) <= 2
     assert abs(np.sqrt(np.mean(samples**2)) - 0.3 / np.sqrt(2)) < 0.02  # down-mixed to the mean, not summed
-    empty = tmp_path / "no-weights"
-    empty.mkdir()
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", audio, "-o", tmp_path / "o.mp4", "--weights", empty)
+    nowhere = tmp_path / "no-weights"  # never created: the run stops right after the input checks
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", audio, "-o", tmp_path / "o.mp4", "--weights", nowhere)
     assert result.returncode == 3, result.stderr
     assert "--weights folder" in result.stderr and "silent" not in result.stderr
 
