@@ -189,6 +189,12 @@ def test_cuda_out_of_memory_exits_3(fault_env, tmp_path):
 # ---- Ctrl-C ---------------------------------------------------------------------------------------------------------
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as at a terminal. A test run started in the background of a non-interactive shell
+    inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_animate_exits_130_and_leaves_no_file(tmp_path, weights):
     audio = tone(tmp_path / "long.wav", 12.0)  # several windows, so generation is still running when interrupted
     out = tmp_path / "out.mp4"
@@ -196,7 +202,7 @@ def test_sigint_during_animate_exits_130_and_leaves_no_file(tmp_path, weights):
     proc = subprocess.Popen([*CLI, "animate", str(EXAMPLES / "portrait.png"), "--audio", str(audio), "-o", str(out),
                              "--weights", str(weights), "--size", "64x64", "--steps", "2", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 300
         while not partial.exists():  # ffmpeg has started: the models are loaded and generation is under way
