@@ -29,8 +29,8 @@ err = Console(stderr=True)
 out = Console()
 
 
-class UserError(Exception):
-    """Raised inside commands for exit code 2 (wraps AvatarError and bad flag values)."""
+class UserError(AvatarError):
+    """Raised inside commands for exit code 2 (bad flag values)."""
 
 
 SILENT_AUDIO_WARNING = "warning: the audio is silent: the portrait will not speak"

@@ -58,6 +58,12 @@ def test_unknown_flag_is_usage_exit_2():
     assert "--no-such-flag" in one_line(result.stderr)
 
 
+def test_a_bad_flag_value_is_usage_exit_2(tmp_path):
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "--crf", "99")
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "error: --crf must be between 0 and 51, got 99"
+
+
 @pytest.mark.parametrize("env,args", [
     ({}, ["doctor", "--weights", "/no/such/dir"]),
     ({"IMAGEIO_FFMPEG_EXE": "/nonexistent/ffmpeg"}, ["doctor"]),
