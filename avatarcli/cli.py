@@ -1,7 +1,9 @@
 """The `avatarcli` command: parses flags, builds a job, calls the library, turns results into output and exit codes.
 
-Exit codes: 0 ok, 1 internal failure, 2 bad input or usage (always one line on stderr, never a traceback).
-Set AVATARCLI_DEBUG=1 to see the traceback of an internal failure.
+Exit codes: 0 ok, 1 a bug, 2 bad input or usage, 3 environment (network, offline without weights, missing or corrupt
+weights, ffmpeg, out of memory, disk full), 130 interrupted; always one line on stderr, a traceback only with --debug
+(or AVATARCLI_DEBUG=1). torch, diffusers and transformers are imported only inside the commands that use them, so
+`--help` and rejected input stay fast.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, AvatarError, EnvironmentProblem, \
+    Interrupted, as_environment_problem, exit_code_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Talking-portrait video from one image and speech, streamed to mp4.")
@@ -25,8 +29,30 @@ err = Console(stderr=True)
 out = Console()
 
 
-class UserError(Exception):
-    """Raised inside commands for exit code 2 (wraps AvatarError and bad flag values)."""
+class UserError(AvatarError):
+    """Raised inside commands for exit code 2 (bad flag values)."""
+
+
+SILENT_AUDIO_WARNING = "warning: the audio is silent: the portrait will not speak"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from avatarcli import __version__
+
+        print(f"avatarcli {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback(epilog="Exit codes: 0 ok, 1 bug, 2 bad input or usage, 3 environment (network, weights, ffmpeg, "
+                     "memory, disk), 130 interrupted.")
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when something fails."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Talking-portrait video from one image and speech, streamed to mp4."""
+    # --debug is acted on by main(), which also accepts it after the command name.
 
 
 @app.command()
@@ -111,13 +137,24 @@ def animate(
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
                      resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
-    prepared = prepare(job)  # bad input fails here, before any model loads
-    with stop_on_signals() as stop:
-        if quiet or as_json:
-            result = run(job, prepared=prepared, stop=stop)
-        else:
-            with _progress_bar(prepared[1].fps) as update:
-                result = run(job, on_progress=update, prepared=prepared, stop=stop)
+    prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
+    if prepared[0].name == "audio":
+        from avatarcli.media.audio import is_silent
+
+        if is_silent(prepared[1].signal):
+            err.print(SILENT_AUDIO_WARNING, markup=False, highlight=False)
+    if weights is not None and not weights.expanduser().is_dir():
+        raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
+                                 f"use (and fill) the Hub cache")
+    try:
+        with stop_on_signals() as stop:
+            if quiet or as_json:
+                result = run(job, prepared=prepared, stop=stop)
+            else:
+                with _progress_bar(prepared[1].fps) as update:
+                    result = run(job, on_progress=update, prepared=prepared, stop=stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the sink removed its partial file
+        raise Interrupted(f"interrupted: nothing written to {job.output}") from None
     summary = {
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
@@ -164,13 +201,12 @@ class stop_on_signals:
         for number, previous in self.previous.items():
             signal.signal(number, previous)
         if isinstance(exc, AnimateInterrupted):
-            print(_one_line(exc), file=sys.stderr, flush=True)
-            raise typer.Exit(130)
+            raise Interrupted(str(exc)) from None  # one line on stderr, exit 130 (main)
         return False
 
 
 class _progress_bar:
-    """Windows done/total, window-steps, ETA, and seconds of video per wall second.
+    """Windows done/total, window-steps done/total (windows x steps), ETA, and seconds of video per wall second.
 
     Shown from the first progress event on, so input errors print nothing but their one line."""
 
@@ -182,6 +218,8 @@ class _progress_bar:
 
     def update(self, p):
         if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
             self.bar = Progress(TextColumn("[bold]animate"), BarColumn(), TextColumn("{task.fields[windows]}"),
                                 TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[speed]}"),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err)
@@ -198,9 +236,20 @@ class _progress_bar:
             self.bar.__exit__(*exc)
 
 
-@app.command()
+class _DownloadCommand(TyperCommand):
+    """`download --help` ends with the downloadable models, read from the hub's registry when help is shown."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from avatarcli.hub import MODELS
+
+        with formatter.section("Models"):
+            formatter.write_dl([(name, spec.description) for name, spec in sorted(MODELS.items())])
+        super().format_epilog(ctx, formatter)
+
+
+@app.command(cls=_DownloadCommand)
 def download(
-    model: str = typer.Argument("stableavatar", help="Model to fetch (see `avatarcli doctor`)."),
+    model: str = typer.Argument("stableavatar", help="Model to fetch (one of the models listed below)."),
     directory: Optional[Path] = typer.Option(None, "--dir", help="Put the files here instead of the HF cache."),
 ):
     """Fetch only the files the pipeline uses (resumable; honours HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE)."""
@@ -220,7 +269,9 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
 
     if name:
         for key, value in dataclasses.asdict(load_preset(name)).items():
-            out.print(f"{key}: {value}")
+            if key == "seed" and value is None:
+                value = "not set (--seed, else 42)"
+            out.print(f"{key}: {value}", markup=False, highlight=False)
         return
     table = Table("name", "steps", "guidance", "overlap", "blend", "size", "description")
     for p in list_presets():
@@ -241,7 +292,7 @@ def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A wei
         failed |= status == "fail"
     out.print(table)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_ENVIRONMENT)
 
 
 def _register_optional_commands() -> None:
@@ -271,30 +322,47 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (see the module docstring)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    # --debug is a global option; accept it anywhere on the line (people add it at the end of a failed command).
+    debug = "--debug" in args or bool(os.environ.get("AVATARCLI_DEBUG"))
+    if "--debug" in args:
+        args = ["--debug", *(a for a in args if a != "--debug")]
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="avatarcli",
-                            standalone_mode=False)
-        return code if isinstance(code, int) else 0  # click returns typer.Exit's code here
+        code = command.main(args=args, prog_name="avatarcli", standalone_mode=False)
     except (AvatarError, UserError) as error:
+        if debug:
+            traceback.print_exc()
         print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return exit_code_for(error)
+    except Interrupted as error:
+        print(_one_line(error), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:
         # Click's exceptions (typer may vendor its own copy, so they are recognised by shape, not class).
         name = type(error).__name__
         if name == "Exit":
             return error.exit_code
         if name == "Abort":
-            print("aborted", file=sys.stderr)
-            return 130
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int):
             print(f"error: {_one_line(error.format_message())} (see --help)", file=sys.stderr)
             return error.exit_code
-        if os.environ.get("AVATARCLI_DEBUG"):
-            raise
-        print(f"internal error: {name}: {_one_line(error)} (set AVATARCLI_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        if debug:
+            traceback.print_exc()
+        problem = as_environment_problem(error)  # out of memory, disk full
+        if problem is not None:
+            print(f"error: {_one_line(problem)}", file=sys.stderr)
+            return exit_code_for(problem)
+        print(f"internal error: {name}: {_one_line(error)} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BUG
+    # Without standalone mode typer returns the code of typer.Exit (and 130 for a Ctrl-C it caught) instead of
+    # exiting; a command that finishes normally returns None.
+    if code == EXIT_INTERRUPTED:
+        print("interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0

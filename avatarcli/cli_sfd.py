@@ -1,4 +1,7 @@
-"""`avatarcli sfd`: class-conditional ImageNet 256 images with SFD (semantic-first diffusion)."""
+"""`avatarcli sfd`: class-conditional ImageNet 256 images with SFD (semantic-first diffusion).
+
+torch and the SFD modules are imported inside the command, so `avatarcli --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,7 @@ from pathlib import Path
 
 import typer
 
-from avatarcli.errors import AvatarError
-from avatarcli.sfd import SfdJob, run_sfd
+from avatarcli.errors import AvatarError, exit_code_for
 
 
 def _parse_classes(values: list[str]) -> list[int]:
@@ -22,7 +24,7 @@ def register(app: typer.Typer) -> None:
     def sfd(
         weights: Path = typer.Option(..., "--weights", help="Folder with the SFD files in their published layout."),
         model: str = typer.Option("xl", "--model", help="xl (675M) or xxl (1.0B)."),
-        classes: list[str] = typer.Option([], "--class", help="ImageNet class id; repeat or comma-separate."),
+        classes: list[str] = typer.Option([], "--class", metavar="ID", help="ImageNet class id; repeat or comma-separate."),
         random: int = typer.Option(0, "--random", help="This many images with random classes."),
         balanced: int = typer.Option(0, "--balanced", help="This many images, equally many per class (FID protocol)."),
         guidance: str = typer.Option("autoguidance", "--guidance", help="autoguidance, cfg (null label) or none."),
@@ -32,8 +34,8 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(100, "--steps", help="Fixed steps of the Euler or Heun solver."),
         solver: str = typer.Option("euler", "--solver", help="Fixed-step solver: euler or heun."),
         adaptive: bool = typer.Option(False, "--adaptive", help="Adaptive dopri5 (the reference's default)."),
-        seed: int = typer.Option(0, "--seed"),
-        batch_size: int = typer.Option(32, "--batch-size"),
+        seed: int = typer.Option(0, "--seed", help="Random seed; image i always gets the same noise."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (memory, not results)."),
         output: Path = typer.Option(None, "-o", "--output", help="Write all images as one grid PNG."),
         images_dir: Path = typer.Option(None, "--images-dir", help="Write one PNG per image into this folder."),
         npz: Path = typer.Option(None, "--npz", help="Write arr_0 [N,256,256,3] uint8 for the ADM FID evaluator."),
@@ -44,6 +46,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate class-conditional ImageNet images with SFD."""
         try:
+            from avatarcli.sfd import SfdJob, run_sfd
+
             job = SfdJob(
                 weights_dir=weights, model=model, classes=_parse_classes(classes), random_count=random,
                 balanced_count=balanced, guidance=guidance, scale=scale, scale_tex=scale_tex, scale_sem=scale_sem,
@@ -54,7 +58,7 @@ def register(app: typer.Typer) -> None:
             result = run_sfd(job)
         except AvatarError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
+            raise typer.Exit(exit_code_for(exc)) from exc
         nfe = sum(result.nfe) / max(len(result.nfe), 1)
         outputs = [str(p) for p in (output, images_dir, npz) if p is not None]
         typer.echo(f"{len(result.labels)} images ({nfe:.0f} evaluations per batch) -> {', '.join(outputs)}")

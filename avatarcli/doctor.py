@@ -30,6 +30,7 @@ def doctor_report(weights_dir: Path | None = None) -> list[Finding]:
         ("torch", _torch),
         ("device", _device),
         ("bf16", _bf16),
+        ("memory", _memory),
         ("ffmpeg", _ffmpeg),
         ("weights", lambda: _weights(weights_dir)),
         ("disk", _disk),
@@ -61,6 +62,36 @@ def _device() -> list[Finding]:
     free, total = torch.cuda.mem_get_info(index)
     name = torch.cuda.get_device_name(index)
     return [("device", "ok", f"cuda:{index} {name}, {free / _GIB:.1f} GiB free of {total / _GIB:.1f} GiB")]
+
+
+def _memory() -> list[Finding]:
+    """Free host memory, and free memory on every visible CUDA GPU (what a job can still allocate there)."""
+    findings: list[Finding] = []
+    available, total = host_memory()
+    if total:
+        findings.append(("memory", "ok", f"{available / _GIB:.1f} GiB free of {total / _GIB:.1f} GiB RAM"))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total_gpu = torch.cuda.mem_get_info(index)
+            findings.append((f"gpu memory cuda:{index}", "ok",
+                             f"{free / _GIB:.1f} GiB free of {total_gpu / _GIB:.1f} GiB"))
+    return findings
+
+
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of RAM; (0, 0) where the platform does not say."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        import os
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
 
 
 def _bf16() -> list[Finding]:

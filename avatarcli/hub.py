@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
 )
 from tqdm.auto import tqdm
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import AvatarError, EnvironmentProblem
 
 
 @dataclass(frozen=True)
@@ -250,30 +250,30 @@ def _download_spec(name: str, spec: ModelSpec, local_dir: Path | None, progress:
     try:
         folder = _snapshot(spec, local_dir, local_files_only=False, progress=progress)
     except RevisionNotFoundError as error:
-        raise AvatarError(f"revision {spec.revision} of {spec.repo_id} does not exist on the Hub: {_one_line(error)}")
+        raise EnvironmentProblem(f"revision {spec.revision} of {spec.repo_id} does not exist on the Hub: {_one_line(error)}")
     except RepositoryNotFoundError:
-        raise AvatarError(
+        raise EnvironmentProblem(
             f"Hub repo {spec.repo_id} was not found at {_endpoint() or hub_constants.ENDPOINT} or is not "
             f"accessible: check HF_ENDPOINT, or log in with `hf auth login` if the repo is gated"
         )
     except LocalEntryNotFoundError as error:
         if is_offline():
-            raise AvatarError(_offline_message(name))
+            raise EnvironmentProblem(_offline_message(name))
         # huggingface_hub wraps the transport error in a long paragraph; its cause is the useful part.
         reason = _one_line(error.__cause__ or error)
-        raise AvatarError(
+        raise EnvironmentProblem(
             f"could not download {name} from {spec.repo_id} ({reason}); check the network or "
             f"HF_ENDPOINT and rerun `avatarcli download {name}` (it resumes), or pass --weights DIR"
         )
     except HfHubHTTPError as error:
-        raise AvatarError(f"the Hub refused the download of {spec.repo_id}: {_one_line(error)}")
+        raise EnvironmentProblem(f"the Hub refused the download of {spec.repo_id}: {_one_line(error)}")
     except _transport_errors() as error:
-        raise AvatarError(
+        raise EnvironmentProblem(
             f"download of {name} failed ({_one_line(error)}); rerun `avatarcli download {name}` to resume"
         )
     missing = _missing(spec, folder)
     if missing:
-        raise AvatarError(
+        raise EnvironmentProblem(
             f"{spec.repo_id} no longer provides {missing[0]}; the repo layout changed, pass --weights DIR "
             f"with a complete copy"
         )
@@ -309,10 +309,10 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
     if weights_dir is not None:
         weights_dir = Path(weights_dir).expanduser()
         if not weights_dir.is_dir():
-            raise AvatarError(f"--weights folder {weights_dir} does not exist")
+            raise EnvironmentProblem(f"--weights folder {weights_dir} does not exist")
         missing = missing_files(name, weights_dir)
         if missing:
-            raise AvatarError(
+            raise EnvironmentProblem(
                 f"--weights folder {weights_dir} lacks {missing[0]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + f": copy the missing files there, or drop --weights and run `avatarcli download {name}`"
@@ -323,9 +323,9 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
     if folder is not None:
         return folder
     if is_offline():
-        raise AvatarError(_offline_message(name))
+        raise EnvironmentProblem(_offline_message(name))
     if not allow_download:
-        raise AvatarError(
+        raise EnvironmentProblem(
             f"{name} weights are not downloaded: run `avatarcli download {name}`, or pass --weights DIR"
         )
     return download(name)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import AvatarError, CheckpointError
 from avatarcli.loading.sfd import (
     SFD_MODELS, LatentStats, load_latent_stats, load_lightningdit, load_texture_vae, sfd_files,
 )
@@ -186,12 +186,12 @@ def _load(job: SfdJob, guidance: sampling.Guidance, device: torch.device) -> Sfd
     config = main.config
     latent_shape = (config.in_channels, config.input_size)
     if weak is not None and (weak.config.in_channels, weak.config.input_size) != latent_shape:
-        raise AvatarError(f"{files.guidance_checkpoint} does not fit {files.checkpoint} (latent shape differs)")
+        raise CheckpointError(f"{files.guidance_checkpoint} does not fit {files.checkpoint} (latent shape differs)")
     if not config.semantic_first:
-        raise AvatarError(f"{files.checkpoint} has a single timestep embedder; it is not an SFD checkpoint")
+        raise CheckpointError(f"{files.checkpoint} has a single timestep embedder; it is not an SFD checkpoint")
     if stats.mean.shape[1] != config.texture_chans or vae.config.embed_dim != config.texture_chans:
-        raise AvatarError(f"texture channels disagree: model {config.texture_chans}, stats {stats.mean.shape[1]}, "
-                          f"VAE {vae.config.embed_dim}; check that the files belong together")
+        raise CheckpointError(f"texture channels disagree: model {config.texture_chans}, stats {stats.mean.shape[1]}, "
+                              f"VAE {vae.config.embed_dim}; check that the files belong together")
     if guidance.kind == "cfg" and not config.has_null_class:
         raise AvatarError(f"{files.checkpoint} has no null class; use --guidance autoguidance or none")
     return SfdModels(main, weak, vae, stats)

@@ -181,8 +181,9 @@ def model_rows(args):
     from avatarcli.features.text import encode_prompts
     from avatarcli.loading.stableavatar import load_stableavatar
     from avatarcli.models.stableavatar import AvatarTransformerBlock
-    from avatarcli.pipeline import (WINDOW_LATENT_FRAMES, AnimateJob, frame_noise, prepare_inputs, resolve_device,
-                                    resolve_dtype, window_samples)
+    from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES, window_samples
+    from avatarcli.pipeline import AnimateJob, frame_noise, prepare
+    from avatarcli.runtime import resolve_device, resolve_dtype
     from avatarcli.features.audio import wav2vec_features
     from avatarcli.sampling.denoiser import StableAvatarDenoiser
     from avatarcli.sampling.guidance import Guidance
@@ -192,7 +193,7 @@ def model_rows(args):
     ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=args.audio, output=Path("unused.mp4"), preset=ref,
                      null_sink=True)
-    inputs = prepare_inputs(job)
+    _, inputs = prepare(job)
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     c = load_stableavatar(args.weights, inputs.checkpoint, device, dtype)
@@ -207,7 +208,7 @@ def model_rows(args):
     noise = frame_noise(ref.seed, 0, plan.latent_frames, shape, device)
 
     def window_audio(window):
-        return wav2vec_features(c.audio_encoder, c.feature_extractor, window_samples(inputs.samples, window, ref.fps))
+        return wav2vec_features(c.audio_encoder, c.feature_extractor, window_samples(inputs.signal, window, ref.fps))
 
     def denoiser(sigmas, cached=False):
         inner = StableAvatarDenoiser(model, guidance, positive_text=text[1:2], negative_text=text[0:1],

@@ -162,7 +162,7 @@ def test_offline_without_weights_names_download_and_weights_flag(tmp_path, capsy
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code, _, stderr = run(["animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o",
                            tmp_path / "o.mp4", *FAST], capsys)
-    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert code == 3 and len(stderr.strip().splitlines()) == 1  # an environment problem, not bad input
     assert "avatarcli download" in stderr and "--weights" in stderr
     assert not (tmp_path / "o.mp4").exists()
 

@@ -110,3 +110,24 @@ def test_disk_check_reports_free_space_of_the_hub_cache(tmp_path: Path) -> None:
 
     assert status in ("ok", "warn")
     assert str(tmp_path / "hf_home" / "hub") in detail
+
+
+def test_memory_check_reports_free_ram_and_free_memory_of_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 1024**3
+    free = {0: (30 * gib, 80 * gib), 1: (79 * gib, 80 * gib)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: free[index])
+
+    checks = by_check(doctor._memory())
+
+    assert checks["gpu memory cuda:0"] == ("ok", "30.0 GiB free of 80.0 GiB")
+    assert checks["gpu memory cuda:1"] == ("ok", "79.0 GiB free of 80.0 GiB")
+    status, detail = checks["memory"]
+    available, total = doctor.host_memory()
+    assert status == "ok" and total > 0 and detail.endswith(f"of {total / gib:.1f} GiB RAM")
+
+
+def test_without_a_gpu_only_ram_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [check for check, _, _ in doctor._memory()] == ["memory"]

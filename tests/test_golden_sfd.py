@@ -1,6 +1,6 @@
 """Numerical parity with the SFD reference implementation (golden vectors, see their README).
 
-The fixture root comes from AVATARCLI_GOLDEN (default: shared/golden beside the project). Sizes, delta_t, scales and
+The fixture root is tests/golden/ (AVATARCLI_GOLDEN overrides it, see golden_root.py). Sizes, delta_t, scales and
 step counts are read from the fixture's config.json, tensor shapes and output names, so any tiny configuration written
 in the same format works. Everything goes through the package's loaders.
 """
@@ -8,13 +8,13 @@ in the same format works. Everything goes through the package's loaders.
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from golden_root import golden_root
 
 from avatarcli.loading.sfd import (
     infer_decoder_config, infer_lightningdit_config, lightningdit_state_dict, load_latent_stats, load_lightningdit,
@@ -24,8 +24,7 @@ from avatarcli.models.ldm_vae import LDMDecoderConfig, to_uint8_nhwc
 from avatarcli.models.sfd import LightningDiTConfig
 from avatarcli.sampling import sfd as sampling
 
-GOLDEN = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-ROOT = GOLDEN / "sfd"
+ROOT = golden_root() / "sfd"
 REL_TOL = 1e-5
 
 

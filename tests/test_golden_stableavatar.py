@@ -1,19 +1,19 @@
 """Numerical parity with the StableAvatar reference implementation (golden vectors, see their README).
 
-The fixture root comes from AVATARCLI_GOLDEN (default: shared/golden beside the project). Every size is read from the
+The fixture root is tests/golden/ (AVATARCLI_GOLDEN overrides it, see golden_root.py). Every size is read from the
 fixture's config.json and tensor shapes, so any tiny configuration written in the same format works.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from golden_root import golden_root
 
 from avatarcli.loading.transformer import build_transformer
 from avatarcli.models.audio_adapter import audio_window_ranges, split_audio_windows
@@ -24,8 +24,7 @@ from avatarcli.sampling.sampler import sample_joint, sample_streaming
 from avatarcli.sampling.schedule import euler_step, flow_sigmas, timesteps
 from avatarcli.sampling.windows import blend_weights, plan_windows
 
-GOLDEN = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
-ROOT = GOLDEN / "stableavatar"
+ROOT = golden_root() / "stableavatar"
 REL_TOL = 1e-5
 
 
@@ -211,48 +210,54 @@ def test_window_plan_matches_reference_except_full_length_last_window(golden):
 
 @pytest.fixture(scope="module")
 def case_e(golden, model):
+    """The loop settings (steps, overlap, blend, guidance, scales, state dtype) come from config.json's case_e."""
     i, o = golden["inputs"], golden["outputs"]
-    config = golden["config"]
+    config, loop = golden["config"], golden["config"]["case_e"]
     ref = i["e.ref_latents"]
+    assert i["e.latents_init"].shape[2] == loop["latent_frames"] and ref.shape[2] == loop["window_frames"]
     mask = torch.zeros(1, 4, *ref.shape[2:])
     mask[:, :, 0] = 1
-    sigmas = flow_sigmas(len(o["e.timesteps"]), config["scheduler"]["shift"])
+    sigmas = flow_sigmas(loop["steps"], config["scheduler"]["shift"])
+    assert len(o["e.timesteps"]) == loop["steps"]
     # Window 0 exercises the reference's 84-frame slice (T_a 167); window 1's features are case a's.
     window_audio = {0: i["e.audio_window0"], 1: i["a.vocal_embeddings"][-1:]}
     denoiser = StableAvatarDenoiser(
-        model, Guidance("cfg", 3.0, 5.0), positive_text=i["e.context_pos"][None],
-        negative_text=i["e.context_neg"][None], image_tokens=i["e.clip_fea_1"], condition=torch.cat([mask, ref], 1),
-        window_audio=lambda w: window_audio[w.index], sigmas=sigmas)
-    plan = plan_windows(i["e.latents_init"].shape[2], ref.shape[2], config.get("e_overlap", 5),
-                        config.get("e_blend", "log"))
-    return denoiser, plan, sigmas
+        model, Guidance(loop["guidance"], loop["text_scale"], loop["audio_scale"]),
+        positive_text=i["e.context_pos"][None], negative_text=i["e.context_neg"][None], image_tokens=i["e.clip_fea_1"],
+        condition=torch.cat([mask, ref], 1), window_audio=lambda w: window_audio[w.index], sigmas=sigmas)
+    plan = plan_windows(loop["latent_frames"], loop["window_frames"], loop["overlap"], loop["blend"])
+    return denoiser, plan, sigmas, getattr(torch, loop["state_dtype"])
 
 
-def test_long_video_loop_matches_reference_within_bf16_rounding(golden, case_e):
-    denoiser, plan, sigmas = case_e
+def one_ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rounding step of `dtype` at the reference values (twice eps, magnitudes below 1 counted as 1)."""
+    return torch.finfo(dtype).eps * ref.abs().clamp_min(1.0) * 2
+
+
+def test_long_video_loop_matches_reference_within_state_dtype_rounding(golden, case_e):
+    denoiser, plan, sigmas, state_dtype = case_e
     o, latents = golden["outputs"], golden["inputs"]["e.latents_init"]
     with torch.no_grad():
-        final = sample_joint(plan, sigmas, latents, denoiser, state_dtype=torch.bfloat16)
+        final = sample_joint(plan, sigmas, latents, denoiser, state_dtype=state_dtype)
     ref = o["e.latents_final"]
     diff = (final - ref).abs()
-    ulp = torch.finfo(torch.bfloat16).eps * ref.abs().clamp_min(1.0) * 2
-    assert (diff <= ulp).all()
+    assert (diff <= one_ulp(ref, state_dtype)).all()
     assert (diff > 0).float().mean() < 1e-3  # the README's observed rate of one-ulp flips
 
 
 def test_state_after_each_step_matches_reference(golden, case_e):
-    denoiser, plan, sigmas = case_e
+    denoiser, plan, sigmas, state_dtype = case_e
     o, latents = golden["outputs"], golden["inputs"]["e.latents_init"]
     for m in keys(o, r"e\.state_before_step(\d+)"):
         k = int(m.group(1))
         with torch.no_grad():
-            state = sample_joint(plan, sigmas[: k + 1], latents, denoiser, state_dtype=torch.bfloat16)
+            state = sample_joint(plan, sigmas[: k + 1], latents, denoiser, state_dtype=state_dtype)
         diff = (state - o[m.group(0)]).abs()
-        assert (diff <= torch.finfo(torch.bfloat16).eps * o[m.group(0)].abs().clamp_min(1.0) * 2).all(), m.group(0)
+        assert (diff <= one_ulp(o[m.group(0)], state_dtype)).all(), m.group(0)
 
 
 def test_first_step_window_predictions_match_reference(golden, case_e):
-    denoiser, plan, sigmas = case_e
+    denoiser, plan, sigmas, state_dtype = case_e
     o, latents = golden["outputs"], golden["inputs"]["e.latents_init"]
     model = denoiser.model
     for m in keys(o, r"e\.step0_window(\d+)_noise_pred"):
@@ -267,10 +272,10 @@ def test_first_step_window_predictions_match_reference(golden, case_e):
 
 
 def test_streaming_order_reproduces_reference_loop_bit_exactly(golden, case_e):
-    denoiser, plan, sigmas = case_e
+    denoiser, plan, sigmas, state_dtype = case_e
     latents = golden["inputs"]["e.latents_init"]
     with torch.no_grad():
-        joint = sample_joint(plan, sigmas, latents, denoiser, state_dtype=torch.bfloat16)
+        joint = sample_joint(plan, sigmas, latents, denoiser, state_dtype=state_dtype)
         chunks = list(sample_streaming(plan, sigmas, lambda s, e: latents[:, :, s:e], denoiser,
-                                       state_dtype=torch.bfloat16))
+                                       state_dtype=state_dtype))
     assert torch.equal(torch.cat([c.latents for c in chunks], 2), joint)

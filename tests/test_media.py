@@ -49,8 +49,8 @@ def tone_wav(tmp_path: Path) -> Path:
 
 
 def test_portrait_exif_orientation_is_applied(tmp_path: Path) -> None:
-    stored = Image.new("RGB", (40, 20), BLUE)
-    stored.paste(RED, (0, 0, 20, 20))  # red on the left as stored
+    stored = Image.new("RGB", (128, 64), BLUE)
+    stored.paste(RED, (0, 0, 64, 64))  # red on the left as stored
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: the camera was turned, display rotated 90 degrees clockwise
     path = tmp_path / "phone.jpg"
@@ -58,16 +58,16 @@ def test_portrait_exif_orientation_is_applied(tmp_path: Path) -> None:
 
     portrait = load_portrait(path)
 
-    assert portrait.size == (20, 40)
-    assert _close(portrait.getpixel((10, 5)), RED)  # left edge went to the top
-    assert _close(portrait.getpixel((10, 35)), BLUE)
+    assert portrait.size == (64, 128)
+    assert _close(portrait.getpixel((32, 16)), RED)  # left edge went to the top
+    assert _close(portrait.getpixel((32, 112)), BLUE)
 
 
 def test_portrait_alpha_is_flattened_onto_white(tmp_path: Path) -> None:
-    rgba = Image.new("RGBA", (3, 1))
-    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black
-    rgba.putpixel((1, 0), (255, 0, 0, 128))  # half-transparent red
-    rgba.putpixel((2, 0), (0, 0, 255, 255))  # opaque blue
+    rgba = Image.new("RGBA", (192, 64))  # three 64 px squares (the smallest portrait is 64 px)
+    rgba.paste((0, 0, 0, 0), (0, 0, 64, 64))  # fully transparent black
+    rgba.paste((255, 0, 0, 128), (64, 0, 128, 64))  # half-transparent red
+    rgba.paste((0, 0, 255, 255), (128, 0, 192, 64))  # opaque blue
     path = tmp_path / "cutout.png"
     rgba.save(path)
 
@@ -75,27 +75,27 @@ def test_portrait_alpha_is_flattened_onto_white(tmp_path: Path) -> None:
 
     assert portrait.mode == "RGB"
     assert portrait.getpixel((0, 0)) == WHITE
-    assert _close(portrait.getpixel((1, 0)), (255, 127, 127), tolerance=1)
-    assert portrait.getpixel((2, 0)) == BLUE
+    assert _close(portrait.getpixel((64, 0)), (255, 127, 127), tolerance=1)
+    assert portrait.getpixel((128, 0)) == BLUE
 
 
 def test_portrait_palette_transparency_is_flattened_onto_white(tmp_path: Path) -> None:
-    palette = Image.new("P", (2, 1))
+    palette = Image.new("P", (128, 64))
     palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
-    palette.putpixel((0, 0), 0)
-    palette.putpixel((1, 0), 1)
+    palette.paste(0, (0, 0, 64, 64))
+    palette.paste(1, (64, 0, 128, 64))
     path = tmp_path / "palette.png"
     palette.save(path, transparency=0)
 
     portrait = load_portrait(path)
 
     assert portrait.getpixel((0, 0)) == WHITE
-    assert portrait.getpixel((1, 0)) == (0, 255, 0)
+    assert portrait.getpixel((64, 0)) == (0, 255, 0)
 
 
 def test_portrait_grayscale_becomes_rgb(tmp_path: Path) -> None:
     path = tmp_path / "gray.png"
-    Image.new("L", (4, 4), 77).save(path)
+    Image.new("L", (64, 64), 77).save(path)
     portrait = load_portrait(path)
     assert portrait.mode == "RGB"
     assert portrait.getpixel((0, 0)) == (77, 77, 77)
@@ -104,14 +104,14 @@ def test_portrait_grayscale_becomes_rgb(tmp_path: Path) -> None:
 def test_portrait_falls_back_to_opencv_for_formats_pil_cannot_read(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "photo.exotic"
     path.write_bytes(b"not a format PIL knows")
-    bgr = np.zeros((2, 3, 3), np.uint8)
+    bgr = np.zeros((64, 96, 3), np.uint8)
     bgr[..., 0] = 200  # blue channel first, as OpenCV returns it
     fake_cv2 = types.SimpleNamespace(IMREAD_COLOR=1, imread=lambda name, flags: bgr if name == str(path) else None)
     monkeypatch.setitem(sys.modules, "cv2", fake_cv2)
 
     portrait = load_portrait(path)
 
-    assert portrait.size == (3, 2)
+    assert portrait.size == (96, 64)
     assert portrait.getpixel((0, 0)) == (0, 0, 200)
 
 

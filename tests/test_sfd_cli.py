@@ -94,9 +94,9 @@ def test_adaptive_and_heun_solvers_run(weights, tmp_path):
         assert np.load(out)["arr_0"].shape[0] == 1
 
 
-def test_missing_weights_exit_2_with_one_line_saying_what_to_download(tmp_path):
+def test_missing_weights_exit_3_with_one_line_saying_what_to_download(tmp_path):
     result = invoke("--weights", str(tmp_path), "--class", "1", "-o", str(tmp_path / "x.png"))
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert len(result.stderr.strip().splitlines()) == 1 and "avatarcli download sfd-xl" in result.stderr
 
 

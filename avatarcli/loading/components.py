@@ -36,7 +36,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.errors import CheckpointError, EnvironmentProblem
 from avatarcli.loading.files import read_state_dict
 
 # Wan 2.1 VAE (wan/modules/vae.py _video_vae): only base_dim and z_dim are read from the file; the block layout is
@@ -93,11 +93,11 @@ def load_text_encoder(
     encoder = encoder.to(device).eval().requires_grad_(False)
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
-        raise AvatarError(f"tokenizer folder not found: {tokenizer_dir}; download google/umt5-xxl/ beside the T5 file")
+        raise EnvironmentProblem(f"tokenizer folder not found: {tokenizer_dir}; download google/umt5-xxl/ beside the T5 file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise AvatarError(f"cannot read the tokenizer in {tokenizer_dir} ({_one_line(error)}); download it "
+        raise EnvironmentProblem(f"cannot read the tokenizer in {tokenizer_dir} ({_one_line(error)}); download it "
                           "again") from error
     return encoder, tokenizer
 
@@ -116,7 +116,7 @@ def load_audio_encoder(
     """wav2vec2-base-960h in float32 (as the reference runs it) and its feature extractor."""
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
-        raise AvatarError(f"{folder} is not a wav2vec2 folder (config.json, preprocessor_config.json); download "
+        raise EnvironmentProblem(f"{folder} is not a wav2vec2 folder (config.json, preprocessor_config.json); download "
                           "wav2vec2-base-960h into it")
     try:
         with _quiet_transformers():

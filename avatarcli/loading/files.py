@@ -1,7 +1,7 @@
 """Reading weight files: the one place a checkpoint is opened.
 
 Safetensors through safetensors; pickles (.pt, .pth, .ckpt) only through torch.load(weights_only=True), memory-mapped
-where the file format allows it. A missing file is an AvatarError; an unreadable one a CheckpointError.
+where the file format allows it. A missing file is an EnvironmentProblem; an unreadable one a CheckpointError.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.errors import CheckpointError, EnvironmentProblem
 
 
 # Pickles with non-tensor objects beside the weights. Some published files keep them (SFD's training script saves an
@@ -95,7 +95,7 @@ def read_checkpoint(path: str | Path) -> Mapping[str, object]:
     if not path.is_file() and path.with_suffix(".safetensors").is_file():
         path = path.with_suffix(".safetensors")  # the same keys in a safetensors container (the embedded demo model)
     if not path.is_file():
-        raise AvatarError(f"weight file not found: {path}; download the model files (avatarcli download)")
+        raise EnvironmentProblem(f"weight file not found: {path}; download the model files (avatarcli download)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.errors import AvatarError, CheckpointError, EnvironmentProblem
 from avatarcli.loading.files import check_state_dict, listing, read_checkpoint
 from avatarcli.models.ldm_vae import LDMDecoderConfig, TextureVAEDecoder
 from avatarcli.models.sfd import LightningDiT, LightningDiTConfig
@@ -92,7 +92,7 @@ def sfd_files(weights_dir: Path, model: str, vae_dir: Path | None = None) -> Sfd
     for name, path in vars(files).items():
         if not path.is_file():
             download = "sfd-vae" if name == "vae" else f"sfd-{model}"
-            raise AvatarError(
+            raise EnvironmentProblem(
                 f"missing SFD file {path}; run `avatarcli download {download}` or pass the folder that holds it")
     return files
 

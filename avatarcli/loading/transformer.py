@@ -20,7 +20,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from avatarcli.errors import AvatarError, CheckpointError
+from avatarcli.errors import AvatarError, CheckpointError, EnvironmentProblem
 from avatarcli.loading.files import check_state_dict, read_state_dict
 from avatarcli.models.stableavatar import StableAvatarTransformer3DModel
 
@@ -129,7 +129,7 @@ def build_transformer(original: Mapping[str, torch.Tensor], wan_config: Mapping,
 def read_wan_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise AvatarError(f"missing {path}: the weights folder is incomplete (run `avatarcli download`)")
+        raise EnvironmentProblem(f"missing {path}: the weights folder is incomplete (run `avatarcli download`)")
     return json.loads(path.read_text())
 
 

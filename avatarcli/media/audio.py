@@ -9,7 +9,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import AvatarError, EnvironmentProblem
 
 SAMPLE_RATE = 16000  # wav2vec2's rate; StableAvatar's audio features are computed at 16 kHz
 
@@ -19,7 +19,7 @@ def ffmpeg_exe() -> str:
     try:
         return imageio_ffmpeg.get_ffmpeg_exe()
     except RuntimeError as error:
-        raise AvatarError(f"ffmpeg not found ({error}); reinstall imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE") from error
+        raise EnvironmentProblem(f"ffmpeg not found ({error}); reinstall imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE") from error
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -47,6 +47,18 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if samples.size == 0:
         raise AvatarError(f"audio {path} is empty (zero samples); give a file with speech in it")
     return samples
+
+
+SILENCE_DBFS = -50.0  # loudest 50 ms below this: no speech (quiet speech is around -40 dBFS, room noise -60)
+
+
+def is_silent(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, threshold_dbfs: float = SILENCE_DBFS) -> bool:
+    """True when even the loudest 50 ms of `samples` is below speech level (all zeros, or faint noise)."""
+    frame = max(1, sample_rate // 20)
+    usable = len(samples) // frame * frame
+    frames = samples[:usable].reshape(-1, frame) if usable else samples.reshape(1, -1)
+    loudest = float(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1)).max()) if frames.size else 0.0
+    return loudest < 10.0 ** (threshold_dbfs / 20.0)
 
 
 def _explain_ffmpeg_failure(stderr: bytes) -> str:

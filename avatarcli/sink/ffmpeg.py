@@ -18,7 +18,7 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
-from avatarcli.errors import AvatarError
+from avatarcli.errors import AvatarError, EnvironmentProblem
 from avatarcli.media.audio import ffmpeg_exe, load_audio
 
 
@@ -125,7 +125,7 @@ class Mp4Sink:
         except OSError as error:
             self.abort()
             first_line = str(error).splitlines()[0]
-            raise AvatarError(f"video encoding failed while writing {self.path}: {first_line}") from error
+            raise EnvironmentProblem(f"video encoding failed while writing {self.path}: {first_line}") from error
         self.frames_written += len(frames)
 
     def close(self) -> None:
@@ -141,7 +141,7 @@ class Mp4Sink:
         if problem is not None:
             partial.unlink(missing_ok=True)
             self._state = "aborted"
-            raise AvatarError(f"video encoding failed for {self.path} ({problem}); check free disk space")
+            raise EnvironmentProblem(f"video encoding failed for {self.path} ({problem}); check free disk space")
         os.replace(partial, self.path)
         self._state = "closed"
 

@@ -259,9 +259,17 @@ def write_tiny_wav2vec(folder: Path, seed: int = 0) -> Path:
         conv_dim=(16,) * 7, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=128,
         architectures=["Wav2Vec2ForCTC"],
     )
+    from transformers.utils import logging as transformers_logging
+
     torch.manual_seed(seed)
     model = Wav2Vec2ForCTC(config).eval()
-    model.half().save_pretrained(str(folder))
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar for a 5 MB file
+    try:
+        model.half().save_pretrained(str(folder))
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
     # wav2vec2-base-960h's preprocessor: per-utterance zero-mean/unit-variance, no attention mask.
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False,
