@@ -60,9 +60,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(result.as_dict()), flush=True)
         if result.interrupted:
+            from avatarcli.errors import Interrupted
+
             stopped = next(job for job in result.jobs if job.status == "interrupted")
-            print(f"batch interrupted at job {stopped.index}: {stopped.error}", file=sys.stderr)
-        elif result.exit_code and not quiet:
+            raise Interrupted(f"batch interrupted at job {stopped.index}: {stopped.error}")  # one line, exit 130
+        if result.exit_code and not quiet:
             failed = sum(job.status in ("failed", "invalid") for job in result.jobs)
             print(f"error: {failed} of {len(result.jobs)} jobs failed", file=sys.stderr)
         raise typer.Exit(result.exit_code)

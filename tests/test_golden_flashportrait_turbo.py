@@ -182,7 +182,7 @@ def test_strict_loader_rejects_a_file_without_a_decoder(fast_vae_file, tmp_path)
 
 def test_strict_loader_refuses_a_pickle_that_is_not_weights_only(tmp_path):
     torch.save({"decoder.1.weight": torch.zeros(1), "hook": print}, tmp_path / "fast_vae.pth")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(CheckpointError, match="refusing to read .*builtins.print"):
         load_tiny_decoder(tmp_path / "fast_vae.pth")
 
 
