@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_root import golden_root
 import torch
 
 from avatarcli.errors import AvatarError, CheckpointError
@@ -140,11 +140,10 @@ def test_tiny_face_files_have_the_published_layout(tmp_path):
     """Same tensor ranks and shapes as the golden set's stand-ins (which mirror the published files), and the
     published FanEncoder key names, readable weights-only."""
     import json
-    import os
 
     import onnxruntime
 
-    golden = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).parent / "golden")) / "flashportrait_face"
+    golden = golden_root() / "flashportrait_face"
     folder = write_tiny_face_files(tmp_path / "FlashPortrait")
     for name in ("face_det.onnx", "face_landmark.onnx"):
         ours = onnxruntime.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])

@@ -10,11 +10,10 @@ The face-geometry cases (`align.*`) belong to the driving-video front end and ar
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
+from golden_root import golden_root
 import torch
 from safetensors.torch import load_file
 
@@ -30,7 +29,7 @@ from avatarcli.sampling.sampler import sample_joint, sample_streaming
 from avatarcli.sampling.schedule import euler_step, flow_sigmas, timesteps
 from avatarcli.testing.flashportrait import write_flashportrait_weights
 
-GOLDEN = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).parent / "golden"))
+GOLDEN = golden_root()
 ROOT = GOLDEN / "flashportrait"
 ATOL = 1e-4
 E2E_ATOL = 1e-3

@@ -12,11 +12,10 @@ The fixture root is AVATARCLI_GOLDEN (default: tests/golden). Every size and set
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_root import golden_root
 import torch
 from safetensors.torch import load_file
 
@@ -30,7 +29,7 @@ from avatarcli.features.face.tracker import TwoPassTracker
 from avatarcli.loading.pdfgc import load_fan_encoder
 from avatarcli.testing.flashportrait_face import recipe_state_dict
 
-GOLDEN = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).parent / "golden"))
+GOLDEN = golden_root()
 FACE = GOLDEN / "flashportrait_face"
 GEOMETRY = GOLDEN / "flashportrait"
 PX = 1e-3  # landmarks and matrices, pixels

@@ -8,12 +8,12 @@ tests/golden); every size is read from config.json and the tensors, so any fixtu
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from golden_root import golden_root
 import torch
 from safetensors.torch import load_file
 
@@ -28,7 +28,7 @@ from avatarcli.sampling.step_distill import step_distill_sigmas, step_distill_st
 from avatarcli.sampling.windows import plan_windows
 from avatarcli.testing.flashportrait_turbo import tae_key_shapes
 
-GOLDEN = Path(os.environ.get("AVATARCLI_GOLDEN", Path(__file__).parent / "golden"))
+GOLDEN = golden_root()
 ROOT = GOLDEN / "flashportrait_turbo"
 TAE_ATOL = 1e-5
 STEP_ATOL = 1e-6
