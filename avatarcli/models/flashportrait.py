@@ -19,9 +19,9 @@ import torch.nn as nn
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanAttention
 
-from avatarcli.models.stableavatar import NUM_IMAGE_TOKENS, timestep_sinusoid
+from avatarcli.models.wan import NUM_IMAGE_TOKENS, ConditionedWanBlock, ConditionedWanMixin
 
 FEATURE_SPLIT = (("headpose", 6), ("eye", 6), ("emo", 30), ("mouth", 512))  # PD-FGC order, 554 values per frame
 FEATURE_DIM = sum(n for _, n in FEATURE_SPLIT)
@@ -262,8 +262,10 @@ class FlashPortraitAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class FlashPortraitTransformerBlock(WanTransformerBlock):
+class FlashPortraitTransformerBlock(ConditionedWanBlock):
     """A Wan block whose cross-attention also receives the per-latent-frame expression tokens."""
+
+    condition_name = "expression"
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: str, cross_attn_norm: bool, eps: float,
                  added_kv_proj_dim: int | None, emo_token_dim: int):
@@ -272,17 +274,8 @@ class FlashPortraitTransformerBlock(WanTransformerBlock):
         self.attn2.emo_v_proj = nn.Linear(emo_token_dim, dim, bias=False)
         self.attn2.set_processor(FlashPortraitAttnProcessor())
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, expression=None):
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
-        x = hidden_states
-        y = self.attn1((self.norm1(x.float()) * (1 + scale) + shift).type_as(x), None, None, rotary_emb)
-        x = (x.float() + y * gate).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, expression=expression)
-        y = self.ffn((self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x))
-        return (x.float() + y.float() * c_gate).type_as(x)
 
-
-class FlashPortraitTransformer3DModel(WanTransformer3DModel):
+class FlashPortraitTransformer3DModel(ConditionedWanMixin, WanTransformer3DModel):
     """Wan2.1-I2V-14B-720P + FlashPortrait's NFEB. Input: [noisy 16 | mask 4 | reference latents 16] channels."""
 
     _no_split_modules = ["FlashPortraitTransformerBlock"]
@@ -307,41 +300,19 @@ class FlashPortraitTransformer3DModel(WanTransformer3DModel):
         # The base constructor registered num_layers=0 (it builds no Wan blocks); record the real values.
         self.register_to_config(num_layers=num_layers, added_kv_proj_dim=added_kv_proj_dim or dim)
 
-    def pad_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Zero-pad text embeddings to `text_len` rows; the reference pads before its text MLP and attends all rows."""
-        missing = self.config.text_len - text.shape[1]
-        if missing < 0:
-            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={self.config.text_len}")
-        return torch.nn.functional.pad(text, (0, 0, 0, missing)) if missing else text
-
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_image: torch.Tensor, expression: ExpressionConditioning | None = None
                 ) -> torch.Tensor:
         """hidden_states [B, 36, F, h, w], timestep [B] (sigma * 1000), text [B, <=text_len, text_dim],
         image [B, 257, image_dim] -> flow velocity [B, 16, F, h, w]."""
-        b, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
+        b, frames, p_t = hidden_states.shape[0], hidden_states.shape[2], self.config.patch_size[0]
         if expression is not None:
             if len(expression.scales) != b:
                 raise ValueError(f"{len(expression.scales)} ip scales for batch {b}")
             if expression.tokens.shape[1] != frames // p_t:
                 raise ValueError(f"expression tokens for {expression.tokens.shape[1]} latent frames, "
                                  f"window has {frames // p_t}")
-        rotary_emb = self.rope(hidden_states)
-        tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-
-        emb = self.condition_embedder
-        sinusoid = timestep_sinusoid(timestep, self.config.freq_dim)
-        e = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).type_as(tokens)
-        e0 = emb.time_proj(emb.act_fn(e)).unflatten(1, (6, -1))
-        context = torch.cat([emb.image_embedder(encoder_hidden_states_image).type_as(tokens),
-                             emb.text_embedder(self.pad_text(encoder_hidden_states)).type_as(tokens)], dim=1)
-
-        x = tokens
-        for block in self.blocks:
-            x = block(x, context, e0, rotary_emb, expression)
-
-        shift, scale = (self.scale_shift_table + e.unsqueeze(1)).chunk(2, dim=1)
-        x = self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
-        x = x.reshape(b, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        tokens, rotary_emb, e, e0, context = self.embed(hidden_states, timestep, encoder_hidden_states,
+                                                        encoder_hidden_states_image)
+        x = self.run_blocks(tokens, context, e0, rotary_emb, expression)
+        return self.head(x, e, hidden_states.shape)

@@ -18,21 +18,10 @@ import torch.nn as nn
 from diffusers import WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanAttention
 
 from avatarcli.models.audio_adapter import AudioAdapter
-
-NUM_IMAGE_TOKENS = 257  # CLIP ViT-H/14 penultimate hidden states, prepended to the text context
-
-
-def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos, sin] embedding computed in float64, as the reference does (float32 differs by ~1e-5 at t~1000)."""
-    half = dim // 2
-    t = timestep.double()
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    angles = torch.outer(t, freqs)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
-
+from avatarcli.models.wan import NUM_IMAGE_TOKENS, ConditionedWanBlock, ConditionedWanMixin
 
 @dataclass
 class AudioConditioning:
@@ -80,8 +69,10 @@ class AvatarAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class AvatarTransformerBlock(WanTransformerBlock):
+class AvatarTransformerBlock(ConditionedWanBlock):
     """A Wan block whose cross-attention also receives the per-latent-frame audio context."""
+
+    condition_name = "audio_context"
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: str, cross_attn_norm: bool, eps: float,
                  added_kv_proj_dim: int | None):
@@ -90,17 +81,8 @@ class AvatarTransformerBlock(WanTransformerBlock):
         self.attn2.v_vocal = nn.Linear(dim, dim)
         self.attn2.set_processor(AvatarAttnProcessor())
 
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb, audio_context=None):
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
-        x = hidden_states
-        y = self.attn1((self.norm1(x.float()) * (1 + scale) + shift).type_as(x), None, None, rotary_emb)
-        x = (x.float() + y * gate).type_as(x)
-        x = x + self.attn2(self.norm2(x.float()).type_as(x), encoder_hidden_states, audio_context=audio_context)
-        y = self.ffn((self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x))
-        return (x.float() + y.float() * c_gate).type_as(x)
 
-
-class StableAvatarTransformer3DModel(WanTransformer3DModel):
+class StableAvatarTransformer3DModel(ConditionedWanMixin, WanTransformer3DModel):
     """Wan2.1-Fun-1.3B-InP + StableAvatar audio path. Input: [noisy 16 | mask 4 | reference latents 16] channels."""
 
     _no_split_modules = ["AvatarTransformerBlock"]
@@ -130,13 +112,6 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
         # The base constructor registered num_layers=0 (it builds no Wan blocks); record the real values.
         self.register_to_config(num_layers=num_layers, added_kv_proj_dim=added_kv_proj_dim or dim)
 
-    def pad_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Zero-pad text embeddings to `text_len` rows; the reference pads before its text MLP and attends all rows."""
-        missing = self.config.text_len - text.shape[1]
-        if missing < 0:
-            raise ValueError(f"text has {text.shape[1]} tokens, more than text_len={self.config.text_len}")
-        return torch.nn.functional.pad(text, (0, 0, 0, missing)) if missing else text
-
     def audio_context(self, audio: AudioConditioning, tokens: torch.Tensor, e0: torch.Tensor, e: torch.Tensor,
                       latent_frames: int) -> torch.Tensor:
         """Run the adapter once per distinct audio row, then lay the results out per batch element."""
@@ -158,32 +133,16 @@ class StableAvatarTransformer3DModel(WanTransformer3DModel):
                 encoder_hidden_states_image: torch.Tensor, audio: AudioConditioning | None = None) -> torch.Tensor:
         """hidden_states [B, 36, F, h, w], timestep [B] (sigma * 1000), text [B, <=text_len, text_dim],
         image [B, 257, image_dim] -> flow velocity [B, 16, F, h, w]."""
-        b, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = self.config.patch_size
-        rotary_emb = self.rope(hidden_states)
-        tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-
-        emb = self.condition_embedder
-        sinusoid = timestep_sinusoid(timestep, self.config.freq_dim)
-        e = emb.time_embedder(sinusoid.to(next(emb.time_embedder.parameters()).dtype)).type_as(tokens)
-        e0 = emb.time_proj(emb.act_fn(e)).unflatten(1, (6, -1))
-        context = torch.cat([emb.image_embedder(encoder_hidden_states_image).type_as(tokens),
-                             emb.text_embedder(self.pad_text(encoder_hidden_states)).type_as(tokens)], dim=1)
-
+        b, frames = hidden_states.shape[0], hidden_states.shape[2]
+        tokens, rotary_emb, e, e0, context = self.embed(hidden_states, timestep, encoder_hidden_states,
+                                                        encoder_hidden_states_image)
         audio_context = None
         if audio is not None:
             if len(audio.branch_audio) != b:
                 raise ValueError(f"branch_audio has {len(audio.branch_audio)} entries for batch {b}")
-            audio_context = self.audio_context(audio, tokens, e0, e, frames // p_t)
-
-        x = tokens
-        for block in self.blocks:
-            x = block(x, context, e0, rotary_emb, audio_context)
-
-        shift, scale = (self.scale_shift_table + e.unsqueeze(1)).chunk(2, dim=1)
-        x = self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
-        x = x.reshape(b, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+            audio_context = self.audio_context(audio, tokens, e0, e, frames // self.config.patch_size[0])
+        x = self.run_blocks(tokens, context, e0, rotary_emb, audio_context)
+        return self.head(x, e, hidden_states.shape)
 
 
 def parameter_count(model: nn.Module) -> int:
