@@ -177,6 +177,21 @@ def test_tiny_stream_carries_memory_between_chunks(tiny_vae, one_thread):
     assert not torch.allclose(tail, tiny_vae.decode_video(latents)[:, :, 5:], atol=1e-3)
 
 
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_tiny_stream_resumes_from_its_saved_state(tiny_vae, cut, one_thread, tmp_path):
+    """A resumed run (animate --resume with the tiny decoder) continues the stream exactly."""
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(5))
+    straight = TinyStreamingDecoder(tiny_vae)  # the same chunks without the interruption
+    whole = torch.cat([straight.push_video(latents[:, :, :cut]), straight.push_video(latents[:, :, cut:])], dim=2)
+    first = TinyStreamingDecoder(tiny_vae)
+    head = first.push_video(latents[:, :, :cut])
+    torch.save(first.state_dict(), tmp_path / "d.pt")
+    second = TinyStreamingDecoder(tiny_vae)
+    second.load_state_dict(torch.load(tmp_path / "d.pt", weights_only=True))
+    assert second.started == (cut > 0)
+    torch.testing.assert_close(torch.cat([head, second.push_video(latents[:, :, cut:])], dim=2), whole, atol=0, rtol=0)
+
+
 def test_tiny_stream_close_starts_a_new_video(tiny_vae, one_thread):
     latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(4))
     decoder = TinyStreamingDecoder(tiny_vae)

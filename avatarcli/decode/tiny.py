@@ -70,6 +70,17 @@ class TinyStreamingDecoder:
         finally:
             self.close()
 
+    def state_dict(self) -> dict:
+        """The carried frame memory (on the CPU), None at the start of a video: where the stream stands, for resuming."""
+        memory = None if self._memory is None else [entry.detach().to("cpu") for entry in self._memory]
+        return {"memory": memory}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream saved by `state_dict()` (same decoder): the next push decodes exactly as it would have."""
+        memory = state["memory"]
+        device = self.decoder.decoder[1].weight.device
+        self._memory = None if memory is None else [entry.to(device) for entry in memory]
+
     def close(self) -> None:
         """Drop the carried memory; the next push starts a new video."""
         self._memory: DecoderMemory | None = None
