@@ -62,6 +62,14 @@ class FlashPortraitDriver:
         return Inputs(portrait=portrait, width=width, height=height, frames=info.frame_count, fps=info.fps,
                       audio_track=job.driving if info.has_audio else None, signal=info)
 
+    @staticmethod
+    def prompt_cache(weights, device):
+        from avatarcli.features.prompt_cache import PromptCache, encoder_file
+        from avatarcli.loading.flashportrait import T5_FILE
+        from avatarcli.loading.stableavatar import text_dtype_for
+
+        return PromptCache(encoder_file(weights / T5_FILE), text_dtype_for(device))
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile,
                 job.preset.lora_strength, job.preset.decoder)
@@ -75,7 +83,9 @@ class FlashPortraitDriver:
 
         weights = resolve_weights("flashportrait", job.weights, job.allow_download)
         offloaded = job.offload != "none" or job.weights_dtype == "fp8"
-        components = load_flashportrait(weights, device, dtype, transformer_device="cpu" if offloaded else device)
+        cached = self.prompt_cache(weights, device).get((job.negative_prompt, job.prompt)) is not None
+        components = load_flashportrait(weights, device, dtype, transformer_device="cpu" if offloaded else device,
+                                        with_text_encoder=not cached)
         if job.preset.lora_strength:
             from avatarcli.loading.lora import FAST_LORA_FILE, merge_lora_into_model, read_lora
 
@@ -133,17 +143,23 @@ class FlashPortraitDriver:
             guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
             prompts = (job.negative_prompt, job.prompt)
             if prompts not in parts.prompt_cache:
-                if parts.text_encoder is None:
-                    from avatarcli.loading.components import load_text_encoder
-                    from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
-                    from avatarcli.hub import resolve_weights
+                from avatarcli.hub import resolve_weights
 
-                    weights = resolve_weights("flashportrait", job.weights, job.allow_download)
-                    parts.text_encoder, parts.tokenizer = load_text_encoder(
-                        weights / T5_FILE, weights / TOKENIZER_FOLDER,
-                        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-                parts.prompt_cache[prompts] = encode_prompts(parts.text_encoder, parts.tokenizer, list(prompts),
-                                                             device=device)
+                weights = resolve_weights("flashportrait", job.weights, job.allow_download)
+                on_disk = self.prompt_cache(weights, device)
+                embeddings = on_disk.get(prompts)
+                if embeddings is None:
+                    if parts.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
+                        from avatarcli.loading.components import load_text_encoder
+                        from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
+                        from avatarcli.loading.stableavatar import text_dtype_for
+
+                        parts.text_encoder, parts.tokenizer = load_text_encoder(
+                            weights / T5_FILE, weights / TOKENIZER_FOLDER, dtype=text_dtype_for(device),
+                            device=device)
+                    embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, list(prompts), device=device)
+                    on_disk.put(prompts, embeddings)
+                parts.prompt_cache[prompts] = embeddings.to(device)
             if not job.keep_text_encoder:
                 parts.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs
                 if device.type == "cuda":

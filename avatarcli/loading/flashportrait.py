@@ -261,15 +261,18 @@ class FlashPortraitComponents:
 
 
 def load_flashportrait(weights_dir: Path, device: str | torch.device, dtype: torch.dtype,
-                       transformer_device: str | torch.device | None = None) -> FlashPortraitComponents:
+                       transformer_device: str | torch.device | None = None,
+                       with_text_encoder: bool = True) -> FlashPortraitComponents:
     """DiT in `dtype` (on `transformer_device`, default `device`; "cpu" when it will be offloaded); portrait encoder,
     VAE and CLIP in float32, umT5 in bfloat16 on CUDA (float32 on CPU), as the reference."""
     from avatarcli.loading.components import load_image_encoder, load_text_encoder, load_vae
 
     weights_dir = Path(weights_dir)
     text_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    text_encoder, tokenizer = load_text_encoder(weights_dir / T5_FILE, weights_dir / TOKENIZER_FOLDER,
-                                                dtype=text_dtype, device=device)
+    text_encoder = tokenizer = None
+    if with_text_encoder:  # left out when the prompts' embeddings are cached (features/prompt_cache.py)
+        text_encoder, tokenizer = load_text_encoder(weights_dir / T5_FILE, weights_dir / TOKENIZER_FOLDER,
+                                                    dtype=text_dtype, device=device)
     return FlashPortraitComponents(
         transformer=load_flashportrait_transformer(weights_dir, dtype=dtype,
                                                    device=transformer_device or device),

@@ -29,13 +29,20 @@ class StableAvatarComponents:
     prompt_cache: dict = field(default_factory=dict)  # (negative, positive) -> their umT5 embeddings
 
 
-def load_stableavatar(weights_dir: Path, checkpoint: str, device: str | torch.device, dtype: torch.dtype
-                      ) -> StableAvatarComponents:
-    """DiT in `dtype`; the VAE, CLIP and wav2vec2 in float32 and umT5 in bfloat16 (on CPU: float32), as the reference."""
+def text_dtype_for(device: str | torch.device) -> torch.dtype:
+    """umT5 runs in bfloat16 on a GPU (the published file's dtype) and float32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_stableavatar(weights_dir: Path, checkpoint: str, device: str | torch.device, dtype: torch.dtype,
+                      with_text_encoder: bool = True) -> StableAvatarComponents:
+    """DiT in `dtype`; the VAE, CLIP and wav2vec2 in float32 and umT5 in bfloat16 (on CPU: float32), as the reference.
+    `with_text_encoder=False` leaves umT5 and its tokenizer out (the prompts' embeddings are cached)."""
     weights_dir = Path(weights_dir)
-    text_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    text_encoder, tokenizer = load_text_encoder(weights_dir / T5_FILE, weights_dir / TOKENIZER_FOLDER,
-                                                dtype=text_dtype, device=device)
+    text_encoder = tokenizer = None
+    if with_text_encoder:
+        text_encoder, tokenizer = load_text_encoder(weights_dir / T5_FILE, weights_dir / TOKENIZER_FOLDER,
+                                                    dtype=text_dtype_for(device), device=device)
     audio_encoder, feature_extractor = load_audio_encoder(weights_dir / WAV2VEC_FOLDER, device=device)
     return StableAvatarComponents(
         transformer=load_stableavatar_transformer(weights_dir, checkpoint, dtype=dtype, device=device),
