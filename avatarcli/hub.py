@@ -333,7 +333,7 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
 
 def _register_sfd_models() -> None:
     """`sfd-xl`, `sfd-xxl` (denoiser + AutoGuidance model + latent statistics) and `sfd-vae` (texture VAE)."""
-    from avatarcli.loading.sfd import SFD_DOWNLOADS
+    from avatarcli.loading.sfd_files import SFD_DOWNLOADS
 
     for name, (repo_id, files) in SFD_DOWNLOADS.items():
         files = tuple(str(f) for f in files)

@@ -45,6 +45,7 @@ def rejected_inputs(folder: Path) -> dict[str, list[str]]:
         "--help": ["--help"],
         "animate --help": ["animate", "--help"],
         "--version": ["--version"],
+        "download --help": ["download", "--help"],
         "missing portrait": ["animate", str(folder / "nope.png"), "--audio", str(speech), "-o", str(out)],
         "unreadable audio": ["animate", str(portrait), "--audio", str(unreadable), "-o", str(out)],
         "bad flag": ["animate", str(portrait), "--audio", str(speech), "--no-such-flag"],
@@ -53,7 +54,7 @@ def rejected_inputs(folder: Path) -> dict[str, list[str]]:
     }
 
 
-EXPECTED_CODE = {"--help": 0, "animate --help": 0, "--version": 0, "missing portrait": 2, "unreadable audio": 2,
+EXPECTED_CODE = {"--help": 0, "animate --help": 0, "--version": 0, "download --help": 0, "missing portrait": 2, "unreadable audio": 2,
                  "bad flag": 2, "no weights folder": 3}
 
 
