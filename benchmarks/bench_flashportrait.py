@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_transformer import timed  # CUDA-event timing, shared by the transformer benchmarks
 
 from avatarcli.loading.flashportrait import build_flashportrait_transformer, is_expression_key, \
     load_flashportrait_transformer
@@ -194,22 +195,6 @@ def main() -> None:
                 return denoiser(window, 5, latents)
         return run
 
-    def timed(fn, repeat: int) -> list[float]:
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return times
-
     rows = []
     header = f"{'variant':<11} {'size':>9} {'tokens':>7} {'s/step':>8} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9}"
     print(header, flush=True)
@@ -228,7 +213,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            times = timed(step_fn(model, placement, frames, h, w), args.repeat)
+            times = timed(step_fn(model, placement, frames, h, w), 0, args.repeat, device)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             seconds = statistics.median(times)
             row = (variant, f"{width}x{height}", tokens, seconds, min(times),

@@ -31,6 +31,8 @@ class FlashPortraitModels:
     extractor: Any  # features.expression.ExpressionExtractor
     placement: Any  # loading.memory.Placement: where the DiT's inputs go
     tiny_decoder: Any = None  # models.taehv decoder (fast_vae.pth) when the preset or --decoder asks for it
+    weights_dir: Any = None  # the weights folder they were loaded from (umT5 comes from there when a prompt needs it)
+    disk_prompts: Any = None  # features.prompt_cache.PromptCache for this umT5 file
 
 
 def _explicit_size(size: str) -> tuple[int, int] | None:
@@ -83,7 +85,8 @@ class FlashPortraitDriver:
 
         weights = resolve_weights("flashportrait", job.weights, job.allow_download)
         offloaded = job.offload != "none" or job.weights_dtype == "fp8"
-        cached = self.prompt_cache(weights, device).get((job.negative_prompt, job.prompt)) is not None
+        disk_prompts = self.prompt_cache(weights, device)
+        cached = disk_prompts.get((job.negative_prompt, job.prompt)) is not None
         components = load_flashportrait(weights, device, dtype, transformer_device="cpu" if offloaded else device,
                                         with_text_encoder=not cached)
         if job.preset.lora_strength:
@@ -112,7 +115,7 @@ class FlashPortraitDriver:
             with quiet_diffusers():
                 components.transformer.compile_repeated_blocks(fullgraph=True)
         extractor = ExpressionExtractor.from_folder(weights / FLASHPORTRAIT_FOLDER, device=str(device))
-        return FlashPortraitModels(components, extractor, placement, tiny_decoder)
+        return FlashPortraitModels(components, extractor, placement, tiny_decoder, weights, disk_prompts)
 
     def build(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, device: torch.device,
               dtype: torch.dtype, clock: StageClock) -> Generation:
@@ -143,11 +146,8 @@ class FlashPortraitDriver:
             guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
             prompts = (job.negative_prompt, job.prompt)
             if prompts not in parts.prompt_cache:
-                from avatarcli.hub import resolve_weights
-
-                weights = resolve_weights("flashportrait", job.weights, job.allow_download)
-                on_disk = self.prompt_cache(weights, device)
-                embeddings = on_disk.get(prompts)
+                weights, on_disk = models.weights_dir, models.disk_prompts
+                embeddings = on_disk.get(prompts) if on_disk is not None else None
                 if embeddings is None:
                     if parts.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
                         from avatarcli.loading.components import load_text_encoder
@@ -158,7 +158,8 @@ class FlashPortraitDriver:
                             weights / T5_FILE, weights / TOKENIZER_FOLDER, dtype=text_dtype_for(device),
                             device=device)
                     embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, list(prompts), device=device)
-                    on_disk.put(prompts, embeddings)
+                    if on_disk is not None:
+                        on_disk.put(prompts, embeddings)
                 parts.prompt_cache[prompts] = embeddings.to(device)
             if not job.keep_text_encoder:
                 parts.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs

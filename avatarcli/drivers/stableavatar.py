@@ -73,11 +73,12 @@ class StableAvatarDriver:
 
         return resolve_weights("stableavatar", job.weights, job.allow_download)
 
-    def prompt_cache(self, job: AnimateJob, device):
+    @staticmethod
+    def prompt_cache(weights, device):
         from avatarcli.features.prompt_cache import PromptCache, encoder_file
         from avatarcli.loading.stableavatar import T5_FILE, text_dtype_for
 
-        return PromptCache(encoder_file(self.weights_dir(job) / T5_FILE), text_dtype_for(device))
+        return PromptCache(encoder_file(weights / T5_FILE), text_dtype_for(device))
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model)
@@ -87,8 +88,10 @@ class StableAvatarDriver:
         from avatarcli.runtime import quiet_diffusers
 
         weights = self.weights_dir(job)
-        cached = self.prompt_cache(job, device).get((job.negative_prompt, job.prompt)) is not None
+        disk_prompts = self.prompt_cache(weights, device)
+        cached = disk_prompts.get((job.negative_prompt, job.prompt)) is not None
         components = load_stableavatar(weights, inputs.checkpoint, device, dtype, with_text_encoder=not cached)
+        components.weights_dir, components.disk_prompts = weights, disk_prompts
         if job.compile and device.type == "cuda":
             with quiet_diffusers():
                 components.transformer.fuse_qkv_projections()
@@ -134,20 +137,21 @@ class StableAvatarDriver:
         with clock("features"), torch.no_grad():
             prompts = (job.negative_prompt, job.prompt)
             if prompts not in components.prompt_cache:
-                on_disk = self.prompt_cache(job, device)
-                embeddings = on_disk.get(prompts)
+                on_disk = components.disk_prompts
+                embeddings = on_disk.get(prompts) if on_disk is not None else None
                 if embeddings is None:
                     if components.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
                         from avatarcli.loading.components import load_text_encoder
                         from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER, text_dtype_for
 
-                        weights = self.weights_dir(job)
+                        weights = components.weights_dir or self.weights_dir(job)
                         components.text_encoder, components.tokenizer = load_text_encoder(
                             weights / T5_FILE, weights / TOKENIZER_FOLDER, device=device,
                             dtype=text_dtype_for(device))
                     embeddings = encode_prompts(components.text_encoder, components.tokenizer, list(prompts),
                                                 device=device)
-                    on_disk.put(prompts, embeddings)
+                    if on_disk is not None:
+                        on_disk.put(prompts, embeddings)
                 components.prompt_cache[prompts] = embeddings.to(device)
             if not job.keep_text_encoder:
                 components.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs

@@ -34,37 +34,16 @@ def wan_config(sizes: dict) -> dict:
 
 def transformer_key_shapes(sizes: dict, expression: bool = True) -> dict[str, tuple[int, ...]]:
     """Wan2.1 i2v DiT keys (original names); with `expression`, FlashPortrait's emo_k/v_proj too."""
-    d, f, i = sizes["dim"], sizes["ffn_dim"], sizes["image_dim"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "patch_embedding.weight": (d, sizes["in_dim"], 1, 2, 2), "patch_embedding.bias": (d,),
-        "text_embedding.0.weight": (d, sizes["text_dim"]), "text_embedding.0.bias": (d,),
-        "text_embedding.2.weight": (d, d), "text_embedding.2.bias": (d,),
-        "time_embedding.0.weight": (d, sizes["freq_dim"]), "time_embedding.0.bias": (d,),
-        "time_embedding.2.weight": (d, d), "time_embedding.2.bias": (d,),
-        "time_projection.1.weight": (6 * d, d), "time_projection.1.bias": (6 * d,),
-        "head.head.weight": (4 * sizes["out_dim"], d), "head.head.bias": (4 * sizes["out_dim"],),
-        "head.modulation": (1, 2, d),
-        "img_emb.proj.0.weight": (i,), "img_emb.proj.0.bias": (i,), "img_emb.proj.1.weight": (i, i),
-        "img_emb.proj.1.bias": (i,), "img_emb.proj.3.weight": (d, i), "img_emb.proj.3.bias": (d,),
-        "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,),
-    }
-    for n in range(sizes["num_layers"]):
-        b = f"blocks.{n}"
-        shapes[f"{b}.modulation"] = (1, 6, d)
-        for attn in ("self_attn", "cross_attn"):
-            for p in ("q", "k", "v", "o"):
-                shapes[f"{b}.{attn}.{p}.weight"], shapes[f"{b}.{attn}.{p}.bias"] = (d, d), (d,)
-            shapes[f"{b}.{attn}.norm_q.weight"] = shapes[f"{b}.{attn}.norm_k.weight"] = (d,)
-        for p in ("k_img", "v_img"):
-            shapes[f"{b}.cross_attn.{p}.weight"], shapes[f"{b}.cross_attn.{p}.bias"] = (d, d), (d,)
-        shapes[f"{b}.cross_attn.norm_k_img.weight"] = (d,)
-        if expression:
-            shapes[f"{b}.cross_attn.emo_k_proj.weight"] = (d, sizes["emo_token_dim"])
-            shapes[f"{b}.cross_attn.emo_v_proj.weight"] = (d, sizes["emo_token_dim"])
-        shapes[f"{b}.norm3.weight"] = shapes[f"{b}.norm3.bias"] = (d,)
-        shapes.update({f"{b}.ffn.0.weight": (f, d), f"{b}.ffn.0.bias": (f,), f"{b}.ffn.2.weight": (d, f),
-                       f"{b}.ffn.2.bias": (d,)})
-    return shapes
+    from avatarcli.testing.stableavatar import wan_i2v_key_shapes
+
+    d, c = sizes["dim"], sizes["emo_token_dim"]
+
+    def expression_keys(b: str) -> dict[str, tuple[int, ...]]:
+        if not expression:
+            return {}
+        return {f"{b}.cross_attn.emo_k_proj.weight": (d, c), f"{b}.cross_attn.emo_v_proj.weight": (d, c)}
+
+    return wan_i2v_key_shapes(sizes, expression_keys)
 
 
 def portrait_encoder_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:

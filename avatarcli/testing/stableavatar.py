@@ -24,7 +24,9 @@ def wan_config(sizes: dict) -> dict:
             "eps": sizes["eps"]}
 
 
-def original_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
+def wan_i2v_key_shapes(sizes: dict, cross_extras=lambda block: {}) -> dict[str, tuple[int, ...]]:
+    """The Wan2.1 i2v DiT's original state-dict names and shapes; `cross_extras(block prefix)` adds a paper's own
+    cross-attention parameters to every block (after k_img / v_img)."""
     d, f = sizes["dim"], sizes["ffn_dim"]
     shapes: dict[str, tuple[int, ...]] = {
         "patch_embedding.weight": (d, sizes["in_dim"], 1, 2, 2), "patch_embedding.bias": (d,),
@@ -47,12 +49,24 @@ def original_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
             for p in ("q", "k", "v", "o"):
                 shapes[f"{b}.{attn}.{p}.weight"], shapes[f"{b}.{attn}.{p}.bias"] = (d, d), (d,)
             shapes[f"{b}.{attn}.norm_q.weight"] = shapes[f"{b}.{attn}.norm_k.weight"] = (d,)
-        for p in ("k_img", "v_img", "k_vocal", "v_vocal"):
+        for p in ("k_img", "v_img"):
             shapes[f"{b}.cross_attn.{p}.weight"], shapes[f"{b}.cross_attn.{p}.bias"] = (d, d), (d,)
+        shapes.update(cross_extras(b))
         shapes[f"{b}.cross_attn.norm_k_img.weight"] = (d,)
         shapes[f"{b}.norm3.weight"] = shapes[f"{b}.norm3.bias"] = (d,)
         shapes.update({f"{b}.ffn.0.weight": (f, d), f"{b}.ffn.0.bias": (f,), f"{b}.ffn.2.weight": (d, f),
                        f"{b}.ffn.2.bias": (d,)})
+    return shapes
+
+
+def original_key_shapes(sizes: dict) -> dict[str, tuple[int, ...]]:
+    d = sizes["dim"]
+
+    def audio_keys(b: str) -> dict[str, tuple[int, ...]]:
+        return {f"{b}.cross_attn.{p}.{kind}": (d, d) if kind == "weight" else (d,)
+                for p in ("k_vocal", "v_vocal") for kind in ("weight", "bias")}
+
+    shapes = wan_i2v_key_shapes(sizes, audio_keys)
     v = "vocal_projector"
     shapes.update({f"{v}.proj_model.proj.weight": (d, sizes["audio_in_dim"]), f"{v}.proj_model.norm.weight": (d,),
                    f"{v}.proj_model.norm.bias": (d,), f"{v}.final_head.final_proj.weight": (d, d),
