@@ -33,9 +33,6 @@ class UserError(AvatarError):
     """Raised inside commands for exit code 2 (bad flag values)."""
 
 
-SILENT_AUDIO_WARNING = "warning: the audio is silent: the portrait will not speak"
-
-
 def _show_version(value: bool) -> None:
     if value:
         from avatarcli import __version__
@@ -138,11 +135,8 @@ def animate(
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
                      resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
-    if prepared[0].name == "audio":
-        from avatarcli.media.audio import is_silent
-
-        if is_silent(prepared[1].signal):
-            err.print(SILENT_AUDIO_WARNING, markup=False, highlight=False)
+    for warning in prepared[1].warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     if weights is not None and not weights.expanduser().is_dir():
         raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
                                  f"use (and fill) the Hub cache")

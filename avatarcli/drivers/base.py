@@ -12,7 +12,7 @@ summary) is shared by `avatarcli.pipeline` and knows no driver.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,6 +33,7 @@ class Inputs:
     audio_track: Path | None  # muxed into the output (None: a silent video)
     signal: Any = None  # the driver's own decoded conditioning input (audio samples, video facts, ...)
     checkpoint: str | None = None  # a driver's model variant, when it has several
+    warnings: list[str] = field(default_factory=list)  # things worth telling the user that do not stop the job
 
 
 @dataclass

@@ -36,7 +36,7 @@ class StableAvatarDriver:
     name = "audio"
 
     def prepare(self, job: AnimateJob) -> Inputs:
-        from avatarcli.media.audio import load_audio
+        from avatarcli.media.audio import is_silent, load_audio
         from avatarcli.media.image import load_portrait
         from avatarcli.presets import resolve_checkpoint, resolve_size
 
@@ -60,8 +60,9 @@ class StableAvatarDriver:
             checkpoint = DEMO_CHECKPOINT  # the demo ships one transformer
         else:
             checkpoint = resolve_checkpoint(job.preset.checkpoint, width, height)
+        warnings = ["the audio is silent: the portrait will not speak"] if is_silent(samples) else []
         return Inputs(portrait=portrait, width=width, height=height, frames=frames, fps=fps, audio_track=job.audio,
-                      signal=samples, checkpoint=checkpoint)
+                      signal=samples, checkpoint=checkpoint, warnings=warnings)
 
     @staticmethod
     def weights_dir(job: AnimateJob):
