@@ -7,7 +7,9 @@ library's `animate` on a synthetic speech clip. Run one clip length per process 
     python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
     python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
     python benchmarks/bench_animate.py --tiny --seconds 2     # CPU smoke test of the script
-    python benchmarks/bench_animate.py --seconds 10 --preset fast --steps 50 --size 480x832 --compile  # prediction
+    python benchmarks/bench_animate.py --seconds 10 --preset fast,balanced --steps 50 --size 480x832 --compile
+                                                              # step prediction: presets run one after the other
+                                                              # on the same components (one build, one compile)
 
 Prints a table last (one row per run; --append FILE also accumulates rows across runs).
 """
@@ -115,7 +117,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", default="480x832")
-    parser.add_argument("--preset", default="reference")
+    parser.add_argument("--preset", default="reference", help="a preset, or several separated by commas")
     parser.add_argument("--null-sink", action="store_true", help="skip the H.264 encode")
     parser.add_argument("--attention", default=None, help="diffusers attention backend, e.g. _native_cudnn")
     parser.add_argument("--compile", action="store_true", help="compile the DiT blocks")
@@ -138,25 +140,28 @@ def main() -> None:
     build = time.perf_counter() - build
 
     psnr = decode_precision_psnr(components.vae, args.size, device)
-    preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
-    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
-                     output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
-                     vae_dtype=args.vae_dtype)
-    result = animate(job, models=components)
+    rows = []
+    for name in args.preset.split(","):
+        preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
+        job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
+                         output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
+                         vae_dtype=args.vae_dtype)
+        result = animate(job, models=components)
 
-    stages = {k: v for k, v in result.timings.items() if k != "load"}
-    generation = sum(stages.values())
-    row = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
-               frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=args.preset,
-               wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
-               dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
-               gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
-               attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
-               vae_dtype=args.vae_dtype, bf16_decode_psnr=psnr)
-    rows = [row]
+        stages = {k: v for k, v in result.timings.items() if k != "load"}
+        generation = sum(stages.values())
+        rows.append(dict(
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
+            frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=name,
+            wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
+            dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
+            gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
+            attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
+            vae_dtype=args.vae_dtype, bf16_decode_psnr=psnr))
     if args.append:
         with args.append.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
     print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
           f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8} {'vae':>5} "
