@@ -155,12 +155,16 @@ def main() -> None:
     print("| video | windows | NFE | lip corr (lag 0) | best lag | best corr | mouth vs truth (lag 0 / best lag) | "
           "drift 0-5 s | drift last 5 s | ratio | seam score | worst seam | flicker | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    def num(value, spec: str) -> str:  # None: undefined (e.g. a mouth that never moves has no correlation)
+        return "n/a" if value is None else format(value, spec)
+
     for r in rows:
-        vs_truth = f"{r['truth_corr']:.3f} / {r['truth_lag']:+d}" if r.get("truth_corr") is not None else "-"
-        print(f"| {r['name']} | {r['windows']} | {r['nfe']} | {r['lip_corr']:.3f} | {r['lip_lag']:+d} | "
-              f"{r['lip_best']:.3f} | {vs_truth} | {r['drift_start']:.2f} | {r['drift_end']:.2f} | "
-              f"{r['drift_ratio']:.2f} | {r['seam']:.2f} | {r['seam_worst']:.2f} | {r['flicker']:.4f} | "
-              f"{r['wall']:.1f} |")
+        vs_truth = (f"{num(r['truth_corr'], '.3f')} / {num(r['truth_lag'], '+d')}"
+                    if "truth_corr" in r else "-")
+        print(f"| {r['name']} | {r['windows']} | {r['nfe']} | {num(r['lip_corr'], '.3f')} | "
+              f"{num(r['lip_lag'], '+d')} | {num(r['lip_best'], '.3f')} | {vs_truth} | {r['drift_start']:.2f} | "
+              f"{r['drift_end']:.2f} | {r['drift_ratio']:.2f} | {r['seam']:.2f} | {r['seam_worst']:.2f} | "
+              f"{r['flicker']:.4f} | {r['wall']:.1f} |")
     print(f"joint vs streaming wavefront ({order['windows']} windows, preset {args.preset} with its step prediction): "
           f"{'identical' if order['identical'] else 'DIFFERENT'} final latents (max |diff| "
           f"{order['max_abs_difference']:.3g}), NFE {order['nfe_joint']} vs {order['nfe_streaming']}")
