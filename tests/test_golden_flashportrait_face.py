@@ -34,6 +34,9 @@ FACE = GOLDEN / "flashportrait_face"
 GEOMETRY = GOLDEN / "flashportrait"
 PX = 1e-3  # landmarks and matrices, pixels
 FEATURE_RTOL, FEATURE_ATOL = 1e-4, 1e-3
+# The whole chain (detector, landmarks, smoothing, warp, encoder), features up to ~40 in size: CPU kernels sum in a
+# different order on other machines (seen: 2.7e-3); frames shifted by one pixel move the features by 0.7.
+CHAIN_ATOL = 1e-2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +180,7 @@ def test_554_features_per_kept_frame_and_faceless_frames_filled(face, encoder):
     kept = out["track.kept_frames"]
     assert features.shape == (face["config"]["frames"], 554) and features.dtype == torch.float32
     torch.testing.assert_close(features[kept], torch.from_numpy(out["pdfgc.features"]),
-                               rtol=FEATURE_RTOL, atol=FEATURE_ATOL)
+                               rtol=FEATURE_RTOL, atol=CHAIN_ATOL)
     blank = face["config"]["blank_frame"]
     if 0 < blank < face["config"]["frames"] - 1:
         torch.testing.assert_close(features[blank], (features[blank - 1] + features[blank + 1]) / 2)

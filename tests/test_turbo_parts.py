@@ -164,7 +164,7 @@ def test_tiny_stream_equals_one_decode(tiny_vae, sizes, per_call, one_thread):
     for size in sizes:
         pieces.append(decoder.push_video(latents[:, :, start : start + size]))
         start += size
-    torch.testing.assert_close(torch.cat(pieces, dim=2), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces, dim=2), whole, atol=1e-5, rtol=0)  # conv kernels differ by batch
     assert whole.shape == (1, 3, 21, 32, 32)
 
 
