@@ -360,13 +360,22 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--debug", *(a for a in args if a != "--debug")]
     global _ARGV
     _ARGV = args
+    joined = _in_process_group()
     try:
         return _run(args, debug)
     finally:
-        if "torch.distributed" in sys.modules:  # a process of a launch leaves its process group
+        if not joined and _in_process_group():  # a process of a launch leaves the group its command joined
             from avatarcli.parallel.group import leave
 
             leave()
+
+
+def _in_process_group() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: not in a group (and torch stays unimported)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _say(line: str, code: int) -> None:

@@ -1,9 +1,18 @@
-"""Run under `python -m torch.distributed.run --nproc-per-node N tests/parallel_worker.py RESULT.json`: the
-window-parallel sampler against the one-process joint loop on many window plans, with and without step
-prediction, on gloo. Rank 0 writes {case: true/false} (exactly equal frames) to RESULT.json."""
+"""Run under `python -m torch.distributed.run --nproc-per-node N tests/parallel_worker.py RESULT.json [JOBS.json]`
+(gloo, CPU). One launch does all of a world size's checks, since starting processes is the slow part:
+
+* the window-parallel sampler against the one-process joint loop on several window plans, with and without step
+  prediction: rank 0 writes {case: true/false} (exactly equal latents) under "sampler";
+* then every command line of JOBS.json ({"jobs": [[arg, ...], ...], "driving_window": N}) through the CLI's
+  `main`, as `torchrun -m avatarcli` runs it: under "jobs", every rank's exit code and rank 0's stdout.
+  `driving_window` shrinks the driving-video driver's 51-latent-frame windows, so that a short driving clip
+  makes several windows (the test's one-process reference does the same).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 
@@ -53,9 +62,23 @@ def main() -> None:
             results[name + ": windows"] = len(plan.windows)
         elif chunks:
             results[name] = False  # only rank 0 yields frames
+    report = {"sampler": results, "jobs": []}
+    spec = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else {"jobs": []}
+    if spec.get("driving_window"):
+        import avatarcli.drivers.flashportrait as driving
+
+        driving.WINDOW_LATENT_FRAMES = spec["driving_window"]
+    from avatarcli.cli import main as cli
+
+    for args in spec["jobs"]:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = cli(args)
+        codes = group.gather_counts(code)
+        report["jobs"].append({"codes": codes, "stdout": stdout.getvalue()})
     if group.rank == 0:
         with open(sys.argv[1], "w") as f:
-            json.dump(results, f)
+            json.dump(report, f)
     leave()
 
 
