@@ -104,6 +104,8 @@ def animate(
                               "trained on the synthetic world (no download; 128x128 unless --size)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
                                        "(with --device cpu: N CPU processes) [default: 1, or torchrun's]."),
+    context_parallel: int = typer.Option(1, "--context-parallel", help="GPUs that split each transformer forward "
+                                         "(Ulysses); must divide --gpus; the rest split the windows."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
@@ -117,7 +119,12 @@ def animate(
         raise UserError(f"--gpus must be at least 1, got {gpus}")
     if gpus is not None and world_size() > 1 and gpus != world_size():
         raise UserError(f"--gpus {gpus} inside a launch of {world_size()} processes: drop --gpus under torchrun")
-    if resume and max(gpus or 1, world_size()) > 1:
+    processes = max(gpus or 1, world_size())
+    if context_parallel < 1 or processes % context_parallel:
+        raise UserError(f"--context-parallel {context_parallel} must divide the {processes} processes (--gpus)")
+    if context_parallel > 1 and device == "cpu":
+        raise UserError("--context-parallel runs on GPUs (diffusers' context parallelism needs an accelerator)")
+    if resume and processes > 1:
         raise UserError("--resume works with one process: drop --gpus (or torchrun) to continue a saved run")
     if offload not in ("none", "model", "group", "sequential"):
         raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
@@ -143,7 +150,8 @@ def animate(
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
+                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model,
+                     context_parallel=context_parallel)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)

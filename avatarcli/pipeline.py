@@ -3,6 +3,9 @@
 Data path: media -> the driver (avatarcli/drivers: its features, window plan and window denoiser) -> sliding-window
 sampling in wavefront order -> streaming causal VAE decode -> ffmpeg sink. This module is shared by every driver
 and knows none of them. Inputs are validated before any weights are loaded, so bad input fails at once.
+
+Under `torchrun` (or `avatarcli animate --gpus N`) every process runs this same function: the windows are spread
+over the processes (sampling/sampler.py `sample_window_parallel`, avatarcli/parallel), and rank 0 decodes and writes.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class AnimateJob:
     # seconds of work between saves of the resume state (0: after every window-step)
     save_every: float = field(default_factory=lambda: float(os.environ.get("AVATARCLI_SAVE_EVERY", "120")))
     model: str = "stableavatar"  # "demo": the embedded demo weights (avatarcli.demo.model), no download
+    # processes that split each transformer forward (Ulysses, avatarcli/parallel/context.py); the launch's processes
+    # form world / context_parallel window ranks (window parallelism)
+    context_parallel: int = 1
 
 
 @dataclass
@@ -91,6 +97,8 @@ def prepare(job: AnimateJob):
     if job.resume and world_size() > 1:
         raise AvatarError("--resume works with one process: rerun without --gpus (and without torchrun) to continue "
                           "the saved run")
+    if job.context_parallel < 1 or (world_size() > 1 and world_size() % job.context_parallel):
+        raise AvatarError(f"--context-parallel {job.context_parallel} must divide the {world_size()} processes")
     driver = select_driver(job)
     if not job.null_sink:
         check_writable_output(job.output)
@@ -134,8 +142,12 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         from avatarcli.parallel.group import ProcessGroup, rank_device
 
         device = rank_device(device)
-        group = ProcessGroup(device)
-    writes = group is None or group.rank == 0  # this process decodes and writes the video
+        if job.context_parallel > 1 and device.type != "cuda":
+            raise AvatarError("--context-parallel runs on GPUs (diffusers' context parallelism needs an accelerator)")
+        group = ProcessGroup(device, job.context_parallel)
+    elif job.context_parallel > 1:
+        raise AvatarError("--context-parallel splits the work of several processes: use it with --gpus (or torchrun)")
+    writes = group is None or group.global_rank == 0  # this process decodes and writes the video
     dtype = resolve_dtype(job.dtype, device)
     clock = StageClock(device)
     if device.type == "cuda":
@@ -153,6 +165,11 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     plan, steps = generation.plan, len(generation.sigmas) - 1
     if group is not None:
         group.check_same(repr((plan, generation.sigmas.tolist(), generation.latent_shape, job.seed)))
+        if group.context > 1:
+            from avatarcli.parallel.context import check_context_parallel, enable_context_parallel
+
+            check_context_parallel(generation.transformer, group.context, plan.window_frames)
+            enable_context_parallel(generation.transformer, group.context, group.context_mesh)
     prediction = job.preset.prediction
 
     done = {"window_steps": 0, "windows": 0, "frames": 0}
@@ -174,8 +191,11 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     # Step prediction (sampling/predict.py) sits between the sampler and the model; the layer probe hooks the
     # driver's first and last blocks (compiled blocks run without it: the latent signal only).
+    # Under context parallelism each process sees a part of the tokens, while the processes sharing windows must
+    # predict the same steps: the latent signal only there too.
     probe = None
-    if prediction is not None and prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile:
+    if (prediction is not None and prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile
+            and job.context_parallel == 1):
         from avatarcli.sampling.predict import BlockProbe
 
         probe = timed_denoise.layer_probe = BlockProbe(*generation.probe_blocks)
@@ -251,6 +271,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             chunks = sample_window_parallel(plan, generation.sigmas, noise, velocity_of, group, after_tick=after_tick,
                                             **extra)
         for chunk in chunks:
+            if not writes:
+                continue  # a process sharing rank 0's windows (context parallelism) holds the frames too
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
             skip = 0 if decoder.started else generation.skip_frames  # leading frames only, once per video

@@ -3,6 +3,8 @@
 
 * the window-parallel sampler against the one-process joint loop on several window plans, with and without step
   prediction: rank 0 writes {case: true/false} (exactly equal latents) under "sampler";
+* context parallelism (Ulysses through diffusers) of one tiny StableAvatar forward against the same forward in one
+  process, under "ulysses": the largest difference, the output's scale, and the tokens each rank's blocks saw;
 * then every command line of JOBS.json ({"jobs": [[arg, ...], ...], "driving_window": N}) through the CLI's
   `main`, as `torchrun -m avatarcli` runs it: under "jobs", every rank's exit code and rank 0's stdout.
   `driving_window` shrinks the driving-video driver's 51-latent-frame windows, so that a short driving clip
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 
 import torch
@@ -47,6 +50,35 @@ def denoise(window, step: int, latents: torch.Tensor) -> torch.Tensor:
     return torch.sin(1.7 * latents) + 0.3 * latents + 0.05 * window.index - 0.02 * step + 0.01 * frames
 
 
+def ulysses() -> dict:
+    """One forward of a tiny StableAvatar transformer (3 guidance branches, 4 latent frames, per-frame audio), then
+    the same forward split over the launch's processes."""
+    from avatarcli.loading.transformer import build_transformer
+    from avatarcli.models.stableavatar import AudioConditioning
+    from avatarcli.parallel.context import enable_context_parallel
+    from avatarcli.testing import TINY_STABLEAVATAR
+    from avatarcli.testing.stableavatar import random_state_dict, wan_config
+
+    # diffusers picks each process's device as rank % accelerator count, which is 0 on a machine without GPUs
+    # (avatarcli refuses --context-parallel on the CPU for that reason); a test-only stand-in lets gloo run it.
+    torch.accelerator.device_count = lambda: 1
+    group = ProcessGroup(torch.device("cpu"), context=int(os.environ["WORLD_SIZE"]))
+    model = build_transformer(random_state_dict(TINY_STABLEAVATAR, 0, "cpu", torch.float32),
+                              wan_config(TINY_STABLEAVATAR), dtype=torch.float32, device=torch.device("cpu"))
+    g, cfg = torch.Generator().manual_seed(0), model.config
+    inputs = (torch.randn(3, cfg.in_channels, 4, 8, 8, generator=g), torch.full((3,), 900.0),
+              torch.randn(3, 7, cfg.text_dim, generator=g), torch.randn(3, 257, cfg.image_dim, generator=g),
+              AudioConditioning(torch.randn(1, 17, cfg.audio_in_dim, generator=g), [None, 0, 0]))
+    tokens = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: tokens.append(args[0].shape[1]))
+    with torch.no_grad():
+        one = model(*inputs)
+        enable_context_parallel(model, group.context, group.context_mesh)
+        split = model(*inputs)
+    return {"max_abs": (split - one).abs().max().item(), "scale": one.abs().max().item(), "tokens": tokens,
+            "shape_equal": split.shape == one.shape}
+
+
 def main() -> None:
     group = ProcessGroup(torch.device("cpu"))
     results = {}
@@ -62,7 +94,7 @@ def main() -> None:
             results[name + ": windows"] = len(plan.windows)
         elif chunks:
             results[name] = False  # only rank 0 yields frames
-    report = {"sampler": results, "jobs": []}
+    report = {"sampler": results, "ulysses": ulysses(), "jobs": []}
     spec = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else {"jobs": []}
     if spec.get("driving_window"):
         import avatarcli.drivers.flashportrait as driving

@@ -299,6 +299,9 @@ LAUNCHES = {2: ["1 window", "2 windows", "7 windows", "driving"]}
 def test_processes_under_torchrun_write_the_one_process_frames(world, inputs, one_process, tmp_path):
     report = launch(world, inputs, tmp_path, LAUNCHES[world])
     assert report["sampler"] and all(v for k, v in report["sampler"].items() if not k.endswith(": windows"))
+    split = report["ulysses"]  # one tiny forward, Ulysses over the processes against one process
+    assert split["shape_equal"] and split["tokens"] == [64, 64 // world]  # blocks saw 1/world of the tokens
+    assert split["max_abs"] <= 1e-5 * split["scale"]
     assert len(report["jobs"]) == len(LAUNCHES[world])
     for name, job in zip(LAUNCHES[world], report["jobs"]):
         assert job["codes"] == [0] * world, (name, job)

@@ -35,14 +35,36 @@ def rank_device(device: torch.device) -> torch.device:
 
 
 class ProcessGroup:
-    """This process's place in the launch and the collective operations the sampler uses."""
+    """This process's place in the launch and the collective operations the sampler uses.
 
-    def __init__(self, device: torch.device):
+    With context parallelism of degree `context`, consecutive groups of `context` processes share their windows
+    (each runs every forward of them with diffusers' Ulysses attention, avatarcli/parallel/context.py): `rank` and
+    `world_size` then count these groups, the "window ranks" the schedule deals windows to, and each process
+    exchanges overlaps with the processes of the same place (`member`) in the other groups.
+    """
+
+    def __init__(self, device: torch.device, context: int = 1):
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         self.device = device
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.global_rank, world = dist.get_rank(), dist.get_world_size()
+        if context < 1 or world % context:
+            raise AvatarError(f"context parallelism of {context} does not divide the {world} processes")
+        self.context = context
+        self.rank, self.world_size = self.global_rank // context, world // context  # window ranks
+        self.member = self.global_rank % context  # place inside the group that shares the windows
+        self.context_mesh = None  # the ("ring", "ulysses") device mesh of this process's context group
+        if context > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (self.world_size, 1, context),
+                                    mesh_dim_names=("window", "ring", "ulysses"))
+            self.context_mesh = mesh["ring", "ulysses"]
+
+    def peer(self, window_rank: int) -> int:
+        """The process of window rank `window_rank` at this process's place in its context group."""
+        return window_rank * self.context + self.member
 
     def exchange(self, transfers: list[Transfer], held: HeldLatents, frame: torch.Tensor) -> None:
         """Send the transfers this rank is the source of and receive those it is the destination of, into `held`.
@@ -53,12 +75,12 @@ class ProcessGroup:
                 latents = held.read(t.read)
                 if latents.dtype != frame.dtype:
                     raise RuntimeError(f"window latents are {latents.dtype}, the exchange expects {frame.dtype}")
-                ops.append(dist.P2POp(dist.isend, latents.contiguous(), t.dest, tag=tag))
+                ops.append(dist.P2POp(dist.isend, latents.contiguous(), self.peer(t.dest), tag=tag))
             elif t.dest == self.rank:
                 shape = list(frame.shape)
                 shape[2] = t.read.end - t.read.start
                 buffer = torch.empty(shape, dtype=frame.dtype, device=frame.device)
-                ops.append(dist.P2POp(dist.irecv, buffer, t.source, tag=tag))
+                ops.append(dist.P2POp(dist.irecv, buffer, self.peer(t.source), tag=tag))
                 received.append((t, buffer))
         if ops:
             for work in dist.batch_isend_irecv(ops):
@@ -73,8 +95,8 @@ class ProcessGroup:
         return bool(value.item())
 
     def gather_counts(self, count: int) -> list[int]:
-        """`count` of every rank, in rank order (on every rank)."""
-        values = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        """`count` of every process, in rank order (on every process)."""
+        values = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(dist.get_world_size())]
         dist.all_gather(values, torch.tensor([count], dtype=torch.int64, device=self.device))
         return [int(v.item()) for v in values]
 
