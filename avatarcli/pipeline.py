@@ -299,8 +299,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     nfe_per_rank = [model_calls.calls] if group is None else group.gather_counts(model_calls.calls)
 
     return AnimateResult(
-        output=None if job.null_sink or not writes else job.output, driver=driver.name, frames=done["frames"], fps=inputs.fps,
-        width=inputs.width, height=inputs.height, video_seconds=done["frames"] / inputs.fps,
+        output=None if job.null_sink or not writes else job.output, driver=driver.name, frames=done["frames"],
+        fps=inputs.fps, width=inputs.width, height=inputs.height, video_seconds=done["frames"] / inputs.fps,
         wall_seconds=time.perf_counter() - started, windows=len(plan.windows), steps=steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

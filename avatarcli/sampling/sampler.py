@@ -210,8 +210,8 @@ def sample_window_parallel(plan: WindowPlan, sigmas: torch.Tensor, noise: Callab
 
     Each tick of the schedule (avatarcli/parallel/schedule.py) every rank takes one step of each of its windows
     in that tick; then the ranks exchange the overlap frames the other ranks read. Rank 0 (`group.rank`, a window
-    rank) yields the final frames in order; the other ranks yield nothing. `after_tick(state)` runs on every rank after every tick, with
-    `state.done` and `state.emitted` counting all ranks' work (its other fields stay empty).
+    rank) yields the final frames in order; the other ranks yield nothing. `after_tick(state)` runs on every rank
+    after every tick, with `state.done` and `state.emitted` counting all ranks' work (its other fields stay empty).
     """
     from avatarcli.parallel.schedule import HeldLatents, Read, TickSchedule
 
