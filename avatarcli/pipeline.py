@@ -84,15 +84,14 @@ class AnimateResult:
     resumed_from_frame: int = 0  # frames taken from a saved run (0: a fresh run)
     nfe: int = 0  # transformer forwards run by this call (one batched call of all guidance branches counts once)
     world_size: int = 1  # processes that shared the work (window parallelism)
-    nfe_per_rank: list[int] = field(default_factory=list)  # transformer forwards of each process, in rank order
+    nfe_per_rank: list[int] = field(default_factory=list)  # forwards each process ran or shared, in rank order
 
 
 def prepare(job: AnimateJob):
     """The job's driver and its validated inputs; no model is loaded. Raises AvatarError on bad input."""
     from avatarcli.drivers import select_driver
-    from avatarcli.sink.ffmpeg import check_writable_output
-
     from avatarcli.parallel import world_size
+    from avatarcli.sink.ffmpeg import check_writable_output
 
     if job.resume and world_size() > 1:
         raise AvatarError("--resume works with one process: rerun without --gpus (and without torchrun) to continue "
@@ -130,9 +129,9 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     import torch
 
     from avatarcli.decode.stream import StreamingDecoder
+    from avatarcli.parallel import world_size
     from avatarcli.resume import AnimateInterrupted, ResumeFolder, SegmentedSink, fingerprint
     from avatarcli.runtime import StageClock, resolve_device, resolve_dtype
-    from avatarcli.parallel import world_size
     from avatarcli.sampling.sampler import StreamState, sample_streaming, sample_window_parallel
     from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink
 
@@ -297,6 +296,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     if folder is not None:
         folder.remove()
     nfe_per_rank = [model_calls.calls] if group is None else group.gather_counts(model_calls.calls)
+    context = 1 if group is None else group.context  # the processes of a context group share each forward
 
     return AnimateResult(
         output=None if job.null_sink or not writes else job.output, driver=driver.name, frames=done["frames"],
@@ -304,6 +304,6 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         wall_seconds=time.perf_counter() - started, windows=len(plan.windows), steps=steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank), world_size=len(nfe_per_rank),
+        resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),
         nfe_per_rank=nfe_per_rank,
     )
