@@ -7,9 +7,14 @@ nothing (null sink; rank 0 still decodes every frame). Every process reports its
 forwards and its peak GPU memory; the table gives, per N:
 
   windows, steps, forwards per rank, generation seconds (rank 0, everything after loading: features, DiT, decode),
-  seconds per video second, speedup over the first row, and the peak GPU memory of the busiest rank and of rank 0.
+  seconds per video second, speedup over the first row, the peak GPU memory of the busiest rank and of rank 0, and
+  whether the decoded frames (SHA-256 of the uint8 frames rank 0 hands to the sink) equal the first row's.
+
+`--context-parallel K` also splits every forward over K GPUs (Ulysses; GPU counts not divisible by K are skipped);
+its frames equal the others' only to bf16 rounding.
 
     python benchmarks/bench_multigpu.py --gpus 1,2,4,8 --seconds 20 --steps 10 --size 480x832   # 8 H200s
+    python benchmarks/bench_multigpu.py --gpus 3,6 --context-parallel 3 --seconds 20 --steps 10  # Ulysses
     python benchmarks/bench_multigpu.py --tiny --gpus 1,2 --seconds 6                           # CPU, gloo
 
 Same seed, same frames at every N (tests/test_parallel.py checks that); only the time changes. The wavefront runs
@@ -33,8 +38,11 @@ ROOT = HERE.parent
 
 def worker(args) -> None:
     """One rank: build the components on its device, run the job, write its row."""
+    import hashlib
+
     import torch
 
+    import avatarcli.sink.ffmpeg as sinks
     from avatarcli.parallel import local_rank, rank
     from avatarcli.pipeline import AnimateJob, animate
     from avatarcli.presets import load_preset
@@ -52,7 +60,16 @@ def worker(args) -> None:
     preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
     job = AnimateJob(portrait=ROOT / "examples" / "portrait.png",
                      audio=synthetic_speech(work / "talk.wav", args.seconds), output=work / "out.mp4",
-                     preset=preset, device="cpu" if args.tiny else "cuda", null_sink=True)
+                     preset=preset, device="cpu" if args.tiny else "cuda", null_sink=True,
+                     context_parallel=args.context_parallel)
+    digest = hashlib.sha256()
+    count = sinks.NullSink.write
+
+    def write(sink, frames):  # the frames rank 0 decoded, hashed on their way to the null sink
+        digest.update(frames.tobytes())
+        count(sink, frames)
+
+    sinks.NullSink.write = write
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result = animate(job, models=components)
@@ -61,7 +78,8 @@ def worker(args) -> None:
                frames=result.frames, video_seconds=result.video_seconds, nfe_per_rank=result.nfe_per_rank,
                generation=sum(stages.values()), **{f"t_{k}": v for k, v in stages.items()},
                peak_gib=result.peak_gpu_bytes / 2**30 if device.type == "cuda" else result.peak_rss_bytes / 2**30,
-               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               frames_sha256=digest.hexdigest())
     (Path(args.worker) / f"rank{rank()}.json").write_text(json.dumps(row))
 
 
@@ -70,7 +88,8 @@ def run(gpus: int, args, folder: Path) -> dict:
     folder.mkdir(parents=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
                str(Path(__file__).resolve()), "--worker", str(folder), "--seconds", str(args.seconds),
-               "--steps", str(args.steps), "--size", args.size, "--preset", args.preset] + (["--tiny"] * args.tiny)
+               "--steps", str(args.steps), "--size", args.size, "--preset", args.preset,
+               "--context-parallel", str(args.context_parallel)] + (["--tiny"] * args.tiny)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
     if args.tiny:
         env["OMP_NUM_THREADS"] = "1"
@@ -81,7 +100,7 @@ def run(gpus: int, args, folder: Path) -> dict:
                 frames=first["frames"], video_seconds=first["video_seconds"], nfe_per_rank=first["nfe_per_rank"],
                 generation=first["generation"], dit_max=max(r.get("t_dit", 0.0) for r in rows),
                 decode=first.get("t_decode", 0.0), peak_max=max(r["peak_gib"] for r in rows),
-                peak_rank0=first["peak_gib"])
+                peak_rank0=first["peak_gib"], frames_sha256=first["frames_sha256"])
 
 
 def main() -> None:
@@ -91,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", default="480x832")
     parser.add_argument("--preset", default="reference", help="reference: no step prediction, fixed forwards")
+    parser.add_argument("--context-parallel", type=int, default=1, help="GPUs splitting each forward (Ulysses)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (gloo)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,18 +121,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     results = []
     for gpus in (int(g) for g in args.gpus.split(",")):
+        if gpus % args.context_parallel:
+            continue
         results.append(run(gpus, args, work / f"gpus{gpus}"))
         print(json.dumps(results[-1]), flush=True)
     base = results[0]["generation"]
     memory = "RSS GiB" if args.tiny else "GPU GiB"
-    print(f"\n{'device':<24} {'GPUs':>4} {'win':>4} {'steps':>5} {'forwards per rank':<28} {'DiT s max':>9} "
+    print(f"\ncontext parallelism: {args.context_parallel} GPU(s) per forward")
+    print(f"{'device':<24} {'GPUs':>4} {'win':>4} {'steps':>5} {'forwards per rank':<28} {'DiT s max':>9} "
           f"{'decode s':>8} {'gen s':>8} {'s / video s':>11} {'speedup':>7} {'peak ' + memory:>14} "
-          f"{'rank 0 ' + memory:>14}")
+          f"{'rank 0 ' + memory:>14} {'same frames':>11}")
     for r in results:
         print(f"{r['device']:<24} {r['gpus']:>4} {r['windows']:>4} {r['steps']:>5} "
               f"{','.join(map(str, r['nfe_per_rank'])):<28} {r['dit_max']:>9.1f} {r['decode']:>8.1f} "
               f"{r['generation']:>8.1f} {r['generation'] / r['video_seconds']:>11.2f} "
-              f"{base / r['generation']:>7.2f} {r['peak_max']:>14.2f} {r['peak_rank0']:>14.2f}")
+              f"{base / r['generation']:>7.2f} {r['peak_max']:>14.2f} {r['peak_rank0']:>14.2f} "
+              f"{str(r['frames_sha256'] == results[0]['frames_sha256']):>11}")
 
 
 if __name__ == "__main__":
