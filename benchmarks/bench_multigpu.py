@@ -15,7 +15,7 @@ its frames equal the others' only to bf16 rounding.
 
     python benchmarks/bench_multigpu.py --gpus 1,2,4,8 --seconds 20 --steps 10 --size 480x832   # 8 H200s
     python benchmarks/bench_multigpu.py --gpus 3,6 --context-parallel 3 --seconds 20 --steps 10  # Ulysses
-    python benchmarks/bench_multigpu.py --tiny --gpus 1,2 --seconds 6                           # CPU, gloo
+    python benchmarks/bench_multigpu.py --tiny --gpus 1,2 --seconds 10 --size 64x64 --steps 4     # CPU, gloo
 
 Same seed, same frames at every N (tests/test_parallel.py checks that); only the time changes. The wavefront runs
 window k's step s at tick 2s + k (overlap at most half a window), so about `steps` windows are in flight and up to
@@ -56,6 +56,7 @@ def worker(args) -> None:
         torch.cuda.set_device(local_rank())
         device, dtype = torch.device("cuda", local_rank()), torch.bfloat16
     work = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)  # the same random weights in every process and every run
     components = full_size_components(device, dtype, write_tiny_umt5_tokenizer(work / "tok"), args.tiny)
     preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
     job = AnimateJob(portrait=ROOT / "examples" / "portrait.png",
