@@ -1,8 +1,11 @@
-"""Window parallelism: the tick schedule, the window-parallel sampler (ranks simulated by threads), and real
-launches of 2 and 3 gloo processes whose videos must equal one process's frame for frame (lossless --crf 0)."""
+"""Several processes: the tick schedule, the window-parallel sampler (ranks simulated by threads), and real launches
+of 2 and 3 gloo processes whose videos must equal one process's frame for frame (lossless --crf 0), plus one
+Ulysses-split transformer forward against one process's."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,7 +19,7 @@ import pytest
 import torch
 
 from avatarcli.cli import main
-from avatarcli.parallel.schedule import HeldLatents, TickSchedule
+from avatarcli.parallel.schedule import HeldLatents, Read, TickSchedule
 from avatarcli.sampling.predict import Prediction
 from avatarcli.sampling.sampler import sample_joint, sample_window_parallel
 from avatarcli.sampling.schedule import flow_sigmas
@@ -94,8 +97,6 @@ def test_transfers_carry_exactly_what_other_ranks_read(name):
 def test_held_latents_refuse_frames_they_do_not_hold():
     held = HeldLatents()
     held.put(3, 1, 10, torch.zeros(1, 2, 4, 1, 1))
-    from avatarcli.parallel.schedule import Read
-
     assert held.read(Read(3, 1, 11, 13)).shape[2] == 2
     with pytest.raises(KeyError):
         held.read(Read(3, 1, 9, 12))
@@ -248,9 +249,6 @@ def one_process(inputs):
         jobs = {name: audio_args(inputs, name, inputs["folder"] / f"one-{i}.mp4") for i, name in enumerate(AUDIO_JOBS)}
         jobs["driving"] = driving_args(inputs, inputs["folder"] / "one-driving.mp4")
         for name, args in jobs.items():
-            import contextlib
-            import io
-
             stdout = io.StringIO()
             with contextlib.redirect_stdout(stdout):
                 assert main(args) == 0
