@@ -14,6 +14,7 @@ forwards and its peak GPU memory; the table gives, per N:
 its frames equal the others' only to bf16 rounding.
 
     python benchmarks/bench_multigpu.py --gpus 1,2,4,8 --seconds 20 --steps 10 --size 480x832   # 8 H200s
+    python benchmarks/bench_multigpu.py --gpus 1 --append rows.jsonl ...; ... --gpus 2,4,8 --append rows.jsonl ...
     python benchmarks/bench_multigpu.py --gpus 3,6 --context-parallel 3 --seconds 20 --steps 10  # Ulysses
     python benchmarks/bench_multigpu.py --tiny --gpus 1,2 --seconds 10 --size 64x64 --steps 4     # CPU, gloo
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--preset", default="reference", help="reference: no step prediction, fixed forwards")
     parser.add_argument("--context-parallel", type=int, default=1, help="GPUs splitting each forward (Ulysses)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (gloo)")
+    parser.add_argument("--append", type=Path, default=None, help="JSON-lines file collecting rows across runs "
+                        "(the speedup is over its first row)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -126,6 +129,11 @@ def main() -> None:
             continue
         results.append(run(gpus, args, work / f"gpus{gpus}"))
         print(json.dumps(results[-1]), flush=True)
+        if args.append:
+            with args.append.open("a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
+    if args.append:
+        results = [json.loads(line) for line in args.append.read_text().splitlines()]
     base = results[0]["generation"]
     memory = "RSS GiB" if args.tiny else "GPU GiB"
     print(f"\ncontext parallelism: {args.context_parallel} GPU(s) per forward")
