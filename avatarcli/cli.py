@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, AvatarError, EnvironmentProblem, \
-    Interrupted, as_environment_problem, exit_code_for
+from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, AvatarError, \
+    EnvironmentProblem, Interrupted, as_environment_problem, exit_code_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Talking-portrait video from one image and speech, streamed to mp4.")
@@ -108,10 +108,9 @@ def animate(
                                          "(Ulysses); must divide --gpus; the rest split the windows."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
+    from avatarcli.parallel import rank, world_size
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
     from avatarcli.presets import load_preset
-
-    from avatarcli.parallel import rank, world_size
 
     if not 0 <= crf <= 51:
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
