@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, AvatarError, EnvironmentProblem, \
-    Interrupted, as_environment_problem, exit_code_for
+from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, AvatarError, \
+    EnvironmentProblem, Interrupted, as_environment_problem, exit_code_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Talking-portrait video from one image and speech, streamed to mp4.")
@@ -102,13 +102,29 @@ def animate(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
     model: str = typer.Option("stableavatar", "--model", help="stableavatar, or demo: the small embedded model "
                               "trained on the synthetic world (no download; 128x128 unless --size)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
+                                       "(with --device cpu: N CPU processes) [default: 1, or torchrun's]."),
+    context_parallel: int = typer.Option(1, "--context-parallel", help="GPUs that split each transformer forward "
+                                         "(Ulysses); must divide --gpus; the rest split the windows."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
+    from avatarcli.parallel import rank, world_size
     from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
     from avatarcli.presets import load_preset
 
     if not 0 <= crf <= 51:
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {gpus}")
+    if gpus is not None and world_size() > 1 and gpus != world_size():
+        raise UserError(f"--gpus {gpus} inside a launch of {world_size()} processes: drop --gpus under torchrun")
+    processes = max(gpus or 1, world_size())
+    if context_parallel < 1 or processes % context_parallel:
+        raise UserError(f"--context-parallel {context_parallel} must divide the {processes} processes (--gpus)")
+    if context_parallel > 1 and device == "cpu":
+        raise UserError("--context-parallel runs on GPUs (diffusers' context parallelism needs an accelerator)")
+    if resume and processes > 1:
+        raise UserError("--resume works with one process: drop --gpus (or torchrun) to continue a saved run")
     if offload not in ("none", "model", "group", "sequential"):
         raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
     if weights_dtype not in ("auto", "fp8"):
@@ -133,13 +149,21 @@ def animate(
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
+                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model,
+                     context_parallel=context_parallel)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
-    for warning in prepared[1].warnings:
+    for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)
     if weights is not None and not weights.expanduser().is_dir():
         raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
                                  f"use (and fill) the Hub cache")
+    if (gpus or 1) > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
+        _check_gpus(gpus, device)
+        from avatarcli.parallel.launch import launch
+
+        raise typer.Exit(launch(gpus, _ARGV))
+    quiet = quiet or rank() != 0  # one progress bar and one summary: rank 0's
+    as_json = as_json and rank() == 0
     try:
         with stop_on_signals() as stop:
             if quiet or as_json:
@@ -149,11 +173,13 @@ def animate(
                     result = run(job, on_progress=update, prepared=prepared, stop=stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the sink removed its partial file
         raise Interrupted(f"interrupted: nothing written to {job.output}") from None
+    if rank() != 0:
+        return
     summary = {
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
-        "nfe": result.nfe,
+        "nfe": result.nfe, "world_size": result.world_size, "nfe_per_rank": result.nfe_per_rank,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "resumed_from_frame": result.resumed_from_frame,
@@ -163,6 +189,20 @@ def animate(
     elif not quiet:
         err.print(f"wrote {result.output}: {result.frames} frames, {result.video_seconds:.2f} s of video "
                   f"in {result.wall_seconds:.1f} s")
+
+
+def _check_gpus(gpus: int, device: str) -> None:
+    """--gpus N needs N GPUs unless the job runs on the CPU."""
+    if device == "cpu":
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < gpus:
+        raise EnvironmentProblem(f"--gpus {gpus} needs {gpus} CUDA GPUs, {found} visible; use fewer, or --device cpu "
+                                 f"for CPU processes")
+    if device not in ("auto", "cuda"):
+        raise UserError(f"--device {device} picks one GPU; with --gpus use --device cuda (or auto)")
 
 
 class stop_on_signals:
@@ -311,6 +351,9 @@ from avatarcli.cli_eval import register as _register_eval  # noqa: E402
 _register_eval(app)
 
 
+_ARGV: list[str] = []  # the arguments of this command line: `--gpus N` starts N processes with them
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -322,19 +365,52 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or bool(os.environ.get("AVATARCLI_DEBUG"))
     if "--debug" in args:
         args = ["--debug", *(a for a in args if a != "--debug")]
+    global _ARGV
+    _ARGV = args
+    joined = _in_process_group()
+    try:
+        return _run(args, debug)
+    finally:
+        if not joined and _in_process_group():  # a process of a launch leaves the group its command joined
+            from avatarcli.parallel.group import leave
+
+            leave()
+
+
+def _in_process_group() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: not in a group (and torch stays unimported)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _say(line: str, code: int) -> None:
+    """One line on stderr. In a launch of several processes, rank 0 alone reports what every rank meets alike
+    (bad input, an interruption); other failures name the rank."""
+    from avatarcli.parallel import rank, world_size
+
+    if world_size() > 1 and rank() != 0:
+        if code in (EXIT_USAGE, EXIT_INTERRUPTED):
+            return
+        line = f"rank {rank()}: {line}"
+    print(line, file=sys.stderr)
+
+
+def _run(args: list[str], debug: bool) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=args, prog_name="avatarcli", standalone_mode=False)
     except (AvatarError, UserError) as error:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        _say(f"error: {_one_line(error)}", exit_code_for(error))
         return exit_code_for(error)
     except Interrupted as error:
-        print(_one_line(error), file=sys.stderr)
+        _say(_one_line(error), EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except Exception as error:
         # Click's exceptions (typer may vendor its own copy, so they are recognised by shape, not class).
@@ -351,9 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         problem = as_environment_problem(error)  # out of memory, disk full
         if problem is not None:
-            print(f"error: {_one_line(problem)}", file=sys.stderr)
+            _say(f"error: {_one_line(problem)}", exit_code_for(problem))
             return exit_code_for(problem)
-        print(f"internal error: {name}: {_one_line(error)} (run with --debug for the traceback)", file=sys.stderr)
+        _say(f"internal error: {name}: {_one_line(error)} (run with --debug for the traceback)", EXIT_BUG)
         return EXIT_BUG
     # Without standalone mode typer returns the code of typer.Exit (and 130 for a Ctrl-C it caught) instead of
     # exiting; a command that finishes normally returns None.

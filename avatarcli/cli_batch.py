@@ -25,6 +25,12 @@ def register(app: typer.Typer) -> None:
         """Run many animate jobs from MANIFEST; models load once for the jobs that share them."""
         from rich.console import Console
 
+        from avatarcli.errors import AvatarError
+        from avatarcli.parallel import world_size
+
+        if world_size() > 1:
+            raise AvatarError("avatarcli batch runs in one process: start it without torchrun (animate takes --gpus)")
+
         from avatarcli.batch import BatchReport, JobOutcome, run_batch, validate, write_report
         from avatarcli.cli import stop_on_signals
 

@@ -3,6 +3,9 @@
 Data path: media -> the driver (avatarcli/drivers: its features, window plan and window denoiser) -> sliding-window
 sampling in wavefront order -> streaming causal VAE decode -> ffmpeg sink. This module is shared by every driver
 and knows none of them. Inputs are validated before any weights are loaded, so bad input fails at once.
+
+Under `torchrun` (or `avatarcli animate --gpus N`) every process runs this same function: the windows are spread
+over the processes (sampling/sampler.py `sample_window_parallel`, avatarcli/parallel), and rank 0 decodes and writes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarcli.errors import AvatarError
 from avatarcli.features.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT
 from avatarcli.presets import Preset
 
@@ -45,6 +49,9 @@ class AnimateJob:
     # seconds of work between saves of the resume state (0: after every window-step)
     save_every: float = field(default_factory=lambda: float(os.environ.get("AVATARCLI_SAVE_EVERY", "120")))
     model: str = "stableavatar"  # "demo": the embedded demo weights (avatarcli.demo.model), no download
+    # processes that split each transformer forward (Ulysses, avatarcli/parallel/context.py); the launch's processes
+    # form world / context_parallel window ranks (window parallelism)
+    context_parallel: int = 1
 
 
 @dataclass
@@ -76,13 +83,21 @@ class AnimateResult:
     peak_rss_bytes: int = 0
     resumed_from_frame: int = 0  # frames taken from a saved run (0: a fresh run)
     nfe: int = 0  # transformer forwards run by this call (one batched call of all guidance branches counts once)
+    world_size: int = 1  # processes that shared the work (window parallelism)
+    nfe_per_rank: list[int] = field(default_factory=list)  # forwards each process ran or shared, in rank order
 
 
 def prepare(job: AnimateJob):
     """The job's driver and its validated inputs; no model is loaded. Raises AvatarError on bad input."""
     from avatarcli.drivers import select_driver
+    from avatarcli.parallel import world_size
     from avatarcli.sink.ffmpeg import check_writable_output
 
+    if job.resume and world_size() > 1:
+        raise AvatarError("--resume works with one process: rerun without --gpus (and without torchrun) to continue "
+                          "the saved run")
+    if job.context_parallel < 1 or (world_size() > 1 and world_size() % job.context_parallel):
+        raise AvatarError(f"--context-parallel {job.context_parallel} must divide the {world_size()} processes")
     driver = select_driver(job)
     if not job.null_sink:
         check_writable_output(job.output)
@@ -116,19 +131,32 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     import torch
 
     from avatarcli.decode.stream import StreamingDecoder
+    from avatarcli.parallel import world_size
     from avatarcli.resume import AnimateInterrupted, ResumeFolder, SegmentedSink, fingerprint
     from avatarcli.runtime import StageClock, resolve_device, resolve_dtype
-    from avatarcli.sampling.sampler import StreamState, sample_streaming
-    from avatarcli.sink.ffmpeg import BackgroundSink, NullSink
+    from avatarcli.sampling.sampler import StreamState, sample_streaming, sample_window_parallel
+    from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink
 
     device = resolve_device(job.device)
+    group = None  # the process group when several processes share the windows (avatarcli/parallel)
+    if world_size() > 1:
+        from avatarcli.parallel.group import ProcessGroup, rank_device
+
+        device = rank_device(device)
+        if job.context_parallel > 1 and device.type != "cuda":
+            raise AvatarError("--context-parallel runs on GPUs (diffusers' context parallelism needs an accelerator)")
+        group = ProcessGroup(device, job.context_parallel)
+    elif job.context_parallel > 1:
+        raise AvatarError("--context-parallel splits the work of several processes: use it with --gpus (or torchrun)")
+    writes = group is None or group.global_rank == 0  # this process decodes and writes the video
     dtype = resolve_dtype(job.dtype, device)
     clock = StageClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if sink is not None and not job.null_sink:
         raise ValueError("animate(sink=...) needs a job with null_sink=True (the sink replaces the output file)")
-    folder = None if job.null_sink else ResumeFolder(job.output)
+    # Several processes keep no resume state (prepare() refuses --resume); rank 0 writes the output directly.
+    folder = None if job.null_sink or group is not None else ResumeFolder(job.output)
     saved = folder.check(job) if folder is not None else None
     if stop is not None and stop.requested:
         raise AnimateInterrupted(job.output, saved["frames"] if saved else 0, inputs.frames, saved is not None,
@@ -138,6 +166,13 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             models = driver.load(job, inputs, device, dtype)
     generation = driver.build(job, inputs, models, device, dtype, clock)
     plan, steps = generation.plan, len(generation.sigmas) - 1
+    if group is not None:
+        group.check_same(repr((plan, generation.sigmas.tolist(), generation.latent_shape, job.seed)))
+        if group.context > 1:
+            from avatarcli.parallel.context import check_context_parallel, enable_context_parallel
+
+            check_context_parallel(generation.transformer, group.context, plan.window_frames)
+            enable_context_parallel(generation.transformer, group.context, group.context_mesh)
     prediction = job.preset.prediction
 
     done = {"window_steps": 0, "windows": 0, "frames": 0}
@@ -159,8 +194,11 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     # Step prediction (sampling/predict.py) sits between the sampler and the model; the layer probe hooks the
     # driver's first and last blocks (compiled blocks run without it: the latent signal only).
+    # Under context parallelism each process sees a part of the tokens, while the processes sharing windows must
+    # predict the same steps: the latent signal only there too.
     probe = None
-    if prediction is not None and prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile:
+    if (prediction is not None and prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile
+            and job.context_parallel == 1):
         from avatarcli.sampling.predict import BlockProbe
 
         probe = timed_denoise.layer_probe = BlockProbe(*generation.probe_blocks)
@@ -195,6 +233,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             folder.start_fresh()
         sink = SegmentedSink(folder.path, job.output, inputs.width, inputs.height, inputs.fps, audio_track, job.crf,
                              segments=segments, frames_written=done["frames"])
+    elif writes and not job.null_sink:
+        sink = BackgroundSink(Mp4Sink(job.output, inputs.width, inputs.height, inputs.fps, audio_track, job.crf))
     else:
         sink = BackgroundSink(sink if sink is not None else NullSink(job.output, inputs.width, inputs.height, inputs.fps))
     resumed_from = done["frames"]
@@ -214,12 +254,28 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         if stopping:
             raise AnimateInterrupted(job.output, done["frames"], inputs.frames, folder is not None, stop.reason)
 
+    def after_tick(live: StreamState) -> None:
+        """Window parallelism: progress counts every rank's window-steps; all ranks stop together."""
+        done["window_steps"] = live.window_steps
+        done["windows"] = sum(d == steps for d in live.done)
+        report()
+        if group.any(stop is not None and stop.requested) and live.emitted < plan.latent_frames:
+            reason = stop.reason if stop is not None and stop.reason else "stopped by another process"
+            raise AnimateInterrupted(job.output, done["frames"], inputs.frames, False, reason)
+
     sink.open()
     try:
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
         extra = {} if generation.update is None else {"update": generation.update}
-        for chunk in sample_streaming(plan, generation.sigmas, noise, tracked, state=state,
-                                      after_step=after_step, **extra):
+        if group is None:
+            chunks = sample_streaming(plan, generation.sigmas, noise, tracked, state=state, after_step=after_step,
+                                      **extra)
+        else:  # rank 0 gets the final frames, the other ranks none
+            chunks = sample_window_parallel(plan, generation.sigmas, noise, velocity_of, group, after_tick=after_tick,
+                                            **extra)
+        for chunk in chunks:
+            if not writes:
+                continue  # a process sharing rank 0's windows (context parallelism) holds the frames too
             if done["frames"] >= inputs.frames:
                 continue  # the padding frames of a video shorter than one window
             skip = 0 if decoder.started else generation.skip_frames  # leading frames only, once per video
@@ -243,12 +299,15 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             probe.close()
     if folder is not None:
         folder.remove()
+    nfe_per_rank = [model_calls.calls] if group is None else group.gather_counts(model_calls.calls)
+    context = 1 if group is None else group.context  # the processes of a context group share each forward
 
     return AnimateResult(
-        output=None if job.null_sink else job.output, driver=driver.name, frames=done["frames"], fps=inputs.fps,
-        width=inputs.width, height=inputs.height, video_seconds=done["frames"] / inputs.fps,
+        output=None if job.null_sink or not writes else job.output, driver=driver.name, frames=done["frames"],
+        fps=inputs.fps, width=inputs.width, height=inputs.height, video_seconds=done["frames"] / inputs.fps,
         wall_seconds=time.perf_counter() - started, windows=len(plan.windows), steps=steps, timings=clock.totals,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        resumed_from_frame=resumed_from, nfe=model_calls.calls,
+        resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),
+        nfe_per_rank=nfe_per_rank,
     )

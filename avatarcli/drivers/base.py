@@ -47,6 +47,7 @@ class Generation:
     update: Callable | None = None  # the sampler's step update (sampling/sampler.py StepUpdate); default Euler
     skip_frames: int = 0  # leading decoded frames that are not part of the output (FlashPortrait's reference slot)
     probe_blocks: tuple | None = None  # (first, last) transformer blocks: the step predictor's per-layer signal
+    transformer: Any = None  # the DiT itself (context parallelism splits its forwards)
 
 
 class Driver(Protocol):

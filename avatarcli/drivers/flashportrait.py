@@ -200,7 +200,7 @@ class FlashPortraitDriver:
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, decoder=decoder,
                           update=update, skip_frames=1,
-                          probe_blocks=(parts.transformer.blocks[0], parts.transformer.blocks[-1]))
+                          probe_blocks=(parts.transformer.blocks[0], parts.transformer.blocks[-1]), transformer=parts.transformer)
 
 
 DRIVER = FlashPortraitDriver()

@@ -183,7 +183,7 @@ class StableAvatarDriver:
                                         window_audio=window_audio, sigmas=sigmas)
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8),
-                          probe_blocks=(components.transformer.blocks[0], components.transformer.blocks[-1]), vae=vae)
+                          probe_blocks=(components.transformer.blocks[0], components.transformer.blocks[-1]), vae=vae, transformer=components.transformer)
 
 
 DRIVER = StableAvatarDriver()

@@ -1,4 +1,5 @@
-"""Sliding-window flow sampling over a whole video: the joint loop (oracle) and the streaming wavefront.
+"""Sliding-window flow sampling over a whole video: the joint loop (oracle), the streaming wavefront and its
+window-parallel form over several processes.
 
 Both run the same per-window step (`window_step`): guided velocity from the denoiser, one Euler step, then the
 blend of the overlap with the previous window's output of the same step (none at step 0), rounded to
@@ -9,7 +10,8 @@ The wavefront computes the same thing in another order: window k at step s needs
   * its own frames' state from step s-1 (written by k or by later windows covering the same frames), and
   * window k-1's output of step s (for the blend),
 so windows can run staggered and each window's frames are final long before the video ends; the live state is
-bounded by the number of steps, not the video length.
+bounded by the number of steps, not the video length. The same dependencies let the windows of one wavefront
+tick run on different ranks (`sample_window_parallel`, schedule in avatarcli/parallel/schedule.py).
 
 Optional step prediction plugs in as a `StepPredictor` (avatarcli/sampling/predict.py): it binds the denoiser
 into one with the same signature that calls the transformer only on the steps it cannot predict. It keeps its state
@@ -197,3 +199,53 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
             del outputs[key]
         if after_step is not None:
             after_step(live)
+
+
+def sample_window_parallel(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
+                           denoise: Denoiser, group, state_dtype: torch.dtype | None = None,
+                           after_tick: Callable[[StreamState], None] | None = None,
+                           update: StepUpdate = euler_step, predictor: StepPredictor | None = None
+                           ) -> Iterator[FinalFrames]:
+    """`sample_streaming` spread over the ranks of `group` (avatarcli/parallel/group.py): the same frames.
+
+    Each tick of the schedule (avatarcli/parallel/schedule.py) every rank takes one step of each of its windows
+    in that tick; then the ranks exchange the overlap frames the other ranks read. Rank 0 (`group.rank`, a window
+    rank) yields the final frames in order; the other ranks yield nothing. `after_tick(state)` runs on every rank
+    after every tick, with `state.done` and `state.emitted` counting all ranks' work (its other fields stay empty).
+    """
+    from avatarcli.parallel.schedule import HeldLatents, Read, TickSchedule
+
+    if predictor is not None:
+        denoise = predictor.bind(denoise, sigmas)
+    steps, windows, rank = len(sigmas) - 1, plan.windows, group.rank
+    schedule = TickSchedule(plan, steps, group.world_size)
+    frame = noise(0, 1)  # the layout, dtype and device of one latent frame, for the exchange buffers
+    held = HeldLatents()
+    live = StreamState.fresh(plan)
+
+    def frames(start: int, end: int, step: int) -> torch.Tensor:
+        return torch.cat([held.read(r) for r in schedule.runs(start, end, step)], dim=2)
+
+    for tick in range(schedule.ticks):
+        for k, s in schedule.tasks(tick, rank):
+            window = windows[k]
+            state = noise(window.start, window.end) if s == 0 else frames(window.start, window.end, s - 1)
+            previous = None
+            if s > 0 and window.overlap:  # window k-1's output of this step on the overlap
+                previous = held.read(Read(k - 1, s, window.start, window.start + window.overlap))
+            new = window_step(plan, window, s, state, sigmas, denoise, previous, state_dtype, update)
+            held.put(k, s, window.start, new)
+        group.exchange(schedule.transfers(tick), held, frame)
+        for k, s in schedule.tasks(tick):
+            live.done[k] = s + 1
+
+        final_end = live.emitted
+        while final_end < plan.latent_frames and live.done[schedule.owner[final_end]] == steps:
+            final_end += 1
+        if final_end > live.emitted:
+            start, live.emitted = live.emitted, final_end
+            if rank == 0:
+                yield FinalFrames(start, frames(start, final_end, steps - 1))
+        held.drop(schedule.expired(tick, rank))
+        if after_tick is not None:
+            after_tick(live)

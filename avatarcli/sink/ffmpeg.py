@@ -6,6 +6,7 @@ so an interrupted or failed run never leaves a truncated video where the user ex
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -149,7 +150,13 @@ class Mp4Sink:
     def abort(self) -> None:
         """Stop ffmpeg and delete the partial file; nothing is left under the output name."""
         if self._state == "open":
-            self._stop_ffmpeg()
+            quiet = logging.getLogger("imageio_ffmpeg")  # its "no frames written" warning: the file goes anyway
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                self._stop_ffmpeg()
+            finally:
+                quiet.setLevel(level)
         partial_path(self.path).unlink(missing_ok=True)
         self._state = "aborted"
 
