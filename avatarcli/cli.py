@@ -86,6 +86,8 @@ def animate(
     decoder: Optional[str] = typer.Option(None, "--decoder",
                                           help="--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
+    overlap_decode: str = typer.Option("auto", "--overlap-decode",
+                                       help="Decode finished frames while the DiT continues: auto (on a GPU), on, off."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
     predict: Optional[bool] = typer.Option(None, "--predict/--no-predict",
@@ -111,6 +113,8 @@ def animate(
         raise UserError(f"--crf must be between 0 and 51, got {crf}")
     if offload not in ("none", "model", "group", "sequential"):
         raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
+    if overlap_decode not in ("auto", "on", "off"):
+        raise UserError(f"--overlap-decode must be auto, on or off, got {overlap_decode!r}")
     if weights_dtype not in ("auto", "fp8"):
         raise UserError(f"--weights-dtype must be auto or fp8, got {weights_dtype!r}")
     if model not in ("stableavatar", "demo"):
@@ -133,7 +137,8 @@ def animate(
                      preset=chosen, prompt=prompt or DEFAULT_PROMPT,
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model)
+                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model,
+                     overlap_decode=overlap_decode)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings:
         err.print(f"warning: {warning}", markup=False, highlight=False)
