@@ -48,6 +48,7 @@ class AnimateJob:
     # decode finished frames on a worker thread (and CUDA stream) while the DiT continues: auto = on a GPU without
     # offloading (decode/overlap.py); the frames are the same either way
     overlap_decode: str = "auto"  # auto | on | off
+    precision: str = "auto"  # auto (the --dtype) | fp8: fp8 linear layers and self-attention in the DiT blocks (GPU)
 
 
 @dataclass
