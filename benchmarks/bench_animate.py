@@ -35,7 +35,7 @@ from avatarcli.loading.transformer import build_transformer
 from avatarcli.pipeline import AnimateJob, animate
 from avatarcli.presets import load_preset
 from avatarcli.testing.components import write_tiny_umt5_tokenizer
-from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
+from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -102,14 +102,14 @@ def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) ->
                     dtype=dtype), torch.zeros(3, 257, cfg.image_dim, device=device, dtype=dtype), audio)
 
 
-def stock_window_step(args, device: torch.device, dtype: torch.dtype, transformer) -> list[tuple[str, str, float]]:
+def stock_window_step(args, device: torch.device, dtype: torch.dtype, transformer, stock
+                      ) -> list[tuple[str, str, float]]:
     """Median seconds of one cfg window-step (batch 3) of stock diffusers' WanTransformer3DModel, sharing our DiT's
-    weights, and of our DiT, on the same inputs; compiled (fused q/k/v) when --compile compiled ours."""
+    weights (`stock`, built before ours was converted), and of our DiT as this run uses it, on the same inputs;
+    compiled (fused q/k/v) when --compile compiled ours."""
     import statistics
 
     from avatarcli.models.stableavatar import AudioConditioning
-    from avatarcli.testing.stableavatar import stock_wan_twin
-
     width, height = (int(v) for v in args.size.split("x"))
     cfg = transformer.config
     gen = torch.Generator(device).manual_seed(0)
@@ -119,7 +119,6 @@ def stock_window_step(args, device: torch.device, dtype: torch.dtype, transforme
     text = torch.randn(3, 512, cfg.text_dim, generator=gen, device=device, dtype=dtype)
     image = torch.randn(3, 257, cfg.image_dim, generator=gen, device=device, dtype=dtype)
     audio = AudioConditioning(torch.randn(2, 161, cfg.audio_in_dim, generator=gen, device=device), [0, 1, None])
-    stock = stock_wan_twin(transformer)
     variant = "eager"
     if args.compile:
         stock.fuse_qkv_projections()
@@ -139,10 +138,9 @@ def stock_window_step(args, device: torch.device, dtype: torch.dtype, transforme
             times.append(time.perf_counter() - tick)
         return statistics.median(times[2:])  # the first two warm up (and compile)
 
-    rows = [("stock", variant, seconds(lambda: stock(x, t, text, image, return_dict=False))),
-            ("ours", variant, seconds(lambda: transformer(x, t, text, image, audio)))]
-    del stock
-    return rows
+    ours = "ours fp8" if args.precision == "fp8" else "ours"
+    return [("stock", variant, seconds(lambda: stock(x, t, text, image, return_dict=False))),
+            (ours, variant, seconds(lambda: transformer(x, t, text, image, audio)))]
 
 
 def decode_precision_psnr(vae, size: str, device: torch.device) -> float:
@@ -173,6 +171,8 @@ def main() -> None:
     parser.add_argument("--append", type=Path, default=None, help="JSON-lines file collecting rows across runs")
     parser.add_argument("--overlap-decode", default="auto", choices=["auto", "on", "off", "both"],
                         help="decode on a worker thread while the DiT continues (both: one row each, off first)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+                        help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-diffusers window-step comparison")
     args = parser.parse_args()
 
@@ -183,13 +183,23 @@ def main() -> None:
     components = full_size_components(device, dtype, write_tiny_umt5_tokenizer(work / "tok"), args.tiny)
     if args.attention:
         components.transformer.set_attention_backend(args.attention)
+    stock = None if args.no_stock else stock_wan_twin(components.transformer)  # before any conversion of ours
+    if stock is not None and args.attention:
+        stock.set_attention_backend(args.attention)
     if args.compile:
         components.transformer.fuse_qkv_projections()
+    if args.precision == "fp8":
+        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+
+        check_fp8_support(device)
+        use_fp8(components.transformer)
+    if args.compile:
         components.transformer.compile_repeated_blocks(fullgraph=True)
         warm_up(components.transformer, args.size, device, dtype)  # keep compilation out of the DiT time
     build = time.perf_counter() - build
 
-    stock_rows = [] if args.no_stock else stock_window_step(args, device, dtype, components.transformer)
+    stock_rows = [] if stock is None else stock_window_step(args, device, dtype, components.transformer, stock)
+    del stock
     psnr = decode_precision_psnr(components.vae, args.size, device)
     preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
     modes = ["off", "on"] if args.overlap_decode == "both" else [args.overlap_decode]
@@ -197,7 +207,7 @@ def main() -> None:
     for mode in modes:
         job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
-                         vae_dtype=args.vae_dtype, overlap_decode=mode)
+                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         result = animate(job, models=components)

@@ -8,12 +8,15 @@ Full-size random weights in the published key layout go through the same loading
     the eager output (on torch 2.11 / H100 the default SDPA already runs cuDNN's flash kernel),
   * stock diffusers' WanTransformer3DModel sharing the same weights (no audio path) at the same token count, in the
     same run and the same variants (unless --no-stock), and the ratio of each of our rows to its stock row,
+  * with --precision fp8: the cfg window-step with fp8 linear layers, fp8 self-attention, both, and both compiled,
+    each with its relative deviation from the eager bf16 output (avatarcli/models/fp8.py),
   * with --ops: a per-op table of one cfg window-step (ours vs stock: calls and self time per op, biggest
     differences first), the place to look for overhead against stock; works on CPU too.
 Prints a table last.
 
     python benchmarks/bench_transformer.py --fuse-qkv        # on a CUDA GPU
     python benchmarks/bench_transformer.py --fuse-qkv --ops  # + the per-op comparison
+    python benchmarks/bench_transformer.py --fuse-qkv --precision fp8   # + fp8 rows (needs torchao, cudnn frontend)
     python benchmarks/bench_transformer.py --tiny --ops      # CPU smoke test of the script itself
 """
 
@@ -109,6 +112,9 @@ def main() -> None:
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the q/k/v projections before compiling")
     parser.add_argument("--no-stock", action="store_true", help="skip stock diffusers' WanTransformer3DModel rows")
     parser.add_argument("--ops", action="store_true", help="per-op table of one cfg window-step, ours vs stock")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+                        help="fp8: also time fp8 linear layers, fp8 self-attention and both (each with its error "
+                             "against the bf16 forward); CPU: the emulated e4m3 rounding, no speed")
     parser.add_argument("--size", default=None, help="HxW of the video (default 480x832; --tiny: 64x64)")
     args = parser.parse_args()
 
@@ -126,6 +132,7 @@ def main() -> None:
     t = time.perf_counter()
     state = random_state_dict(sizes, seed=0, device=str(device), dtype=dtype)
     model = build_transformer(state, wan_config(sizes), dtype=dtype, device=device)
+    current = {"model": model}  # what forward() runs (the fp8 rows swap in converted copies)
     del state
     load_seconds = time.perf_counter() - t
 
@@ -147,9 +154,9 @@ def main() -> None:
         features = torch.cat([audio if r == "real" else torch.zeros_like(audio) for r in rows])
         conditioning = AudioConditioning(features, [rows.index(b.audio) if b.audio != "none" else None
                                                     for b in branches])
-        dt = model.blocks[0].attn1.to_q.weight.dtype
+        dt = dtype
         with torch.no_grad():
-            out = model(x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
+            out = current["model"](x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
                         image[:batch].to(dt), conditioning if with_audio else None)
             return guidance.combine(out.float()) if batch == 3 else out
 
@@ -218,6 +225,32 @@ def main() -> None:
         op_table(lambda: forward(3, Guidance("cfg")), None if stock is None else lambda: stock_forward(3, Guidance("cfg")),
                  device, "eager")
     run_cases("eager", with_stock=True)
+    if args.precision == "fp8":
+        import copy
+
+        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+
+        kernel = "native" if device.type == "cuda" else "emulate"
+        if kernel == "native":
+            check_fp8_support(device)
+        all_cases, cases[:] = list(cases), [cases[1]]  # the cfg window-step
+        for label, linear, attention in (("fp8 linear", True, False), ("fp8 attention", False, True),
+                                         ("fp8 both", True, True)):
+            current["model"] = copy.deepcopy(model)
+            use_fp8(current["model"], linear=linear, attention=attention, kernel=kernel)
+            run_cases(label + ("" if kernel == "native" else " emul."))
+        if not args.no_compile and device.type == "cuda":
+            t = time.perf_counter()
+            current["model"] = copy.deepcopy(model)
+            current["model"].fuse_qkv_projections()
+            use_fp8(current["model"])
+            current["model"].compile_repeated_blocks(fullgraph=True)
+            forward(3, Guidance("cfg"))
+            rows.append(("compile", f"fp8 compile time {time.perf_counter() - t:.1f} s", float("nan"), float("nan"),
+                         float("nan"), float("nan"), "", ""))
+            run_cases("fp8 compiled")
+        current["model"] = model
+        cases[:] = all_cases
     if args.profile and device.type == "cuda":
         profile_step("eager")
     if args.attention:
@@ -253,12 +286,12 @@ def main() -> None:
     print("rel dev: ||out - eager bf16|| / ||eager bf16||;  vs fp32: ||out - fp32 forward|| / ||fp32 forward||")
     stock_time = {(label, case.removeprefix("stock ")): med for label, case, med, *_ in rows if case.startswith("stock")}
     stock_time.update({(label, "no-audio " + case): t for (label, case), t in list(stock_time.items())})
-    print(f"{'variant':<15} {'case':<34} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
+    print(f"{'variant':<20} {'case':<34} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
           f"{'vs fp32':>9} {'/ stock':>8}")
     for label, case, med, best, tf, peak, dev, dev32 in rows:
         ratio = stock_time.get((label, case))
         ratio = f"{med / ratio:>8.3f}" if ratio and not case.startswith("stock") else ""
-        print(f"{label:<15} {case:<34} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9} {ratio:>8}")
+        print(f"{label:<20} {case:<34} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9} {ratio:>8}")
 
 
 if __name__ == "__main__":

@@ -40,17 +40,13 @@ def check_fp8_support(device: torch.device, attention: bool = True) -> None:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise EnvironmentProblem(f"--precision fp8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}")
-    try:
-        import torchao  # noqa: F401
-    except ImportError as error:
-        raise EnvironmentProblem("--precision fp8 needs torchao for its float8 linear layers: pip install torchao") \
-            from error
-    if attention:
-        try:
-            import cudnn  # noqa: F401
-        except ImportError as error:
-            raise EnvironmentProblem("--precision fp8 needs the cuDNN frontend for fp8 attention: pip install "
-                                     "nvidia-cudnn-frontend") from error
+    from importlib.util import find_spec
+
+    if find_spec("torchao") is None:
+        raise EnvironmentProblem("--precision fp8 needs torchao for its float8 linear layers: pip install torchao")
+    if attention and find_spec("cudnn") is None:
+        raise EnvironmentProblem("--precision fp8 needs the cuDNN frontend for fp8 attention: pip install "
+                                 "nvidia-cudnn-frontend")
 
 
 def is_block_linear(module: nn.Module, name: str) -> bool:
