@@ -117,6 +117,15 @@ def overlap_decode(job: AnimateJob, device) -> bool:
     return job.overlap_decode == "on" and job.offload == "none"
 
 
+def charge_decode(totals: dict[str, float], writer, overlap: bool) -> None:
+    """Main-thread time on decoding ("decode"; overlapped: the waits for the worker) and on handing frames to the sink
+    ("encode"); an overlapped run adds the worker's own time as "decode_overlapped" (beside, not within, the others)."""
+    totals["decode"] = totals.get("decode", 0.0) + (writer.wait_seconds if overlap else writer.decode_seconds)
+    totals["encode"] = totals.get("encode", 0.0) + (0.0 if overlap else writer.write_seconds)
+    if overlap:
+        totals["decode_overlapped"] = writer.decode_seconds + writer.write_seconds
+
+
 def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, models: Any = None,
             prepared=None, stop=None) -> AnimateResult:
     """Run one job. `models`: the driver's loaded models to reuse (else loaded here); `prepared`: the result of
@@ -214,10 +223,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     overlap = overlap_decode(job, device)
     writer_kind = OverlappedWriter if overlap else SerialWriter
     extra_writer = {"device": device} if overlap else {}
-    writer = writer_kind(decoder, sink, inputs.frames, generation.skip_frames, generation.vae.dtype,
-                         frames=done["frames"], **extra_writer)
-    if decoder_state is not None:
-        writer.load_decoder_state(decoder_state)
+    writer = None
 
     def after_step(live: StreamState) -> None:
         nonlocal last_save
@@ -240,6 +246,10 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     sink.open()
     try:
+        writer = writer_kind(decoder, sink, inputs.frames, generation.skip_frames, generation.vae.dtype,
+                             frames=done["frames"], **extra_writer)
+        if decoder_state is not None:
+            writer.load_decoder_state(decoder_state)
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
         extra = {} if generation.update is None else {"update": generation.update}
         for chunk in sample_streaming(plan, generation.sigmas, noise, tracked, state=state,
@@ -253,7 +263,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         with clock("encode"):
             sink.close()  # ffmpeg finishes the file, which is then renamed into place
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         sink.abort()
         if folder is not None:
             folder.discard_if_unsaved()
@@ -262,15 +273,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         decoder.close()
         if probe is not None:
             probe.close()
-        # Main-thread time on decoding (inline: all of it; overlapped: waiting for the worker) and on handing frames
-        # to the sink; the worker's own decode time is reported beside them, as time hidden behind the DiT.
-        clock.totals["decode"] = clock.totals.get("decode", 0.0) + (writer.wait_seconds if overlap else
-                                                                   writer.decode_seconds)
-        if not overlap:
-            clock.totals["encode"] = clock.totals.get("encode", 0.0) + writer.write_seconds
-        else:
-            clock.totals.setdefault("encode", 0.0)
-            clock.totals["decode_overlapped"] = writer.decode_seconds + writer.write_seconds
+        if writer is not None:
+            charge_decode(clock.totals, writer, overlap)
     if folder is not None:
         folder.remove()
 
