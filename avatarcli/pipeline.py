@@ -127,10 +127,12 @@ def charge_decode(totals: dict[str, float], writer, overlap: bool) -> None:
 
 
 def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, models: Any = None,
-            prepared=None, stop=None) -> AnimateResult:
+            prepared=None, stop=None, sink=None) -> AnimateResult:
     """Run one job. `models`: the driver's loaded models to reuse (else loaded here); `prepared`: the result of
     `prepare(job)` when the caller already validated the inputs; `stop`: an avatarcli.resume.StopFlag, checked
-    after every window-step (when set, the state is saved and AnimateInterrupted is raised)."""
+    after every window-step (when set, the state is saved and AnimateInterrupted is raised); `sink`: where the
+    finished frames go instead of `job.output` (an object with open / write(uint8 [n, H, W, 3]) / close / abort,
+    e.g. for measuring in memory; give it with `null_sink=True`, no resume state is kept)."""
     started = time.perf_counter()
     driver, inputs = prepared if prepared is not None else prepare(job)
 
@@ -148,6 +150,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     clock = StageClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if sink is not None and not job.null_sink:
+        raise ValueError("animate(sink=...) needs a job with null_sink=True (the sink replaces the output file)")
     folder = None if job.null_sink else ResumeFolder(job.output)
     saved = folder.check(job) if folder is not None else None
     if stop is not None and stop.requested:
@@ -216,7 +220,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         sink = SegmentedSink(folder.path, job.output, inputs.width, inputs.height, inputs.fps, audio_track, job.crf,
                              segments=segments, frames_written=done["frames"])
     else:
-        sink = BackgroundSink(NullSink(job.output, inputs.width, inputs.height, inputs.fps))
+        sink = BackgroundSink(sink if sink is not None else NullSink(job.output, inputs.width, inputs.height, inputs.fps))
     resumed_from = done["frames"]
     last_save = time.perf_counter()
     # Finished latents go to the decoder and the sink either inline or on a worker thread (decode/overlap.py).

@@ -7,7 +7,9 @@ library's `animate` on a synthetic speech clip. Run one clip length per process 
     python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
     python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
     python benchmarks/bench_animate.py --tiny --seconds 2     # CPU smoke test of the script
-    python benchmarks/bench_animate.py --seconds 10 --preset fast --steps 50 --size 480x832 --compile  # prediction
+    python benchmarks/bench_animate.py --seconds 10 --preset fast,balanced --steps 50 --size 480x832 --compile
+                                                              # step prediction: presets run one after the other
+                                                              # on the same components (one build, one compile)
     python benchmarks/bench_animate.py --seconds 30 --steps 10 --compile --null-sink --overlap-decode both
 
 `--overlap-decode both` runs the clip twice in one process, decode inline (off) then overlapped with the DiT (on);
@@ -162,7 +164,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", default="480x832")
-    parser.add_argument("--preset", default="reference")
+    parser.add_argument("--preset", default="reference", help="a preset, or several separated by commas")
     parser.add_argument("--null-sink", action="store_true", help="skip the H.264 encode")
     parser.add_argument("--attention", default=None, help="diffusers attention backend, e.g. _native_cudnn")
     parser.add_argument("--compile", action="store_true", help="compile the DiT blocks")
@@ -201,10 +203,11 @@ def main() -> None:
     stock_rows = [] if stock is None else stock_window_step(args, device, dtype, components.transformer, stock)
     del stock
     psnr = decode_precision_psnr(components.vae, args.size, device)
-    preset = load_preset(args.preset).with_overrides(steps=args.steps, size=args.size)
+    presets = args.preset.split(",")
     modes = ["off", "on"] if args.overlap_decode == "both" else [args.overlap_decode]
-    new_rows = []
-    for mode in modes:
+    rows = []
+    for name, mode in [(name, mode) for name in presets for mode in modes]:
+        preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
         job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
                          vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
@@ -214,20 +217,18 @@ def main() -> None:
         worker = result.timings.get("decode_overlapped", 0.0)
         stages = {k: v for k, v in result.timings.items() if k not in ("load", "decode_overlapped")}
         generation = sum(stages.values())  # time on the main thread; the decode worker runs beside it
-        new_rows.append(dict(
+        rows.append(dict(
             device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
-            frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=args.preset,
+            frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=name,
             wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
             overlap="on" if worker else "off", decode_hidden=max(worker - stages.get("decode", 0.0), 0.0),
             dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
             gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
             attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
             vae_dtype=args.vae_dtype, bf16_decode_psnr=psnr))
-    row = new_rows[-1]
-    rows = new_rows
     if args.append:
         with args.append.open("a") as f:
-            for row in new_rows:
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
     if stock_rows:

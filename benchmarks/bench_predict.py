@@ -2,6 +2,9 @@
 
     python benchmarks/bench_predict.py                      # closed-form flow (CPU, seconds)
     python benchmarks/bench_predict.py --weights DIR        # a StableAvatar weights folder (tiny, demo or published)
+    avatarcli demo-face --seed 7 -o face.png --speech talk.wav --seconds 12   # the demo model in its own world:
+    python benchmarks/bench_predict.py --weights avatarcli/demo/weights --portrait face.png --audio talk.wav \
+        --size 128x128
     python benchmarks/bench_predict.py --tiny               # the same on tiny random weights written on the fly
 
 Every method runs through the real sliding-window sampler (windows, overlap blend, wavefront order) and is scored by
@@ -191,7 +194,7 @@ def model_rows(args):
     from avatarcli.sampling.windows import latent_frames_for
 
     ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
-    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=args.audio, output=Path("unused.mp4"), preset=ref,
+    job = AnimateJob(portrait=args.portrait, audio=args.audio, output=Path("unused.mp4"), preset=ref,
                      null_sink=True)
     _, inputs = prepare(job)
     device = resolve_device(args.device)
@@ -319,6 +322,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="like --weights, with tiny random weights")
     parser.add_argument("--size", default="64x64", help="with --weights: output size")
     parser.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav", help="with --weights: speech")
+    parser.add_argument("--portrait", type=Path, default=EXAMPLES / "portrait.png", help="with --weights: portrait")
     parser.add_argument("--device", default="auto", help="with --weights: device")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = parser.parse_args()

@@ -359,3 +359,21 @@ def test_compare_measures_the_mouth_against_the_comparison_video(tmp_path, talki
     report = evaluate(EvalJob(video, reference, compare=early, **SMALL))
     assert report.mouth_sync.best_lag == 2 and report.mouth_sync.best_correlation > 0.97
     assert report.summary()["compare"]["mouth_best_lag"] == 2
+
+
+def test_frames_in_memory_measure_the_same_as_the_file(tmp_path, talking, reference):
+    """evaluate_frames (a generation measured in-process, no ffmpeg) == evaluate on a file holding those frames."""
+    from avatarcli.eval import evaluate_frames
+    from avatarcli.eval.video import VideoReader
+    from avatarcli.media.audio import load_audio
+
+    video, audio, env = talking
+    truth = write(render(60, mouth=np.concatenate([np.zeros(1), env[:-1]]), scroll=False), tmp_path / "gt.mp4")
+    frames, truth_frames = (np.stack(list(VideoReader(path))) for path in (video, truth))
+    from_file = evaluate(EvalJob(video, reference, compare=truth, **SMALL)).summary()
+    in_memory = evaluate_frames(EvalJob(video, reference, **SMALL), frames, FPS, compare=truth_frames,
+                                samples=load_audio(video)).summary()  # the track evaluate reads
+    assert in_memory == from_file
+    assert in_memory["lip_sync"]["best_lag"] == 3 and in_memory["compare"]["mouth_best_lag"] == 2
+    with pytest.raises(AvatarError, match="cannot compare"):
+        evaluate_frames(EvalJob(video, reference, **SMALL), frames, FPS, compare=truth_frames[:, :32])

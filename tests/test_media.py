@@ -162,6 +162,29 @@ def test_wav_is_resampled_to_16k_mono_float32(tmp_path: Path) -> None:
     assert abs(_dominant_hz(samples) - TONE_HZ) <= 2
 
 
+def test_plain_16k_mono_wav_is_read_without_ffmpeg_and_equals_its_decode(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    from avatarcli.media import audio
+
+    path = tmp_path / "mono16k.wav"
+    rng = np.random.default_rng(0)
+    write_wav(path, np.clip(rng.normal(0.0, 0.4, 8000), -1, 1), 16000)  # every int16 code path, incl. extremes
+    raw = subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "f32le",
+                          "pipe:1"], capture_output=True, check=True).stdout
+    by_ffmpeg = np.frombuffer(raw, dtype="<f4")
+
+    def no_ffmpeg():
+        raise AssertionError("ffmpeg was used for a plain WAV")
+
+    monkeypatch.setattr(audio, "ffmpeg_exe", no_ffmpeg)
+    direct = load_audio(path)
+    assert direct.dtype == np.float32 and np.array_equal(direct, by_ffmpeg)
+    write_wav(tmp_path / "8k.wav", np.zeros(800), 8000)  # another rate still needs ffmpeg (resampling)
+    with pytest.raises(AssertionError, match="ffmpeg was used"):
+        load_audio(tmp_path / "8k.wav")
+
+
 def test_stereo_is_down_mixed_to_the_channel_mean(tmp_path: Path) -> None:
     path = tmp_path / "stereo.wav"
     write_wav(path, np.stack([_tone(0.5, 16000, 0.3), _tone(0.5, 16000, 0.1)], axis=1), 16000)

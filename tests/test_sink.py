@@ -175,3 +175,41 @@ def test_background_sink_raises_the_worker_error_and_leaves_no_file(tmp_path: Pa
         sink.close()
     sink.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_animate_into_a_memory_sink_gives_the_frames_the_file_sink_encodes(tmp_path: Path) -> None:
+    """animate(sink=MemorySink()) (measuring in-process, no output file): the same frames as the mp4 path, checked by
+    encoding them the same lossless way and comparing the decodes."""
+    import torch
+
+    from avatarcli.pipeline import AnimateJob, animate
+    from avatarcli.presets import load_preset
+    from avatarcli.sink.memory import MemorySink
+    from avatarcli.testing import make_tiny_weights
+
+    weights = make_tiny_weights(tmp_path / "w", model="stableavatar")
+    preset = load_preset("balanced").with_overrides(size="64x64", steps=2, overlap=18)
+    portrait = Path(__file__).resolve().parents[1] / "examples" / "portrait.png"
+    job = AnimateJob(portrait=portrait, audio=_speech_stand_in(tmp_path / "a.wav", 1.2), output=tmp_path / "f.mp4",
+                     preset=preset, weights=weights, device="cpu", crf=0, mux_audio=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        to_file = animate(job)
+        memory = MemorySink()
+        in_memory = animate(AnimateJob(**{**job.__dict__, "null_sink": True}), sink=memory)
+        with pytest.raises(ValueError, match="null_sink"):
+            animate(job, sink=MemorySink())
+    finally:
+        torch.set_num_threads(threads)
+    frames = memory.frames()
+    assert in_memory.output is None and frames.shape == (to_file.frames, 64, 64, 3) and memory.closed
+    with Mp4Sink(tmp_path / "m.mp4", 64, 64, 25, crf=0) as sink:
+        sink.write(frames)
+
+    def decoded(path: Path) -> np.ndarray:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        next(reader)
+        return np.stack([np.frombuffer(f, np.uint8).reshape(64, 64, 3) for f in reader])
+
+    assert np.array_equal(decoded(tmp_path / "m.mp4"), decoded(tmp_path / "f.mp4"))

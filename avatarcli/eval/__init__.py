@@ -4,6 +4,6 @@ Lip sync, identity drift, window seams, flicker and, against a second video, PSN
 see metrics.py for what each number is made of and layout.py for how the face and the mouth are found.
 """
 
-from avatarcli.eval.report import EvalJob, EvalReport, evaluate, window_boundaries
+from avatarcli.eval.report import EvalJob, EvalReport, evaluate, evaluate_frames, window_boundaries
 
-__all__ = ["EvalJob", "EvalReport", "evaluate", "window_boundaries"]
+__all__ = ["EvalJob", "EvalReport", "evaluate", "evaluate_frames", "window_boundaries"]

@@ -216,22 +216,22 @@ def _audio(job: EvalJob, notes: list[str]) -> np.ndarray | None:
         return None
 
 
-def evaluate(job: EvalJob) -> EvalReport:
-    """Measure `job.video` (see avatarcli/eval/metrics.py for each metric). Raises AvatarError on bad input."""
-    from avatarcli.media.audio import SAMPLE_RATE
-
+def _check(job: EvalJob) -> None:
     if job.max_lag < 0:
         raise AvatarError(f"--max-lag must be >= 0, got {job.max_lag}")
     if job.span_seconds <= 0:
         raise AvatarError(f"--span-seconds must be > 0, got {job.span_seconds}")
     window_boundaries(1, job.window_frames, job.overlap)  # a bad window or overlap fails before any reading
+
+
+def evaluate(job: EvalJob) -> EvalReport:
+    """Measure `job.video` (see avatarcli/eval/metrics.py for each metric). Raises AvatarError on bad input."""
+    _check(job)
     reader = VideoReader(job.video)
     info = reader.info
     other = None
     notes: list[str] = []
     try:
-        reference = _reference_frame(job.reference, info.width, info.height)
-        layout = lay.resolve_layout(job.layout, info.width, info.height)
         samples = _audio(job, notes)
         if job.compare is not None:
             other = VideoReader(job.compare, what="comparison video")
@@ -239,34 +239,60 @@ def evaluate(job: EvalJob) -> EvalReport:
                 raise AvatarError(
                     f"cannot compare {job.video} ({info.width}x{info.height}) with {job.compare} "
                     f"({other.info.width}x{other.info.height}): the sizes differ")
-        regions = _Regions(job, layout, reference)
-        reference_signature = m.face_signature(lay.crop(reference, regions.reference.face))
-
-        mouth, drift, differences, mean_luma, psnr, ssim, other_mouth = [], [], [], [], [], [], []
-        other_frames = iter(other) if other is not None else None
-        previous = None
-        for index, frame in enumerate(reader):
-            r = regions.for_frame(index, frame)
-            mouth.append(m.mouth_openness(lay.crop(frame, r.mouth), r.dark_luma))
-            mask = m.cell_mask_outside(r.face, r.mouth)
-            drift.append(m.face_distance(m.face_signature(lay.crop(frame, r.face)), reference_signature, mask))
-            mean_luma.append(m.mean_luma_outside(frame, lay.pixel_box(r.mouth, info.width, info.height)))
-            if previous is not None:
-                differences.append(m.frame_difference(frame, previous))
-            previous = frame
-            if other_frames is not None:
-                second = next(other_frames, None)
-                if second is not None:
-                    psnr.append(m.psnr(frame, second))
-                    ssim.append(m.ssim(frame, second))
-                    other_mouth.append(m.mouth_openness(lay.crop(second, r.mouth), r.dark_luma))
-        compare_frames = None
-        if other_frames is not None:
-            compare_frames = len(psnr) + sum(1 for _ in other_frames)
+        return _measure(job, iter(reader), info.width, info.height, info.fps,
+                        iter(other) if other is not None else None, samples, notes)
     finally:
         reader.close()
         if other is not None:
             other.close()
+
+
+def evaluate_frames(job: EvalJob, frames: np.ndarray, fps: float, compare: np.ndarray | None = None,
+                    samples: np.ndarray | None = None) -> EvalReport:
+    """The same measurements on frames held in memory (uint8 [T, H, W, 3]), e.g. straight from a generation:
+    `compare` takes the place of `job.compare`, `samples` (16 kHz mono) of the audio file; `job.video`, `job.audio`
+    and `job.compare` are not read (job.reference is)."""
+    _check(job)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise AvatarError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
+    height, width = frames.shape[1:3]
+    if compare is not None and tuple(compare.shape[1:3]) != (height, width):
+        raise AvatarError(f"cannot compare {width}x{height} frames with {compare.shape[2]}x{compare.shape[1]} ones")
+    notes: list[str] = []
+    if samples is None:
+        notes.append("no audio given, so lip sync is not measured")
+    return _measure(job, iter(frames), width, height, float(fps), iter(compare) if compare is not None else None,
+                    samples, notes)
+
+
+def _measure(job: EvalJob, frames, width: int, height: int, fps: float, other_frames, samples, notes) -> EvalReport:
+    from avatarcli.media.audio import SAMPLE_RATE
+
+    reference = _reference_frame(job.reference, width, height)
+    layout = lay.resolve_layout(job.layout, width, height)
+    regions = _Regions(job, layout, reference)
+    reference_signature = m.face_signature(lay.crop(reference, regions.reference.face))
+
+    mouth, drift, differences, mean_luma, psnr, ssim, other_mouth = [], [], [], [], [], [], []
+    previous = None
+    for index, frame in enumerate(frames):
+        r = regions.for_frame(index, frame)
+        mouth.append(m.mouth_openness(lay.crop(frame, r.mouth), r.dark_luma))
+        mask = m.cell_mask_outside(r.face, r.mouth)
+        drift.append(m.face_distance(m.face_signature(lay.crop(frame, r.face)), reference_signature, mask))
+        mean_luma.append(m.mean_luma_outside(frame, lay.pixel_box(r.mouth, width, height)))
+        if previous is not None:
+            differences.append(m.frame_difference(frame, previous))
+        previous = frame
+        if other_frames is not None:
+            second = next(other_frames, None)
+            if second is not None:
+                psnr.append(m.psnr(frame, second))
+                ssim.append(m.ssim(frame, second))
+                other_mouth.append(m.mouth_openness(lay.crop(second, r.mouth), r.dark_luma))
+    compare_frames = None
+    if other_frames is not None:
+        compare_frames = len(psnr) + sum(1 for _ in other_frames)
 
     frames = len(mouth)
     if frames == 0:
@@ -278,28 +304,28 @@ def evaluate(job: EvalJob) -> EvalReport:
                      f"the first {min(frames, compare_frames)} were compared")
     if compare_frames == 0:
         raise AvatarError(f"comparison video {job.compare} has no frames")
+    compared = other_frames is not None
 
     mouth_a, drift_a = np.array(mouth), np.array(drift)
     differences_a, luma_a = np.array(differences), np.array(mean_luma)
     envelope = lip = None
     if samples is not None:
-        envelope = m.loudness_envelope(samples, SAMPLE_RATE, info.fps, frames)
+        envelope = m.loudness_envelope(samples, SAMPLE_RATE, fps, frames)
         lip = m.lip_sync(mouth_a, envelope, job.max_lag)
         if not np.isfinite(lip.correlation):
             notes.append("lip sync undefined: the mouth or the audio loudness does not change")
 
     windows, boundaries = window_boundaries(frames, job.window_frames, job.overlap)
     seams = m.seam_scores(differences_a, [b.edges for b in boundaries], [b.span for b in boundaries])
-    span = max(1, int(round(job.span_seconds * info.fps)))
+    span = max(1, int(round(job.span_seconds * fps)))
     return EvalReport(
-        video=job.video, width=info.width, height=info.height, fps=info.fps, frames=frames, layout=layout,
+        video=job.video, width=width, height=height, fps=fps, frames=frames, layout=layout,
         windows=windows, boundaries=boundaries, mouth=mouth_a, drift=drift_a, differences=differences_a,
         mean_luma=luma_a, envelope=envelope, lip_sync=lip, seams=seams, flicker=m.flicker(luma_a),
         drift_per_window=[float(drift_a[a:b].mean()) for a, b in windows],
         drift_start=float(drift_a[:span].mean()), drift_end=float(drift_a[-span:].mean()),
-        psnr=np.array(psnr) if other is not None else None, ssim=np.array(ssim) if other is not None else None,
+        psnr=np.array(psnr) if compared else None, ssim=np.array(ssim) if compared else None,
         compare_frames=compare_frames, notes=notes,
-        compare_mouth=np.array(other_mouth) if other is not None else None,
-        mouth_sync=m.lip_sync(mouth_a[: len(other_mouth)], np.array(other_mouth), job.max_lag)
-        if other is not None else None,
+        compare_mouth=np.array(other_mouth) if compared else None,
+        mouth_sync=m.lip_sync(mouth_a[: len(other_mouth)], np.array(other_mouth), job.max_lag) if compared else None,
     )

@@ -1,4 +1,7 @@
-"""Speech input: any file ffmpeg can decode (wav, mp3, m4a, flac, ogg, or a video's audio track) as mono float32."""
+"""Speech input: any file ffmpeg can decode (wav, mp3, m4a, flac, ogg, or a video's audio track) as mono float32.
+
+A mono 16-bit PCM WAV already at the wanted rate is read directly (the same samples ffmpeg would give, without a
+subprocess and without needing ffmpeg at all); everything else goes through the bundled ffmpeg."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import subprocess
 import wave
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 
 from avatarcli.errors import AvatarError, EnvironmentProblem
@@ -17,8 +19,10 @@ SAMPLE_RATE = 16000  # wav2vec2's rate; StableAvatar's audio features are comput
 def ffmpeg_exe() -> str:
     """Path of the ffmpeg binary bundled with imageio-ffmpeg, or the one named by IMAGEIO_FFMPEG_EXE."""
     try:
+        import imageio_ffmpeg
+
         return imageio_ffmpeg.get_ffmpeg_exe()
-    except RuntimeError as error:
+    except (ImportError, RuntimeError) as error:
         raise EnvironmentProblem(f"ffmpeg not found ({error}); reinstall imageio-ffmpeg or set IMAGEIO_FFMPEG_EXE") from error
 
 
@@ -33,6 +37,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AvatarError(f"audio file not found: {path}; check the path")
     if path.is_dir():
         raise AvatarError(f"audio path is a folder, not a file: {path}")
+    direct = _read_plain_wav(path, sample_rate)
+    if direct is not None:
+        return direct
     # rematrix_maxval 1 makes ffmpeg's down-mix the channel mean (its default sums at -3 dB each), which is
     # what librosa.load(mono=True), used by the reference preprocessing, computes.
     command = [
@@ -44,6 +51,21 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if result.returncode != 0:
         raise AvatarError(f"cannot decode audio {path}: {_explain_ffmpeg_failure(result.stderr)}")
     samples = np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
+    if samples.size == 0:
+        raise AvatarError(f"audio {path} is empty (zero samples); give a file with speech in it")
+    return samples
+
+
+def _read_plain_wav(path: Path, sample_rate: int) -> np.ndarray | None:
+    """Samples of a mono 16-bit PCM WAV at `sample_rate` as ffmpeg converts them (x / 32768), else None."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            if (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) != (1, 2, sample_rate):
+                return None
+            raw = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError, OSError):
+        return None  # not a plain WAV (or a damaged one): ffmpeg decides and explains
+    samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(32768.0)
     if samples.size == 0:
         raise AvatarError(f"audio {path} is empty (zero samples); give a file with speech in it")
     return samples

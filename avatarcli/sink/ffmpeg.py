@@ -15,7 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 
 from avatarcli.errors import AvatarError, EnvironmentProblem
@@ -96,6 +95,8 @@ class Mp4Sink:
         check_writable_output(self.path)
         if self.audio_path is not None and not self.audio_path.is_file():
             raise AvatarError(f"audio file not found: {self.audio_path}; check the path")
+        import imageio_ffmpeg
+
         output_params = ["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart", "-f", "mp4"]
         self._writer = imageio_ffmpeg.write_frames(
             str(partial_path(self.path)),
@@ -244,6 +245,8 @@ def probe_video(path: str | Path) -> dict[str, Any]:
     video = streams["Video"]
     size = re.search(r", (\d+)x(\d+)", video["rest"])
     fps = re.search(r", ([\d.]+) fps", video["rest"])
+    import imageio_ffmpeg
+
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     audio_codec = audio_seconds = None
     if "Audio" in streams:

@@ -1,0 +1,170 @@
+"""Lip sync, identity drift and window seams of the demo model on long clips, measured offline (issue table).
+
+    python benchmarks/bench_demo_quality.py                          # 60 s, the embedded demo weights, GPU if any
+    python benchmarks/bench_demo_quality.py --weights DIR --out res  # another weights folder; JSON + plots in res/
+    python benchmarks/bench_demo_quality.py --seconds 8 --steps 4    # a quick look on CPU
+
+A person of the demo world (avatarcli.demo.world, an identity no training run saw) speaks `--seconds` of the world's
+synthetic speech. The renderer's own video for that speech is the ground truth. The demo model animates the portrait
+through the library's `animate` (frames kept in memory, no ffmpeg needed) once per setting: the preset as it is, and
+blend uniform / log x overlap 5 / 10 on top of it. Every video is measured by `avatarcli.eval.evaluate_frames`, the
+code behind `avatarcli eval` (demo layout):
+
+- lip sync: Pearson correlation of the mouth openness with the audio loudness envelope at lag 0, the best lag within
+  +-10 frames and its correlation; "vs truth": the same between the generated and the renderer's mouth;
+- drift: face-region colour distance (DeltaE76 over a grid, mouth excluded) from the portrait, first and last 5 s;
+- seams: the frame difference across window boundaries over the interior average (1 = no seam);
+- flicker of the mean luma outside the mouth.
+
+The joint loop (every window at every step, the reference order) and the streaming wavefront run on the same
+inputs, with the preset's step prediction, and their final latents are compared exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from avatarcli.demo import world  # noqa: E402
+from avatarcli.demo.model import demo_size  # noqa: E402
+from avatarcli.eval import EvalJob, evaluate_frames  # noqa: E402
+from avatarcli.media.audio import load_audio, write_wav  # noqa: E402
+from avatarcli.pipeline import AnimateJob, animate, frame_noise, prepare  # noqa: E402
+from avatarcli.presets import load_preset  # noqa: E402
+from avatarcli.runtime import StageClock, resolve_device, resolve_dtype  # noqa: E402
+from avatarcli.sampling.predict import CountedDenoiser  # noqa: E402
+from avatarcli.sampling.sampler import sample_joint, sample_streaming  # noqa: E402
+from avatarcli.sink.memory import MemorySink  # noqa: E402
+
+
+def measure(name: str, frames: np.ndarray, face: Path, samples: np.ndarray, truth: np.ndarray | None,
+            overlap: int, fps: float) -> dict:
+    job = EvalJob(video=Path(name), reference=face, layout="demo", overlap=overlap)
+    report = evaluate_frames(job, frames, fps, compare=truth, samples=samples)
+    s = report.summary()
+    row = dict(name=name, frames=report.frames, windows=len(report.windows),
+               lip_corr=s["lip_sync"]["correlation"], lip_lag=s["lip_sync"]["best_lag"],
+               lip_best=s["lip_sync"]["best_correlation"], drift_start=report.drift_start,
+               drift_end=report.drift_end, drift_ratio=report.drift_end / max(report.drift_start, 1e-9),
+               seam=report.seams.score, seam_worst=report.seams.worst, flicker=report.flicker)
+    if truth is not None:
+        row.update(truth_corr=s["compare"].get("mouth_correlation"), truth_lag=s["compare"].get("mouth_best_lag"),
+                   truth_best=s["compare"].get("mouth_best_correlation"), psnr_truth=s["compare"].get("psnr_mean"))
+    return row, report
+
+
+def joint_vs_streaming(job: AnimateJob, models, device, dtype) -> dict:
+    """Final latents of the joint loop and of the streaming wavefront, same inputs, same step prediction."""
+    driver, inputs = prepare(job)
+    generation = driver.build(job, inputs, models, device, dtype, StageClock(device))
+    plan, sigmas = generation.plan, generation.sigmas
+    noise = frame_noise(job.seed, 0, plan.latent_frames, generation.latent_shape, device)
+    extra = {} if generation.update is None else {"update": generation.update}
+    results = {}
+    for order in ("joint", "streaming"):
+        calls = CountedDenoiser(generation.denoiser)
+        prediction = job.preset.prediction
+        predictor = prediction.bind(calls, sigmas) if prediction is not None else None
+        velocity = predictor if predictor is not None else calls
+        tick = time.perf_counter()
+        with torch.no_grad():
+            if order == "joint":
+                out = sample_joint(plan, sigmas, noise, velocity, **extra)
+            else:
+                chunks = sample_streaming(plan, sigmas, lambda s, e: noise[:, :, s:e], velocity, **extra)
+                out = torch.cat([c.latents for c in chunks], dim=2)
+        results[order] = (out, calls.calls, time.perf_counter() - tick)
+    (a, nfe_a, _), (b, nfe_b, _) = results["joint"], results["streaming"]
+    return dict(windows=len(plan.windows), identical=bool(torch.equal(a, b)),
+                max_abs_difference=float((a.float() - b.float()).abs().max()), nfe_joint=nfe_a, nfe_streaming=nfe_b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, help="a StableAvatar weights folder (default: the embedded demo)")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--person", type=int, default=7, help="demo-world identity and speech seed")
+    parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--steps", type=int, help="override the preset's steps (quick looks)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--grid", default="uniform:5,uniform:10,log:5,log:10",
+                        help="blend:overlap settings measured besides the preset's own")
+    parser.add_argument("--out", type=Path, help="folder for results.json and per-setting plots")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
+    work = Path(tempfile.mkdtemp())
+    face, talk = work / "face.png", work / "talk.wav"
+    world.portrait(args.person).save(face)
+    write_wav(talk, world.speech(args.person, args.seconds))
+    samples = load_audio(talk)  # the 16-bit samples the model hears
+    truth = world.render_video(args.person, samples, motion_seed=args.person)
+    base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps)
+    job = AnimateJob(portrait=face, audio=talk, output=work / "unused.mp4", preset=base, seed=args.seed,
+                     model="demo" if args.weights is None else "stableavatar", weights=args.weights,
+                     device=str(device), null_sink=True)
+    driver, inputs = prepare(job)
+    tick = time.perf_counter()
+    models = driver.load(job, inputs, device, dtype)
+    load_seconds = time.perf_counter() - tick
+
+    rows, reports = [], {}
+    row, _ = measure("renderer (ground truth)", truth[: inputs.frames], face, samples, None, base.overlap, base.fps)
+    rows.append(dict(row, wall=0.0, nfe=0))
+    settings = [(f"{args.preset} ({base.blend}, overlap {base.overlap})", base.blend, base.overlap)]
+    for item in args.grid.split(","):
+        if item.strip():
+            blend, overlap = item.split(":")
+            settings.append((f"{blend}, overlap {overlap}", blend, int(overlap)))
+    for name, blend, overlap in settings:
+        preset = base.with_overrides(blend=blend, overlap=overlap)
+        sink = MemorySink()
+        result = animate(replace(job, preset=preset), models=models, sink=sink)
+        row, report = measure(name, sink.frames(), face, samples, truth, overlap, base.fps)
+        rows.append(dict(row, wall=result.wall_seconds, nfe=result.nfe))
+        reports[name] = report
+        print(f"  {name}: {result.wall_seconds:.1f} s, nfe {result.nfe}", file=sys.stderr, flush=True)
+    order = joint_vs_streaming(job, models, device, dtype)
+
+    if args.out:
+        from avatarcli.eval.plot import draw_report
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i, (name, report) in enumerate(reports.items()):
+            draw_report(report, args.out / f"eval_{i}.png")
+        (args.out / "results.json").write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
+            person=args.person, preset=args.preset, steps=base.steps, weights=str(args.weights or "demo"),
+            load_seconds=load_seconds, rows=rows, joint_vs_streaming=order), indent=1))
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndemo model {args.weights or '(embedded)'}, {args.seconds:g} s ({inputs.frames} frames) of person "
+          f"{args.person}, preset {args.preset} ({base.steps} steps, {base.guidance}), seed {args.seed}, {where}")
+    print("| video | windows | NFE | lip corr (lag 0) | best lag | best corr | mouth vs truth (lag 0 / best lag) | "
+          "drift 0-5 s | drift last 5 s | ratio | seam score | worst seam | flicker | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        vs_truth = f"{r['truth_corr']:.3f} / {r['truth_lag']:+d}" if r.get("truth_corr") is not None else "-"
+        print(f"| {r['name']} | {r['windows']} | {r['nfe']} | {r['lip_corr']:.3f} | {r['lip_lag']:+d} | "
+              f"{r['lip_best']:.3f} | {vs_truth} | {r['drift_start']:.2f} | {r['drift_end']:.2f} | "
+              f"{r['drift_ratio']:.2f} | {r['seam']:.2f} | {r['seam_worst']:.2f} | {r['flicker']:.4f} | "
+              f"{r['wall']:.1f} |")
+    print(f"joint vs streaming wavefront ({order['windows']} windows, preset {args.preset} with its step prediction): "
+          f"{'identical' if order['identical'] else 'DIFFERENT'} final latents (max |diff| "
+          f"{order['max_abs_difference']:.3g}), NFE {order['nfe_joint']} vs {order['nfe_streaming']}")
+
+
+if __name__ == "__main__":
+    main()
