@@ -86,6 +86,11 @@ def animate(
     decoder: Optional[str] = typer.Option(None, "--decoder",
                                           help="--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
+    overlap_decode: str = typer.Option("auto", "--overlap-decode",
+                                       help="Decode finished frames while the DiT continues: auto (on a GPU), on, off."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="--audio: auto (--dtype) or fp8 (fp8 linear layers and self-attention; "
+                                       "GPU of compute capability 8.9+, torchao, nvidia-cudnn-frontend)."),
     compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
     predict: Optional[bool] = typer.Option(None, "--predict/--no-predict",
@@ -127,6 +132,10 @@ def animate(
         raise UserError("--resume works with one process: drop --gpus (or torchrun) to continue a saved run")
     if offload not in ("none", "model", "group", "sequential"):
         raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
+    if precision not in ("auto", "fp8"):
+        raise UserError(f"--precision must be auto or fp8, got {precision!r}")
+    if overlap_decode not in ("auto", "on", "off"):
+        raise UserError(f"--overlap-decode must be auto, on or off, got {overlap_decode!r}")
     if weights_dtype not in ("auto", "fp8"):
         raise UserError(f"--weights-dtype must be auto or fp8, got {weights_dtype!r}")
     if model not in ("stableavatar", "demo"):
@@ -150,7 +159,7 @@ def animate(
                      seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
                      dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
                      resume=resume, offload=offload, weights_dtype=weights_dtype, model=model,
-                     context_parallel=context_parallel)
+                     context_parallel=context_parallel, overlap_decode=overlap_decode, precision=precision)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)

@@ -52,6 +52,10 @@ class AnimateJob:
     # processes that split each transformer forward (Ulysses, avatarcli/parallel/context.py); the launch's processes
     # form world / context_parallel window ranks (window parallelism)
     context_parallel: int = 1
+    # decode finished frames on a worker thread (and CUDA stream) while the DiT continues: auto = on a GPU without
+    # offloading (decode/overlap.py); the frames are the same either way
+    overlap_decode: str = "auto"  # auto | on | off
+    precision: str = "auto"  # auto (the --dtype) | fp8: fp8 linear layers and self-attention in the DiT blocks (GPU)
 
 
 @dataclass
@@ -118,6 +122,25 @@ def frame_noise(seed: int, start: int, end: int, shape: tuple[int, int, int], de
     return torch.cat(frames, dim=2).to(device)
 
 
+def overlap_decode(job: AnimateJob, device) -> bool:
+    """Whether `animate` decodes on a worker thread. Not with offloading: its hooks move models between devices
+    and must see one model run at a time."""
+    if job.overlap_decode not in ("auto", "on", "off"):
+        raise ValueError(f"overlap_decode must be auto, on or off, got {job.overlap_decode!r}")
+    if job.overlap_decode == "auto":
+        return device.type == "cuda" and job.offload == "none"
+    return job.overlap_decode == "on" and job.offload == "none"
+
+
+def charge_decode(totals: dict[str, float], writer, overlap: bool) -> None:
+    """Main-thread time on decoding ("decode"; overlapped: the waits for the worker) and on handing frames to the sink
+    ("encode"); an overlapped run adds the worker's own time as "decode_overlapped" (beside, not within, the others)."""
+    totals["decode"] = totals.get("decode", 0.0) + (writer.wait_seconds if overlap else writer.decode_seconds)
+    totals["encode"] = totals.get("encode", 0.0) + (0.0 if overlap else writer.write_seconds)
+    if overlap:
+        totals["decode_overlapped"] = writer.decode_seconds + writer.write_seconds
+
+
 def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, models: Any = None,
             prepared=None, stop=None, sink=None) -> AnimateResult:
     """Run one job. `models`: the driver's loaded models to reuse (else loaded here); `prepared`: the result of
@@ -130,6 +153,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     import torch
 
+    from avatarcli.decode.overlap import OverlappedWriter, SerialWriter
     from avatarcli.decode.stream import StreamingDecoder
     from avatarcli.parallel import world_size
     from avatarcli.resume import AnimateInterrupted, ResumeFolder, SegmentedSink, fingerprint
@@ -217,7 +241,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     audio_track = inputs.audio_track if job.mux_audio else None
     decoder = generation.decoder if generation.decoder is not None else StreamingDecoder(generation.vae)
-    state, job_fingerprint, segments = None, None, []
+    state, job_fingerprint, segments, decoder_state = None, None, [], None
     if folder is not None:
         job_fingerprint = fingerprint(job)
         if saved is not None:
@@ -225,7 +249,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
             state = StreamState.from_state_dict(restored["sampler"], device)
             if predictor is not None:
                 predictor.load_extras(state.extras)
-            decoder.load_state_dict(restored["decoder"])
+            decoder_state = restored["decoder"]
             segments, done["frames"] = restored["segments"], restored["frames"]
             done["window_steps"] = state.window_steps
             done["windows"] = sum(d == steps for d in state.done)
@@ -239,19 +263,29 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         sink = BackgroundSink(sink if sink is not None else NullSink(job.output, inputs.width, inputs.height, inputs.fps))
     resumed_from = done["frames"]
     last_save = time.perf_counter()
+    # Finished latents go to the decoder and the sink either inline or on a worker thread (decode/overlap.py).
+    overlap = overlap_decode(job, device)
+    writer_kind = OverlappedWriter if overlap else SerialWriter
+    extra_writer = {"device": device} if overlap else {}
+    writer = None
 
     def after_step(live: StreamState) -> None:
         nonlocal last_save
+        done["frames"] = writer.frames
         unfinished = live.emitted < plan.latent_frames
         stopping = stop is not None and stop.requested and unfinished
         if folder is not None and unfinished and (stopping or time.perf_counter() - last_save >= job.save_every):
             if predictor is not None:
                 live.extras = predictor.extras()  # the stored velocities each live window predicts from
+            writer.drain()  # every emitted latent frame decoded and in the sink: cache, segments and count agree
+            done["frames"] = writer.frames
             with clock("save"):
                 folder.save(job_fingerprint, done["frames"], inputs.frames, sink.cut(), live.state_dict(),
                             decoder.state_dict())
             last_save = time.perf_counter()
         if stopping:
+            writer.drain()
+            done["frames"] = writer.frames
             raise AnimateInterrupted(job.output, done["frames"], inputs.frames, folder is not None, stop.reason)
 
     def after_tick(live: StreamState) -> None:
@@ -265,6 +299,10 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
 
     sink.open()
     try:
+        writer = writer_kind(decoder, sink, inputs.frames, generation.skip_frames, generation.vae.dtype,
+                             frames=done["frames"], **extra_writer)
+        if decoder_state is not None:
+            writer.load_decoder_state(decoder_state)
         noise = lambda s, e: frame_noise(job.seed, s, e, generation.latent_shape, device)  # noqa: E731
         extra = {} if generation.update is None else {"update": generation.update}
         if group is None:
@@ -276,19 +314,17 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         for chunk in chunks:
             if not writes:
                 continue  # a process sharing rank 0's windows (context parallelism) holds the frames too
-            if done["frames"] >= inputs.frames:
-                continue  # the padding frames of a video shorter than one window
-            skip = 0 if decoder.started else generation.skip_frames  # leading frames only, once per video
-            with clock("decode"), torch.no_grad():
-                pixels = decoder.push(chunk.latents.to(generation.vae.dtype))[skip:]
-                pixels = pixels[: inputs.frames - done["frames"]]
-            with clock("encode"):
-                sink.write(pixels)
-            done["frames"] += len(pixels)
+            writer.submit(chunk.latents)
+            done["frames"] = writer.frames
             report()
+        writer.close()
+        done["frames"] = writer.frames
+        report()
         with clock("encode"):
             sink.close()  # ffmpeg finishes the file, which is then renamed into place
     except BaseException:
+        if writer is not None:
+            writer.abort()
         sink.abort()
         if folder is not None:
             folder.discard_if_unsaved()
@@ -297,6 +333,8 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         decoder.close()
         if probe is not None:
             probe.close()
+        if writer is not None:
+            charge_decode(clock.totals, writer, overlap)
     if folder is not None:
         folder.remove()
     nfe_per_rank = [model_calls.calls] if group is None else group.gather_counts(model_calls.calls)

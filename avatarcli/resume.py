@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 # Job fields that do not change the frames: where they go, and how the models are held.
 NOT_FINGERPRINTED = {"output", "allow_download", "keep_text_encoder", "null_sink", "resume", "save_every",
-                     "context_parallel"}
+                     "context_parallel", "overlap_decode"}
 
 
 class StopFlag:

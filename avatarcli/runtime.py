@@ -62,5 +62,7 @@ class StageClock:
             self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - start
 
     def sync(self):
+        # The calling thread's stream only: a decode running on another stream (decode/overlap.py) is not charged
+        # to this stage, and this thread does not wait for it.
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()

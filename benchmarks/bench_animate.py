@@ -10,6 +10,12 @@ library's `animate` on a synthetic speech clip. Run one clip length per process 
     python benchmarks/bench_animate.py --seconds 10 --preset fast,balanced --steps 50 --size 480x832 --compile
                                                               # step prediction: presets run one after the other
                                                               # on the same components (one build, one compile)
+    python benchmarks/bench_animate.py --seconds 30 --steps 10 --compile --null-sink --overlap-decode both
+
+`--overlap-decode both` runs the clip twice in one process, decode inline (off) then overlapped with the DiT (on);
+each row shows the DiT's share of the generation time, the decode time the DiT waited for (`decode`) and the decode
+time hidden behind it (`hidden`: worker time minus waits). Unless --no-stock, the first rows are the window-step of
+stock diffusers' WanTransformer3DModel at the same size (eager, and fused+compiled with --compile) next to ours.
 
 Prints a table last (one row per run; --append FILE also accumulates rows across runs).
 """
@@ -31,7 +37,7 @@ from avatarcli.loading.transformer import build_transformer
 from avatarcli.pipeline import AnimateJob, animate
 from avatarcli.presets import load_preset
 from avatarcli.testing.components import write_tiny_umt5_tokenizer
-from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
+from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -98,6 +104,47 @@ def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) ->
                     dtype=dtype), torch.zeros(3, 257, cfg.image_dim, device=device, dtype=dtype), audio)
 
 
+def stock_window_step(args, device: torch.device, dtype: torch.dtype, transformer, stock
+                      ) -> list[tuple[str, str, float]]:
+    """Median seconds of one cfg window-step (batch 3) of stock diffusers' WanTransformer3DModel, sharing our DiT's
+    weights (`stock`, built before ours was converted), and of our DiT as this run uses it, on the same inputs;
+    compiled (fused q/k/v) when --compile compiled ours."""
+    import statistics
+
+    from avatarcli.models.stableavatar import AudioConditioning
+    width, height = (int(v) for v in args.size.split("x"))
+    cfg = transformer.config
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, 21, height // 8, width // 8, generator=gen, device=device,
+                    dtype=dtype).expand(3, -1, -1, -1, -1)
+    t = torch.full((3,), 977.9, device=device)
+    text = torch.randn(3, 512, cfg.text_dim, generator=gen, device=device, dtype=dtype)
+    image = torch.randn(3, 257, cfg.image_dim, generator=gen, device=device, dtype=dtype)
+    audio = AudioConditioning(torch.randn(2, 161, cfg.audio_in_dim, generator=gen, device=device), [0, 1, None])
+    variant = "eager"
+    if args.compile:
+        stock.fuse_qkv_projections()
+        stock.compile_repeated_blocks(fullgraph=True)
+        variant = "compiled fused"
+
+    def seconds(fn) -> float:
+        times = []
+        for i in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tick)
+        return statistics.median(times[2:])  # the first two warm up (and compile)
+
+    ours = "ours fp8" if args.precision == "fp8" else "ours"
+    return [("stock", variant, seconds(lambda: stock(x, t, text, image, return_dict=False))),
+            (ours, variant, seconds(lambda: transformer(x, t, text, image, audio)))]
+
+
 def decode_precision_psnr(vae, size: str, device: torch.device) -> float:
     """PSNR (dB) of a bfloat16 VAE decode against the float32 decode of the same 5 random latent frames."""
     import copy
@@ -124,6 +171,11 @@ def main() -> None:
     parser.add_argument("--vae-dtype", default="auto", help="VAE decode precision (auto: bf16 on GPU)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--append", type=Path, default=None, help="JSON-lines file collecting rows across runs")
+    parser.add_argument("--overlap-decode", default="auto", choices=["auto", "on", "off", "both"],
+                        help="decode on a worker thread while the DiT continues (both: one row each, off first)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+                        help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock-diffusers window-step comparison")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -133,27 +185,43 @@ def main() -> None:
     components = full_size_components(device, dtype, write_tiny_umt5_tokenizer(work / "tok"), args.tiny)
     if args.attention:
         components.transformer.set_attention_backend(args.attention)
+    stock = None if args.no_stock else stock_wan_twin(components.transformer)  # before any conversion of ours
+    if stock is not None and args.attention:
+        stock.set_attention_backend(args.attention)
     if args.compile:
         components.transformer.fuse_qkv_projections()
+    if args.precision == "fp8":
+        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+
+        check_fp8_support(device)
+        use_fp8(components.transformer)
+    if args.compile:
         components.transformer.compile_repeated_blocks(fullgraph=True)
         warm_up(components.transformer, args.size, device, dtype)  # keep compilation out of the DiT time
     build = time.perf_counter() - build
 
+    stock_rows = [] if stock is None else stock_window_step(args, device, dtype, components.transformer, stock)
+    del stock
     psnr = decode_precision_psnr(components.vae, args.size, device)
+    presets = args.preset.split(",")
+    modes = ["off", "on"] if args.overlap_decode == "both" else [args.overlap_decode]
     rows = []
-    for name in args.preset.split(","):
+    for name, mode in [(name, mode) for name in presets for mode in modes]:
         preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
         job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
-                         vae_dtype=args.vae_dtype)
+                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         result = animate(job, models=components)
-
-        stages = {k: v for k, v in result.timings.items() if k != "load"}
-        generation = sum(stages.values())
+        worker = result.timings.get("decode_overlapped", 0.0)
+        stages = {k: v for k, v in result.timings.items() if k not in ("load", "decode_overlapped")}
+        generation = sum(stages.values())  # time on the main thread; the decode worker runs beside it
         rows.append(dict(
             device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
             frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=name,
             wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
+            overlap="on" if worker else "off", decode_hidden=max(worker - stages.get("decode", 0.0), 0.0),
             dit_share=stages.get("dit", 0) / generation, video_per_wall=result.video_seconds / generation,
             gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
             attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
@@ -163,13 +231,21 @@ def main() -> None:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
+    if stock_rows:
+        print(f"\nwindow-step (cfg, batch 3, {args.size}, 21 latent frames), same process:")
+        print(f"{'model':<10} {'variant':<16} {'median s':>9} {'vs stock':>9}")
+        stock = {variant: seconds for model, variant, seconds in stock_rows if model == "stock"}
+        for model, variant, seconds in stock_rows:
+            print(f"{model:<10} {variant:<16} {seconds:>9.3f} {seconds / stock[variant]:>9.3f}")
     print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
-          f"{'decode':>7} {'encode':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} {'RSS GiB':>8} {'vae':>5} "
+          f"{'decode':>7} {'encode':>7} {'overlap':>7} {'hidden':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} "
+          f"{'RSS GiB':>8} {'vae':>5} "
           f"{'bf16 PSNR':>9} {'preset':>9} {'NFE':>5} {'wall s / video s':>16}")
     for r in rows:
         print(f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
               f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
-              f"{r.get('t_encode', 0):>7.1f} {100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
+              f"{r.get('t_encode', 0):>7.1f} {r.get('overlap', 'off'):>7} {r.get('decode_hidden', 0):>7.1f} "
+              f"{100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
               f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
               f"{r.get('bf16_decode_psnr', float('nan')):>9.1f} {r.get('preset', '?'):>9} {r.get('nfe', 0):>5} "
               f"{1 / r['video_per_wall']:>16.2f}")

@@ -5,11 +5,19 @@ Full-size random weights in the published key layout go through the same loading
   * one forward at batch 1 (comparable to stock diffusers' WanTransformer3DModel at batch 1),
   * the 3-branch window-step of both guidance modes (cfg: one batch-3 forward; ang: batch 3 + a second adapter pass),
   * optionally another attention backend, and compiled blocks (optionally fused q/k/v), with their deviation from
-    the eager output (on torch 2.11 / H100 the default SDPA already runs cuDNN's flash kernel).
+    the eager output (on torch 2.11 / H100 the default SDPA already runs cuDNN's flash kernel),
+  * stock diffusers' WanTransformer3DModel sharing the same weights (no audio path) at the same token count, in the
+    same run and the same variants (unless --no-stock), and the ratio of each of our rows to its stock row,
+  * with --precision fp8: the cfg window-step with fp8 linear layers, fp8 self-attention, both, and both compiled,
+    each with its relative deviation from the eager bf16 output (avatarcli/models/fp8.py),
+  * with --ops: a per-op table of one cfg window-step (ours vs stock: calls and self time per op, biggest
+    differences first), the place to look for overhead against stock; works on CPU too.
 Prints a table last.
 
-    python benchmarks/bench_transformer.py            # on a CUDA GPU
-    python benchmarks/bench_transformer.py --tiny     # CPU smoke test of the script itself
+    python benchmarks/bench_transformer.py --fuse-qkv        # on a CUDA GPU
+    python benchmarks/bench_transformer.py --fuse-qkv --ops  # + the per-op comparison
+    python benchmarks/bench_transformer.py --fuse-qkv --precision fp8   # + fp8 rows (needs torchao, cudnn frontend)
+    python benchmarks/bench_transformer.py --tiny --ops      # CPU smoke test of the script itself
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 from avatarcli.loading.transformer import build_transformer
 from avatarcli.models.stableavatar import AudioConditioning, parameter_count
 from avatarcli.sampling.guidance import Guidance
-from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
+from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
 
 
 def flops_per_forward(batch: int, tokens: int, frames: int, sizes: dict, context: int = 769, audio: int = 15) -> float:
@@ -58,6 +66,41 @@ def timed(fn, warmup: int, repeat: int, device: torch.device) -> list[float]:
     return times
 
 
+def op_table(ours, stock, device: torch.device, label: str, rows: int = 25) -> None:
+    """Profile one call of `ours` and of `stock`; print per op (CUDA kernel on a GPU, aten op on the CPU) the calls
+    and self time of each, the ops whose time differs most first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def per_op(fn) -> dict[str, tuple[int, float]]:
+        fn()  # warm-up outside the profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        table = {}
+        for event in prof.key_averages():
+            if device.type == "cuda":
+                seconds = event.self_device_time_total / 1e6
+                if seconds <= 0:
+                    continue  # host-side op: its kernels are listed under their own names
+            else:
+                seconds = event.self_cpu_time_total / 1e6
+            table[event.key] = (event.count, seconds)
+        return table
+
+    a = per_op(ours)
+    b = per_op(stock) if stock is not None else {}
+    total_a, total_b = sum(t for _, t in a.values()), sum(t for _, t in b.values())
+    print(f"--- {label}: one cfg window-step per op ({'CUDA kernels' if device.type == 'cuda' else 'CPU ops'}); "
+          f"ours {total_a:.4f} s, stock {total_b:.4f} s of self time")
+    print(f"{'op':<70} {'calls':>7} {'stock':>7} {'ms':>9} {'stock ms':>9} {'diff ms':>9}")
+    names = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, (0, 0))[1] - b.get(k, (0, 0))[1]))
+    for name in names[:rows]:
+        (ca, ta), (cb, tb) = a.get(name, (0, 0.0)), b.get(name, (0, 0.0))
+        print(f"{name[:70]:<70} {ca:>7} {cb:>7} {1e3 * ta:>9.2f} {1e3 * tb:>9.2f} {1e3 * (ta - tb):>+9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script, not the speed)")
@@ -67,6 +110,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one cfg step")
     parser.add_argument("--attention", default=None, help="also time a diffusers attention backend, e.g. _native_cudnn")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the q/k/v projections before compiling")
+    parser.add_argument("--no-stock", action="store_true", help="skip stock diffusers' WanTransformer3DModel rows")
+    parser.add_argument("--ops", action="store_true", help="per-op table of one cfg window-step, ours vs stock")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+                        help="fp8: also time fp8 linear layers, fp8 self-attention and both (each with its error "
+                             "against the bf16 forward); CPU: the emulated e4m3 rounding, no speed")
+    parser.add_argument("--size", default=None, help="HxW of the video (default 480x832; --tiny: 64x64)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -74,6 +123,8 @@ def main() -> None:
     sizes = dict(FULL_SIZE, dim=48, num_heads=2, text_dim=32, ffn_dim=64, num_layers=2, image_dim=32) \
         if args.tiny else FULL_SIZE
     height, width = (64, 64) if args.tiny else (480, 832)
+    if args.size:
+        height, width = (int(v) for v in args.size.split("x"))
     frames = 21
     h, w = height // 8, width // 8
     tokens = frames * (h // 2) * (w // 2)
@@ -81,6 +132,7 @@ def main() -> None:
     t = time.perf_counter()
     state = random_state_dict(sizes, seed=0, device=str(device), dtype=dtype)
     model = build_transformer(state, wan_config(sizes), dtype=dtype, device=device)
+    current = {"model": model}  # what forward() runs (the fp8 rows swap in converted copies)
     del state
     load_seconds = time.perf_counter() - t
 
@@ -96,16 +148,26 @@ def main() -> None:
     audio = torch.randn(1, 161, sizes["audio_in_dim"], generator=gen, device=device)
     timestep = torch.full((3,), 977.9, device=device)
 
-    def forward(batch: int, guidance: Guidance):
+    def forward(batch: int, guidance: Guidance, with_audio: bool = True):
         branches = guidance.branches[:batch]
         rows = [a for a in ("real", "silent") if any(b.audio == a for b in branches)]
         features = torch.cat([audio if r == "real" else torch.zeros_like(audio) for r in rows])
         conditioning = AudioConditioning(features, [rows.index(b.audio) if b.audio != "none" else None
                                                     for b in branches])
-        dt = model.blocks[0].attn1.to_q.weight.dtype
+        dt = dtype
         with torch.no_grad():
-            out = model(x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
-                        image[:batch].to(dt), conditioning)
+            out = current["model"](x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
+                        image[:batch].to(dt), conditioning if with_audio else None)
+            return guidance.combine(out.float()) if batch == 3 else out
+
+    stock = None if args.no_stock else stock_wan_twin(model)
+
+    def stock_forward(batch: int, guidance: Guidance):
+        """The same token count and context through stock diffusers (one forward; cfg combined alike)."""
+        dt = stock.blocks[0].attn1.to_q.weight.dtype
+        with torch.no_grad():
+            out = stock(x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
+                        image[:batch].to(dt), return_dict=False)[0]
             return guidance.combine(out.float()) if batch == 3 else out
 
     cases = [("forward, batch 1", 1, Guidance("none")), ("window-step, cfg (batch 3)", 3, Guidance("cfg")),
@@ -122,14 +184,24 @@ def main() -> None:
         for n, p in model.named_parameters():
             p.data = p.data.to(dtypes[n])
 
-    def run_cases(label: str):
-        for name, batch, guidance in cases:
+    stock_cases = [("stock " + name, batch, guidance) for name, batch, guidance in cases[:2]]
+
+    def without_audio(batch: int, guidance: Guidance):
+        return forward(batch, guidance, with_audio=False)
+
+    def run_cases(label: str, with_stock: bool = False):
+        todo = [(n, b, g, forward) for n, b, g in cases]
+        if with_stock and stock is not None:
+            # Our backbone code without the audio path, then stock: splits any gap into backbone and audio parts.
+            todo += [("no-audio " + cases[1][0], 3, cases[1][2], without_audio)]
+            todo += [(n, b, g, stock_forward) for n, b, g in stock_cases]
+        for name, batch, guidance, fn in todo:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            times = timed(lambda: forward(batch, guidance), args.warmup, args.repeat, device)
+            times = timed(lambda: fn(batch, guidance), args.warmup, args.repeat, device)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            out = forward(batch, guidance)
+            out = fn(batch, guidance)
             seconds = statistics.median(times)
             tflops = flops_per_forward(batch, tokens, frames, sizes) / seconds / 1e12
             if label == "eager":
@@ -149,7 +221,36 @@ def main() -> None:
         print(f"--- {label}: top CUDA kernels of one cfg window-step")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
 
-    run_cases("eager")
+    if args.ops:
+        op_table(lambda: forward(3, Guidance("cfg")), None if stock is None else lambda: stock_forward(3, Guidance("cfg")),
+                 device, "eager")
+    run_cases("eager", with_stock=True)
+    if args.precision == "fp8":
+        import copy
+
+        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+
+        kernel = "native" if device.type == "cuda" else "emulate"
+        if kernel == "native":
+            check_fp8_support(device)
+        all_cases, cases[:] = list(cases), [cases[1]]  # the cfg window-step
+        for label, linear, attention in (("fp8 linear", True, False), ("fp8 attention", False, True),
+                                         ("fp8 both", True, True)):
+            current["model"] = copy.deepcopy(model)
+            use_fp8(current["model"], linear=linear, attention=attention, kernel=kernel)
+            run_cases(label + ("" if kernel == "native" else " emul."))
+        if not args.no_compile and device.type == "cuda":
+            t = time.perf_counter()
+            current["model"] = copy.deepcopy(model)
+            current["model"].fuse_qkv_projections()
+            use_fp8(current["model"])
+            current["model"].compile_repeated_blocks(fullgraph=True)
+            forward(3, Guidance("cfg"))
+            rows.append(("compile", f"fp8 compile time {time.perf_counter() - t:.1f} s", float("nan"), float("nan"),
+                         float("nan"), float("nan"), "", ""))
+            run_cases("fp8 compiled")
+        current["model"] = model
+        cases[:] = all_cases
     if args.profile and device.type == "cuda":
         profile_step("eager")
     if args.attention:
@@ -160,12 +261,21 @@ def main() -> None:
         if args.fuse_qkv:
             model.fuse_qkv_projections()
         model.compile_repeated_blocks(fullgraph=True)
+        if stock is not None:
+            if args.fuse_qkv:
+                stock.fuse_qkv_projections()
+            stock.compile_repeated_blocks(fullgraph=True)
+            stock_forward(3, Guidance("cfg"))
+            stock_forward(1, Guidance("none"))
         forward(3, Guidance("cfg"))
         forward(3, Guidance("ang"))
         forward(1, Guidance("none"))
         rows.append(("compile", f"compile time {time.perf_counter() - t:.1f} s", float("nan"), float("nan"),
                      float("nan"), float("nan"), "", ""))
-        run_cases("compiled" + (" fused" if args.fuse_qkv else ""))
+        run_cases("compiled" + (" fused" if args.fuse_qkv else ""), with_stock=True)
+        if args.ops:
+            op_table(lambda: forward(3, Guidance("cfg")),
+                     None if stock is None else lambda: stock_forward(3, Guidance("cfg")), device, "compiled")
         if args.profile:
             profile_step("compiled")
 
@@ -174,10 +284,14 @@ def main() -> None:
           f"{height}x{width}, {frames} latent frames, {tokens} tokens/branch; dtype {dtype}; "
           f"random full-size weights built+loaded strictly in {load_seconds:.1f} s")
     print("rel dev: ||out - eager bf16|| / ||eager bf16||;  vs fp32: ||out - fp32 forward|| / ||fp32 forward||")
-    print(f"{'variant':<15} {'case':<28} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
-          f"{'vs fp32':>9}")
+    stock_time = {(label, case.removeprefix("stock ")): med for label, case, med, *_ in rows if case.startswith("stock")}
+    stock_time.update({(label, "no-audio " + case): t for (label, case), t in list(stock_time.items())})
+    print(f"{'variant':<20} {'case':<34} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
+          f"{'vs fp32':>9} {'/ stock':>8}")
     for label, case, med, best, tf, peak, dev, dev32 in rows:
-        print(f"{label:<15} {case:<28} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9}")
+        ratio = stock_time.get((label, case))
+        ratio = f"{med / ratio:>8.3f}" if ratio and not case.startswith("stock") else ""
+        print(f"{label:<20} {case:<34} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9} {ratio:>8}")
 
 
 if __name__ == "__main__":

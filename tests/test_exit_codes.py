@@ -142,6 +142,12 @@ FAULTS = textwrap.dedent('''
         def check_writable_output(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         avatarcli.sink.ffmpeg.check_writable_output = check_writable_output
+    elif fault == "decode-oom":
+        import torch
+        import avatarcli.decode.stream
+        def push(self, latents):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        avatarcli.decode.stream.StreamingDecoder.push = push
     elif fault == "cuda-oom":
         import torch
         import avatarcli.pipeline
@@ -190,6 +196,23 @@ def test_cuda_out_of_memory_exits_3(fault_env, tmp_path):
     assert result.returncode == 3
     line = one_line(result.stderr)
     assert "out of memory" in line and "--size" in line
+
+
+def test_a_failure_on_the_decode_worker_exits_with_its_own_code(fault_env, tmp_path, weights):
+    out = tmp_path / "o.mp4"
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", tone(tmp_path / "a.wav", 1.0), "-o", out,
+                 "--weights", weights, "--size", "64x64", "--steps", "2", "--overlap-decode", "on", "--quiet",
+                 env=fault_env("decode-oom"))
+    assert result.returncode == 3
+    assert "out of memory" in one_line(result.stderr)
+    assert list(tmp_path.glob("o*")) == [] and list(tmp_path.glob(".o*")) == []
+
+
+def test_fp8_precision_without_a_cuda_gpu_exits_3_before_loading(tmp_path):
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", tone(tmp_path / "a.wav", 1.0), "-o",
+                 tmp_path / "o.mp4", "--weights", tmp_path, "--device", "cpu", "--precision", "fp8", "--quiet")
+    assert result.returncode == 3
+    assert "--precision fp8 needs a CUDA GPU" in one_line(result.stderr)
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def frames(path: Path) -> np.ndarray:
     return np.stack([np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader])
 
 
-def args(audio: Path, output: Path, weights: Path) -> list[str]:
+def args(audio: Path, output: Path, weights: Path, *extra: str) -> list[str]:
     return ["animate", str(EXAMPLES / "portrait.png"), "--audio", str(audio), "-o", str(output), "--weights",
-            str(weights), *SETTINGS]
+            str(weights), *SETTINGS, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,10 @@ def uninterrupted(tmp_path_factory, weights, talk) -> np.ndarray:
     return frames(output)
 
 
-def start_and_stop(output: Path, audio: Path, weights: Path, sig: int) -> subprocess.CompletedProcess:
+def start_and_stop(output: Path, audio: Path, weights: Path, sig: int, *extra: str) -> subprocess.CompletedProcess:
     """Run animate in a subprocess saving its state after every window-step; send `sig` once frames are saved."""
     env = dict(os.environ, OMP_NUM_THREADS="1", AVATARCLI_SAVE_EVERY="0")
-    process = subprocess.Popen([sys.executable, "-m", "avatarcli", *args(audio, output, weights)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "avatarcli", *args(audio, output, weights, *extra)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     meta = resume_dir(output) / "state.json"
     deadline = time.monotonic() + 300
@@ -116,6 +116,22 @@ def test_sigint_saves_and_exits_130_then_resume_gives_identical_frames(tmp_path,
     assert json.loads(out)["resumed_from_frame"] == saved
     assert np.array_equal(frames(output), uninterrupted)
     assert not resume_dir(output).exists()
+
+
+def test_overlapped_decode_saves_a_consistent_state_and_gives_the_frames_of_the_inline_decode(
+        tmp_path, weights, talk, uninterrupted, capsys, one_thread):
+    """The decode worker is drained before every save: frames, segments and decoder cache of the saved state agree."""
+    output = tmp_path / "talk.mp4"
+    stopped = start_and_stop(output, talk, weights, signal.SIGINT, "--overlap-decode", "on")
+    assert stopped.returncode == 130, stopped.stderr
+    meta = json.loads((resume_dir(output) / "state.json").read_text())
+    segment_frames = sum(frames(resume_dir(output) / name).shape[0] for name in meta["segments"])
+    assert 0 < meta["frames"] == segment_frames < len(uninterrupted)
+
+    code, out, err = resume(talk, output, weights, capsys, "--overlap-decode", "on")
+    assert code == 0, err
+    assert json.loads(out)["resumed_from_frame"] == meta["frames"]
+    assert np.array_equal(frames(output), uninterrupted)
 
 
 def test_sigkill_then_resume_gives_identical_frames_and_a_changed_run_is_refused(tmp_path, weights, talk,

@@ -53,6 +53,8 @@ class FlashPortraitDriver:
         preset = job.preset
         if preset.guidance != "expression":
             raise AvatarError(f"--guidance {preset.guidance} is for --audio; a --driving video uses 'expression'")
+        if job.precision != "auto":
+            raise AvatarError("--precision fp8 applies to --audio; for a --driving video use --weights-dtype fp8")
         if preset.overlap >= WINDOW_LATENT_FRAMES:
             raise AvatarError(f"--overlap must be below the window of {WINDOW_LATENT_FRAMES} latent frames for a "
                               f"--driving video, got {preset.overlap}")

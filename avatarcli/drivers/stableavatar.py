@@ -82,20 +82,30 @@ class StableAvatarDriver:
         return PromptCache(encoder_file(weights / T5_FILE), text_dtype_for(device))
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
-        return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model)
+        return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model,
+                job.precision)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
         from avatarcli.loading.stableavatar import load_stableavatar
         from avatarcli.runtime import quiet_diffusers
 
+        if job.precision == "fp8":
+            from avatarcli.models.fp8 import check_fp8_support
+
+            check_fp8_support(device)  # before any weights load
         weights = self.weights_dir(job)
         disk_prompts = self.prompt_cache(weights, device)
         cached = disk_prompts.get((job.negative_prompt, job.prompt)) is not None
         components = load_stableavatar(weights, inputs.checkpoint, device, dtype, with_text_encoder=not cached)
         components.weights_dir, components.disk_prompts = weights, disk_prompts
-        if job.compile and device.type == "cuda":
-            with quiet_diffusers():
+        with quiet_diffusers():
+            if job.compile and device.type == "cuda":
                 components.transformer.fuse_qkv_projections()
+            if job.precision == "fp8":
+                from avatarcli.models.fp8 import use_fp8
+
+                use_fp8(components.transformer)  # after fusing (it quantizes the fused layers), before compiling
+            if job.compile and device.type == "cuda":
                 components.transformer.compile_repeated_blocks(fullgraph=True)
         return components
 
@@ -111,7 +121,7 @@ class StableAvatarDriver:
         from avatarcli.loading.transformer import load_stableavatar_transformer
 
         key = self.models_key(job, inputs)
-        if previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile:
+        if previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile or job.precision != "auto":
             return None
         components.transformer = None  # free the old DiT before the new one loads
         gc.collect()

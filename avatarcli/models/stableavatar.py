@@ -52,18 +52,28 @@ class AvatarAttnProcessor:
         text_context = encoder_hidden_states[:, NUM_IMAGE_TOKENS:]
         heads = attn.heads
 
+        # After fuse_qkv_projections() (the compiled path) each context's key and value come from one GEMM.
+        fused = getattr(attn, "fused_projections", False)
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (heads, -1))
-        key = attn.norm_k(attn.to_k(text_context)).unflatten(2, (heads, -1))
-        value = attn.to_v(text_context).unflatten(2, (heads, -1))
-        key_img = attn.norm_added_k(attn.add_k_proj(image_context)).unflatten(2, (heads, -1))
-        value_img = attn.add_v_proj(image_context).unflatten(2, (heads, -1))
+        if fused:
+            key, value = attn.to_kv(text_context).chunk(2, dim=-1)
+            key_img, value_img = attn.to_added_kv(image_context).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(text_context), attn.to_v(text_context)
+            key_img, value_img = attn.add_k_proj(image_context), attn.add_v_proj(image_context)
+        key, value = attn.norm_k(key).unflatten(2, (heads, -1)), value.unflatten(2, (heads, -1))
+        key_img, value_img = attn.norm_added_k(key_img).unflatten(2, (heads, -1)), value_img.unflatten(2, (heads, -1))
 
         out = self._attend(query, key, value) + self._attend(query, key_img, value_img)
         if audio_context is not None:
             b, frames, width, _ = audio_context.shape
             q_frames = query.reshape(b * frames, -1, heads, query.shape[-1])
-            k_audio = attn.k_vocal(audio_context).reshape(b * frames, width, heads, -1)
-            v_audio = attn.v_vocal(audio_context).reshape(b * frames, width, heads, -1)
+            if fused and hasattr(attn, "to_vocal_kv"):
+                k_audio, v_audio = attn.to_vocal_kv(audio_context).chunk(2, dim=-1)
+            else:
+                k_audio, v_audio = attn.k_vocal(audio_context), attn.v_vocal(audio_context)
+            k_audio = k_audio.reshape(b * frames, width, heads, -1)
+            v_audio = v_audio.reshape(b * frames, width, heads, -1)
             out = out + self._attend(q_frames, k_audio, v_audio).reshape(b, -1, out.shape[-1])
         out = out.type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
@@ -111,6 +121,26 @@ class StableAvatarTransformer3DModel(ConditionedWanMixin, WanTransformer3DModel)
                                             eps=eps)
         # The base constructor registered num_layers=0 (it builds no Wan blocks); record the real values.
         self.register_to_config(num_layers=num_layers, added_kv_proj_dim=added_kv_proj_dim or dim)
+
+    @torch.no_grad()
+    def fuse_qkv_projections(self) -> None:
+        """diffusers' q/k/v (self-attention) and k/v (text, image) fusion, plus k_vocal/v_vocal as one projection."""
+        super().fuse_qkv_projections()
+        for block in self.blocks:
+            attn = block.attn2
+            if hasattr(attn, "to_vocal_kv"):
+                continue
+            weight = torch.cat([attn.k_vocal.weight, attn.v_vocal.weight])
+            bias = torch.cat([attn.k_vocal.bias, attn.v_vocal.bias])
+            with torch.device("meta"):
+                attn.to_vocal_kv = nn.Linear(weight.shape[1], weight.shape[0])
+            attn.to_vocal_kv.load_state_dict({"weight": weight, "bias": bias}, strict=True, assign=True)
+
+    def unfuse_qkv_projections(self) -> None:
+        super().unfuse_qkv_projections()
+        for block in self.blocks:
+            if hasattr(block.attn2, "to_vocal_kv"):
+                del block.attn2.to_vocal_kv
 
     def audio_context(self, audio: AudioConditioning, tokens: torch.Tensor, e0: torch.Tensor, e: torch.Tensor,
                       latent_frames: int) -> torch.Tensor:

@@ -118,3 +118,27 @@ def write_tiny_transformer(folder: Path, sizes: dict, seed: int = 0) -> None:
     (base / "config.json").write_text(json.dumps(wan_config(sizes), indent=2))
     for n, name in enumerate(("transformer3d-square.pt", "transformer3d-rec-vec.pt")):
         torch.save(random_state_dict(sizes, seed + n), avatar / name)
+
+
+def stock_wan_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """Stock diffusers `WanTransformer3DModel` sharing `model`'s Wan weights (no copy), without the audio path.
+
+    The yardstick of the speed benchmarks: the same backbone, sizes, dtypes and devices, run by diffusers' own
+    block and attention code. Its forward takes (latents, timestep, text, image, return_dict=False)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    c = model.config
+    with torch.device("meta"):
+        stock = WanTransformer3DModel(
+            patch_size=tuple(c.patch_size), num_attention_heads=c.num_attention_heads,
+            attention_head_dim=c.attention_head_dim, in_channels=c.in_channels, out_channels=c.out_channels,
+            text_dim=c.text_dim, freq_dim=c.freq_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
+            cross_attn_norm=c.cross_attn_norm, qk_norm=c.qk_norm, eps=c.eps, image_dim=c.image_dim,
+            added_kv_proj_dim=c.added_kv_proj_dim, rope_max_seq_len=c.rope_max_seq_len)
+    wanted = stock.state_dict().keys()
+    shared = {k: v for k, v in model.state_dict().items() if k in wanted}
+    stock.load_state_dict(shared, strict=True, assign=True)
+    device = next(model.parameters()).device
+    stock.rope = WanRotaryPosEmbed(c.attention_head_dim, tuple(c.patch_size), c.rope_max_seq_len).to(device)
+    return stock.eval()

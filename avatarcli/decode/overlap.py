@@ -1,0 +1,173 @@
+"""Finished latent frames -> decoded frames -> the sink, either inline or overlapped with the denoising.
+
+`animate` hands every chunk of final latent frames to one of two writers with the same interface:
+  * `SerialWriter` decodes and writes it at once, on the caller's thread (the sampler waits for the VAE);
+  * `OverlappedWriter` queues it (at most `max_pending` chunks) for a worker thread that decodes and writes while
+    the caller's thread runs the next window-steps. On CUDA the worker decodes on its own stream, ordered after the
+    kernels that produced the latents by an event, so the transformer's stream never waits for the VAE.
+Both run the same per-chunk code in the same order (one decoder, one feature cache), so the frames are identical.
+
+`drain()` returns once everything submitted is decoded and written: the point where the decoder's cache, the sink's
+segments and `frames` agree, which is what a resume state must capture. A failure on the worker is raised on the
+caller's thread by the next `submit` or `drain`, as the exception the worker met (so exit codes keep their meaning).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+
+class SerialWriter:
+    """Decode each chunk and write its frames before returning: the reference behaviour.
+
+    `frames_total`: frames of the output (later decoded frames are padding and dropped); `skip_frames`: leading
+    frames of the video that are not output (dropped once, from the first chunk); `dtype`: the decoder's input dtype.
+    """
+
+    def __init__(self, decoder: Any, sink: Any, frames_total: int, skip_frames: int = 0,
+                 dtype: torch.dtype | None = None, frames: int = 0) -> None:
+        self.decoder, self.sink = decoder, sink
+        self.frames_total, self.skip_frames, self.dtype = frames_total, skip_frames, dtype
+        self.frames = frames  # frames written to the sink so far (a resumed run starts at its saved count)
+        self.decode_seconds = 0.0  # time spent in the decoder
+        self.write_seconds = 0.0  # time spent handing frames to the sink
+        self.wait_seconds = 0.0  # time the caller's thread spent on decoding and writing (all of it, here)
+
+    def _decode_and_write(self, latents: torch.Tensor) -> None:
+        if self.frames >= self.frames_total:
+            return  # the padding frames of a video shorter than one window
+        tick = time.perf_counter()
+        skip = 0 if self.decoder.started else self.skip_frames  # leading frames only, once per video
+        with torch.no_grad():
+            pixels = self.decoder.push(latents if self.dtype is None else latents.to(self.dtype))[skip:]
+        pixels = pixels[: self.frames_total - self.frames]
+        tock = time.perf_counter()
+        self.sink.write(pixels)
+        self.decode_seconds += tock - tick
+        self.write_seconds += time.perf_counter() - tock
+        self.frames += len(pixels)
+
+    def load_decoder_state(self, state: dict) -> None:
+        self.decoder.load_state_dict(state)
+
+    def submit(self, latents: torch.Tensor) -> None:
+        tick = time.perf_counter()
+        try:
+            self._decode_and_write(latents)
+        finally:
+            self.wait_seconds += time.perf_counter() - tick
+
+    def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
+class OverlappedWriter(SerialWriter):
+    """The same per-chunk work on a worker thread (and, on CUDA, a stream of its own); see the module docstring.
+
+    Memory stays bounded: `submit` blocks while `max_pending` chunks wait (that time counts as `wait_seconds`).
+    """
+
+    def __init__(self, decoder: Any, sink: Any, frames_total: int, skip_frames: int = 0,
+                 dtype: torch.dtype | None = None, frames: int = 0, device: torch.device | str = "cpu",
+                 max_pending: int = 2) -> None:
+        super().__init__(decoder, sink, frames_total, skip_frames, dtype, frames)
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread: threading.Thread | None = threading.Thread(target=self._work, name="avatarcli-decode",
+                                                                 daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None and not self._cancelled:
+                    latents, ready = item
+                    try:
+                        if self.stream is None:
+                            self._decode_and_write(latents)
+                        else:
+                            with torch.cuda.stream(self.stream):
+                                self.stream.wait_event(ready)  # the latents are written on the producer's stream
+                                latents.record_stream(self.stream)  # and must outlive this stream's use of them
+                                self._decode_and_write(latents)  # ends in a copy to the host: synchronous
+                    except BaseException as error:  # handed to the caller's thread
+                        self._error = error
+            finally:
+                self._queue.task_done()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._cancelled = True  # nothing after a failed chunk may be written
+            raise error
+
+    def load_decoder_state(self, state: dict) -> None:
+        """Restore the decoder's cache with its tensors allocated on the worker's stream (before any submit)."""
+        if self.stream is None:
+            self.decoder.load_state_dict(state)
+            return
+        with torch.cuda.stream(self.stream):
+            self.decoder.load_state_dict(state)
+        self.stream.synchronize()
+
+    def submit(self, latents: torch.Tensor) -> None:
+        self._raise_pending()
+        if self._cancelled:
+            raise RuntimeError("the decode worker was stopped")
+        ready = None
+        if self.stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        tick = time.perf_counter()
+        self._queue.put((latents, ready))  # blocks while max_pending chunks wait
+        self.wait_seconds += time.perf_counter() - tick
+
+    def drain(self) -> None:
+        """Wait until every submitted chunk is decoded and written; raise the worker's error, if any."""
+        tick = time.perf_counter()
+        self._queue.join()
+        self.wait_seconds += time.perf_counter() - tick
+        self._raise_pending()
+
+    def _stop(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def close(self) -> None:
+        """Finish the submitted work, then stop the worker."""
+        try:
+            self.drain()
+        finally:
+            self._stop()
+
+    def abort(self) -> None:
+        """Drop the chunks still waiting, let the one being decoded finish, stop the worker; errors are not raised."""
+        self._cancelled = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+        self._stop()
+        self._error = None
