@@ -446,10 +446,19 @@ def reference_conditions(vae, portraits: np.ndarray) -> torch.Tensor:
     return torch.cat([mask, latents], dim=1)
 
 
+def dit_velocity(model, xt: torch.Tensor, conditions: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                 image_tokens: torch.Tensor, features: torch.Tensor, branch_audio: list) -> torch.Tensor:
+    """The DiT's velocity for a training batch, called as avatarcli.sampling.denoiser calls it at inference:
+    [x_t | mask + reference latents], timestep sigma * 1000, text, CLIP tokens, wav2vec2 features per element."""
+    from avatarcli.models.stableavatar import AudioConditioning
+
+    return model(torch.cat([xt, conditions], dim=1), sigma * 1000, text, image_tokens,
+                 AudioConditioning(features, branch_audio))
+
+
 def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image_tokens: torch.Tensor,
               prompts: torch.Tensor, wav2vec, config: TrainConfig, log, model=None):
     """prompts [2, 512, text_dim]: negative, positive (as encode_prompts returns them for the pipeline)."""
-    from avatarcli.models.stableavatar import AudioConditioning
     from avatarcli.sampling.schedule import shift_sigma
 
     device = torch.device(config.device)
@@ -490,8 +499,7 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(torch.cat([xt, conditions[idx]], dim=1), sigma * 1000, text, image_tokens[idx],
-                         AudioConditioning(features, branch_audio))
+            pred = dit_velocity(model, xt, conditions[idx], sigma, text, image_tokens[idx], features, branch_audio)
         loss = (((pred.float() - (noise - x0)) ** 2) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
