@@ -32,13 +32,15 @@ def main() -> int:
     parser.add_argument("--init", help="continue from this weights folder (VAE decoder and DiT train on)")
     parser.add_argument("--vae-lr", type=float)
     parser.add_argument("--dit-lr", type=float)
-    parser.add_argument("--vae-clip-frames", type=int)
+    parser.add_argument("--vae-warm-latents", type=int, help="most latent frames streamed without gradients first")
+    parser.add_argument("--vae-grad-latents", type=int, help="latent frames streamed with gradients after them")
     args = parser.parse_args()
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     config = with_overrides(config, seed=args.seed, identities=args.identities, workers=args.workers,
                             vae_seconds=args.vae_seconds, dit_seconds=args.dit_seconds, audio_steps=args.audio_steps,
                             dit_batch=args.dit_batch, device=args.device, init=args.init, vae_lr=args.vae_lr,
-                            dit_lr=args.dit_lr, vae_clip_frames=args.vae_clip_frames)
+                            dit_lr=args.dit_lr, vae_warm_latents=args.vae_warm_latents,
+                            vae_grad_latents=args.vae_grad_latents)
     started = time.perf_counter()
 
     def log(line: str) -> None:
