@@ -32,14 +32,14 @@ def main() -> int:
     parser.add_argument("--init", help="continue from this weights folder (VAE decoder and DiT train on)")
     parser.add_argument("--vae-lr", type=float)
     parser.add_argument("--dit-lr", type=float)
-    parser.add_argument("--vae-warm-latents", type=int, help="most latent frames streamed without gradients first")
-    parser.add_argument("--vae-grad-latents", type=int, help="latent frames streamed with gradients after them")
+    parser.add_argument("--vae-episode-latents", type=int, help="latent frames of each clip streamed through the VAE")
+    parser.add_argument("--vae-grad-latents", type=int, help="latent frames of the stream per VAE step")
     args = parser.parse_args()
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     config = with_overrides(config, seed=args.seed, identities=args.identities, workers=args.workers,
                             vae_seconds=args.vae_seconds, dit_seconds=args.dit_seconds, audio_steps=args.audio_steps,
                             dit_batch=args.dit_batch, device=args.device, init=args.init, vae_lr=args.vae_lr,
-                            dit_lr=args.dit_lr, vae_warm_latents=args.vae_warm_latents,
+                            dit_lr=args.dit_lr, vae_episode_latents=args.vae_episode_latents,
                             vae_grad_latents=args.vae_grad_latents)
     started = time.perf_counter()
 

@@ -9,14 +9,17 @@ Stages, all reproducible from one seed, data generated on the fly from the world
              one window, normalised per window exactly as the feature extractor does at inference; then frozen.
   4. vae     a small diffusers AutoencoderKLWan (the Wan 2.1 block layout at a narrow base width), trained in the
              regime inference runs it: encoder and decoder are causal, carry feature caches from chunk to chunk and
-             run over whole videos (encode_pool) and one continuous decode stream (avatarcli.decode.stream). Each
-             step streams a clip through both: its first 0..vae_warm_latents latent frames without gradients (the
-             caches warm up as in a long video), then vae_grad_latents more with the caches carried and gradients on
-             (truncated backprop). Loss on those: L1 of the unclamped decode, weighted up on the mouth, plus a small
-             KL. A per-frame round-trip error of 81- and 301-frame videos of a held-out face is logged (stability
-             beyond the trained horizon). Its latent statistics are then folded into its 1x1x1 quant / post-quant
-             convolutions, so the Wan 2.1 latents_mean/std that every Wan VAE is loaded with normalise its latents
-             to zero mean and unit variance, and the inference path is unchanged.
+             run over whole videos (encode_pool) and one continuous decode stream (avatarcli.decode.stream). Their
+             receptive field spans far more than a short clip, so training streams each batch of clips (episodes of
+             vae_episode_latents latent frames, ~11 s) through both with the caches carried from step to step;
+             every step encodes and decodes the next vae_grad_latents latent frames with gradients, then detaches
+             the caches (truncated backprop through time: every position of the stream is trained, from the first
+             frame to ~285 frames in, at the cost of the frames with gradients alone). Loss on those frames: L1 of
+             the unclamped decode, weighted up on the mouth, plus a small KL. A per-frame round-trip error of 81-
+             and 301-frame videos of a held-out face is logged (stability over long videos). Its latent statistics
+             are then folded into its 1x1x1 quant / post-quant convolutions, so the Wan 2.1 latents_mean/std that
+             every Wan VAE is loaded with normalise its latents to zero mean and unit variance, and the inference
+             path is unchanged.
   5. dit     a small StableAvatarTransformer3DModel: flow matching (x_t = (1-s) x0 + s eps, target eps - x0) with s
              drawn like the sampling grid (uniform, then shifted by 5), on windows of 21 latent frames cut from whole
              encoded videos, with the reference condition and CLIP tokens computed by the inference code. Each
@@ -83,8 +86,8 @@ class TrainConfig:
     audio_lr: float = 1e-3
     vae_steps: int = 3000
     vae_batch: int = 32
-    vae_warm_latents: int = 20  # streaming regime: up to this many latent frames (4 * 19 + 1 = 77 video frames)
-    vae_grad_latents: int = 3  # encoded + decoded without gradients first, then this many with (12 video frames)
+    vae_episode_latents: int = 72  # streaming regime: clips of 72 latent frames (285 video frames) streamed through
+    vae_grad_latents: int = 3  # encoder and decoder with caches carried, 3 latent frames (12 video frames) a step
     vae_lr: float = 5e-4
     vae_kl: float = 1e-4
     vae_seconds: float = 360.0
@@ -106,7 +109,7 @@ class TrainConfig:
         return cls(identities=1, clip_latents=22, workers=0, size=32,
                    sizes=DemoSizes(dim=32, num_heads=2, ffn_dim=32, num_layers=1, freq_dim=32, vae_base=4,
                                    audio_dim=32, audio_layers=1, audio_heads=2, audio_conv=8),
-                   audio_steps=2, audio_batch=2, vae_steps=2, vae_batch=1, vae_warm_latents=2, vae_grad_latents=2,
+                   audio_steps=2, audio_batch=2, vae_steps=2, vae_batch=1, vae_episode_latents=4, vae_grad_latents=2,
                    vae_check_frames=(9,), dit_steps=2,
                    dit_batch=2, device="cpu", ema=0.5)
 
@@ -389,7 +392,7 @@ class CausalStream:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         first = 1 if self.frames_in == 0 else 0
-        if x.shape[2] < first or (x.shape[2] - first) % 4:
+        if x.shape[2] == 0 or (x.shape[2] - first) % 4:
             raise ValueError(f"{x.shape[2]} frames after {self.frames_in} do not fill whole 4-frame chunks")
         bounds = ([0, 1] if first else [0]) + list(range(first + 4, x.shape[2] + 1, 4))
         out = [self.vae.encoder(x[:, :, a:b], feat_cache=self.encoder_cache, feat_idx=[0])
@@ -419,25 +422,13 @@ def video_frames(latent_frames: int) -> int:
     return 0 if latent_frames == 0 else 4 * (latent_frames - 1) + 1
 
 
-def vae_stream_step(vae, x: torch.Tensor, warm_latents: int, train_encoder: bool, sample: bool = True):
-    """One streaming-regime sample: the first `warm_latents` latent frames of the clip x [B, 3, F, H, W] are
-    encoded and decoded piece by piece without gradients (warming the causal caches as a long inference stream
-    does), then the rest is encoded and decoded with the caches carried and gradients on (truncated backprop).
-    Latents are drawn from the posterior (its mode if not `sample`). Returns (the rest's frames, their unclamped
-    reconstruction, their posterior)."""
-    stream = CausalStream(vae)
-    prefix = video_frames(warm_latents)
-    with torch.no_grad():
-        for a in range(0, warm_latents):  # one latent frame at a time, as inference streams them
-            lo, hi = video_frames(a), video_frames(a + 1)
-            posterior = stream.encode(x[:, :, lo:hi])
-            stream.decode(posterior.sample() if sample else posterior.mode())
-    stream.detach()
-    target = x[:, :, prefix:]
-    with torch.set_grad_enabled(train_encoder):
-        posterior = stream.encode(target)
+def vae_piece(stream: CausalStream, x: torch.Tensor, train_encoder: bool, sample: bool = True):
+    """The next frames x [B, 3, F, H, W] of the streamed clips through encoder and decoder, caches carried on:
+    (unclamped reconstruction, posterior). Latents are drawn from the posterior (its mode if not `sample`)."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        posterior = stream.encode(x)
     z = posterior.mean + posterior.std * torch.randn_like(posterior.std) if sample else posterior.mode()
-    return target, stream.decode(z), posterior
+    return stream.decode(z), posterior
 
 
 @torch.no_grad()
@@ -466,31 +457,36 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module
     weight = (1 + 1.0 * box_mask(world.FACE_BOX, size, size, device)
               + 6.0 * box_mask(world.MOUTH_BOX, size, size, device)).view(1, 1, 1, size, size)
     frames = pool.videos.shape[1]
-    grad = config.vae_grad_latents
+    grad, episode = config.vae_grad_latents, config.vae_episode_latents
+    if episode > config.clip_latents:
+        raise ValueError(f"vae_episode_latents {episode} > clip_latents {config.clip_latents}")
     deadline = Deadline(config.vae_seconds, config.vae_steps)
-    step = 0
+    step, pos = 0, episode
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.vae_lr * _cosine(int(deadline.progress(step) * 1000), 1000, 30)
-        # one horizon per step (the batch shares the chunk layout): the caches have seen 0..vae_warm_latents
-        # latent frames of the same video before the frames that get gradients
-        warm = int(torch.randint(0, config.vae_warm_latents + 1, (1,), generator=gen))
-        clip = video_frames(warm + grad)
-        idx = torch.randint(0, pool.videos.shape[0], (config.vae_batch,), generator=gen)
-        first = torch.randint(0, frames - clip + 1, (config.vae_batch,), generator=gen)
-        x = to_unit(torch.stack([pool.videos[i, f : f + clip] for i, f in zip(idx.tolist(), first.tolist())]))
+        if pos >= episode:  # new episode: other clips, streamed from their first frame with empty caches
+            idx = torch.randint(0, pool.videos.shape[0], (config.vae_batch,), generator=gen)
+            first = torch.randint(0, frames - video_frames(episode) + 1, (config.vae_batch,), generator=gen)
+            clips = torch.stack([pool.videos[i, f : f + video_frames(episode)]
+                                 for i, f in zip(idx.tolist(), first.tolist())])
+            stream, pos = CausalStream(vae), 0
+        n = min(grad, episode - pos)
+        x = to_unit(clips[:, video_frames(pos) : video_frames(pos + n)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            target, recon, posterior = vae_stream_step(vae, x, warm, train_encoder=not decoder_only)
-        rec = ((recon.float() - target).abs() * weight).mean() / weight.mean()
+            recon, posterior = vae_piece(stream, x, train_encoder=not decoder_only)
+        rec = ((recon.float() - x).abs() * weight).mean() / weight.mean()
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         loss = rec + config.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
+        stream.detach()  # truncated backprop: the next piece starts from these caches as constants
         if step % 100 == 0:
-            log(f"vae step {step} l1 {rec.item():.4f} kl {kl.item():.3f} after {warm} warm latents "
+            log(f"vae step {step} l1 {rec.item():.4f} kl {kl.item():.3f} at latent frame {pos} "
                 f"({time.perf_counter() - deadline.start:.0f} s)")
+        pos += n
         step += 1
     log(f"vae: {step} steps, final l1 {rec.item():.4f}")
     vae.eval()
