@@ -117,3 +117,21 @@ def test_branch_table_covers_every_guidance_branch_at_its_rates():
         assert float(text[i].mean()) == float(branch.prompt == "positive")
         assert float(kept[i].abs().sum()) == (0.0 if branch.audio == "silent" else 6.0)
         assert rows[i] == (None if branch.audio == "none" else i)
+
+
+def test_audio_path_parameters_get_the_audio_learning_rate_scale():
+    from avatarcli.demo.train import AUDIO_MODULES, TrainConfig, dit_param_groups, new_transformer
+
+    model = new_transformer(TrainConfig.tiny().sizes)
+    groups = dit_param_groups(model, 3.0)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == len(list(model.parameters()))  # every parameter in exactly one group
+    audio = 0
+    for name, p in model.named_parameters():
+        is_audio = any(part in name for part in AUDIO_MODULES)
+        audio += is_audio
+        assert by_id[id(p)]["scale"] == (3.0 if is_audio else 1.0), name
+        assert by_id[id(p)]["weight_decay"] == (0.01 if p.ndim >= 2 and "norm" not in name
+                                                and "modulation" not in name and "scale_shift" not in name else 0.0)
+    assert audio > 0 and any("vocal_projector" in n for n, _ in model.named_parameters())
+    assert any("attn2.k_vocal" in n for n, _ in model.named_parameters())

@@ -578,6 +578,18 @@ def branch_inputs(branches: list, features: torch.Tensor, prompts: torch.Tensor)
     return features * keep.view(-1, 1, 1), branch_audio, text
 
 
+def dit_param_groups(model, audio_lr_scale: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the audio path (AUDIO_MODULES: adapter + per-block audio
+    key/value) at `audio_lr_scale` times the learning rate (group["scale"]), the rest at 1x."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        decays = not (p.ndim < 2 or "norm" in name or "modulation" in name or "scale_shift" in name)
+        audio = any(part in name for part in AUDIO_MODULES)
+        groups.setdefault((audio, decays), []).append(p)
+    return [{"params": params, "weight_decay": 0.01 if decays else 0.0, "scale": audio_lr_scale if audio else 1.0}
+            for (audio, decays), params in sorted(groups.items())]
+
+
 def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image_tokens: torch.Tensor,
               prompts: torch.Tensor, wav2vec, config: TrainConfig, log, model=None):
     """prompts [2, 512, text_dim]: negative, positive (as encode_prompts returns them for the pipeline)."""
@@ -589,22 +601,10 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     model = (model if model is not None else new_transformer(config.sizes)).to(device).float().train()
     model.requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay, no_decay, audio_ids = [], [], set()
-    for name, p in model.named_parameters():
-        if any(part in name for part in AUDIO_MODULES):
-            audio_ids.add(id(p))
-        (no_decay if p.ndim < 2 or "norm" in name or "modulation" in name or "scale_shift" in name else decay).append(p)
-    groups = []  # the audio path (adapter + per-block audio key/value) learns config.dit_audio_lr_scale times faster
-    for audio_path in (False, True):
-        for params, wd in ((decay, 0.01), (no_decay, 0.0)):
-            chosen = [p for p in params if (id(p) in audio_ids) == audio_path]
-            if chosen:
-                groups.append({"params": chosen, "weight_decay": wd,
-                               "scale": config.dit_audio_lr_scale if audio_path else 1.0})
-    opt = torch.optim.AdamW(groups, lr=config.dit_lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(dit_param_groups(model, config.dit_audio_lr_scale), lr=config.dit_lr, betas=(0.9, 0.99))
     n, _, total, h, w = latents.shape
-    weight = (1 + box_mask(world.FACE_BOX, h, w, device) + config.dit_mouth_weight * box_mask(world.MOUTH_BOX, h, w,
-                                                                                            device))
+    mouth = box_mask(world.MOUTH_BOX, h, w, device)
+    weight = 1 + box_mask(world.FACE_BOX, h, w, device) + config.dit_mouth_weight * mouth
     weight = (weight / weight.mean()).view(1, 1, 1, h, w)
     hop = world.SAMPLE_RATE // world.FPS
     span = WINDOW_VIDEO_FRAMES * hop
@@ -684,7 +684,8 @@ def condition_check(model, vae, wav2vec, image_encoder, prompts: torch.Tensor, s
         out[sigma] = {}
         for name, (c, t, f, rows) in cases.items():
             err = (xt - sigma * dit_velocity(model, xt, c, s, text, t, f, rows).float() - x0) ** 2
-            out[sigma][name] = (float(err.mean()), float((err * mouth).sum() / (mouth.sum() * err.shape[1] * err.shape[2])))
+            in_mouth = (err * mouth).sum() / (mouth.sum() * err.shape[1] * err.shape[2])
+            out[sigma][name] = (float(err.mean()), float(in_mouth))
     return out
 
 
