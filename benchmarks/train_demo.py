@@ -1,6 +1,6 @@
 """Train the embedded demo model (avatarcli/demo/weights) on the synthetic talking-face world.
 
-    python benchmarks/train_demo.py --out demo-weights            # one GPU, about 13.5 minutes on an H200
+    python benchmarks/train_demo.py --out demo-weights            # one GPU, about 14.5 minutes on an H200
     python benchmarks/train_demo.py --out /tmp/w --tiny           # a few iterations on CPU (smoke test)
 
 Everything is generated from --seed; see avatarcli/demo/train.py for the stages. Prints progress and a JSON summary;
