@@ -1,6 +1,6 @@
 """Train the embedded demo model (avatarcli/demo/weights) on the synthetic talking-face world.
 
-    python benchmarks/train_demo.py --out demo-weights            # one GPU, about 13.5 minutes on an H200
+    python benchmarks/train_demo.py --out demo-weights            # one GPU, about 14.5 minutes on an H200
     python benchmarks/train_demo.py --out /tmp/w --tiny           # a few iterations on CPU (smoke test)
 
 Everything is generated from --seed; see avatarcli/demo/train.py for the stages. Prints progress and a JSON summary;
@@ -32,13 +32,15 @@ def main() -> int:
     parser.add_argument("--init", help="continue from this weights folder (VAE decoder and DiT train on)")
     parser.add_argument("--vae-lr", type=float)
     parser.add_argument("--dit-lr", type=float)
-    parser.add_argument("--vae-clip-frames", type=int)
+    parser.add_argument("--vae-episode-latents", type=int, help="latent frames of each clip streamed through the VAE")
+    parser.add_argument("--vae-grad-latents", type=int, help="latent frames of the stream per VAE step")
     args = parser.parse_args()
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     config = with_overrides(config, seed=args.seed, identities=args.identities, workers=args.workers,
                             vae_seconds=args.vae_seconds, dit_seconds=args.dit_seconds, audio_steps=args.audio_steps,
                             dit_batch=args.dit_batch, device=args.device, init=args.init, vae_lr=args.vae_lr,
-                            dit_lr=args.dit_lr, vae_clip_frames=args.vae_clip_frames)
+                            dit_lr=args.dit_lr, vae_episode_latents=args.vae_episode_latents,
+                            vae_grad_latents=args.vae_grad_latents)
     started = time.perf_counter()
 
     def log(line: str) -> None:

@@ -95,3 +95,43 @@ def test_training_forward_equals_the_inference_denoiser(tmp_path, monkeypatch, o
 
     torch.testing.assert_close(euler_step(xt, noise - x0, float(sigma), 0.0), x0, rtol=1e-5, atol=1e-5)
     assert np.isfinite(float(trained.abs().max()))
+
+
+def test_branch_table_covers_every_guidance_branch_at_its_rates():
+    from avatarcli.demo.train import _branch_table, branch_inputs, draw_branches
+    from avatarcli.sampling.guidance import Guidance
+
+    table = dict(_branch_table())
+    assert abs(sum(table.values()) - 1.0) < 1e-9 and min(table.values()) > 0
+    for mode in ("cfg", "ang", "none"):
+        assert set(Guidance(mode=mode).branches) <= set(table), mode  # inference runs only trained branches
+    drawn = draw_branches(20000, torch.Generator().manual_seed(0))
+    for branch, rate in table.items():
+        assert abs(sum(b == branch for b in drawn) / len(drawn) - rate) < 0.015, branch
+    # what each branch feeds the DiT: prompt row (0 negative, 1 positive), zeroed features, dropped adapter rows
+    branches = list(table)
+    features = torch.ones(len(branches), 3, 2)
+    prompts = torch.stack([torch.zeros(4, 2), torch.ones(4, 2)])
+    kept, rows, text = branch_inputs(branches, features, prompts)
+    for i, branch in enumerate(branches):
+        assert float(text[i].mean()) == float(branch.prompt == "positive")
+        assert float(kept[i].abs().sum()) == (0.0 if branch.audio == "silent" else 6.0)
+        assert rows[i] == (None if branch.audio == "none" else i)
+
+
+def test_audio_path_parameters_get_the_audio_learning_rate_scale():
+    from avatarcli.demo.train import AUDIO_MODULES, TrainConfig, dit_param_groups, new_transformer
+
+    model = new_transformer(TrainConfig.tiny().sizes)
+    groups = dit_param_groups(model, 3.0)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == len(list(model.parameters()))  # every parameter in exactly one group
+    audio = 0
+    for name, p in model.named_parameters():
+        is_audio = any(part in name for part in AUDIO_MODULES)
+        audio += is_audio
+        assert by_id[id(p)]["scale"] == (3.0 if is_audio else 1.0), name
+        assert by_id[id(p)]["weight_decay"] == (0.01 if p.ndim >= 2 and "norm" not in name
+                                                and "modulation" not in name and "scale_shift" not in name else 0.0)
+    assert audio > 0 and any("vocal_projector" in n for n, _ in model.named_parameters())
+    assert any("attn2.k_vocal" in n for n, _ in model.named_parameters())

@@ -7,16 +7,27 @@ Stages, all reproducible from one seed, data generated on the fly from the world
              processes); windows are cut from it at random.
   3. audio   a small wav2vec2 (transformers' Wav2Vec2Model) trained to predict the mouth openness from the audio of
              one window, normalised per window exactly as the feature extractor does at inference; then frozen.
-  4. vae     a small diffusers AutoencoderKLWan (the Wan 2.1 block layout at a narrow base width): L1 reconstruction,
-             weighted up on the mouth, plus a small KL. Its latent statistics are then folded into its 1x1x1 quant /
-             post-quant convolutions, so the Wan 2.1 latents_mean/std that every Wan VAE is loaded with normalise its
-             latents to zero mean and unit variance, and the inference path is unchanged.
+  4. vae     a small diffusers AutoencoderKLWan (the Wan 2.1 block layout at a narrow base width), trained in the
+             regime inference runs it: encoder and decoder are causal, carry feature caches from chunk to chunk and
+             run over whole videos (encode_pool) and one continuous decode stream (avatarcli.decode.stream). Their
+             receptive field spans far more than a short clip, so training streams each batch of clips (episodes of
+             vae_episode_latents latent frames, ~11 s) through both with the caches carried from step to step;
+             every step encodes and decodes the next vae_grad_latents latent frames with gradients, then detaches
+             the caches (truncated backprop through time: every position of the stream is trained, from the first
+             frame to ~285 frames in, at the cost of the frames with gradients alone). Loss on those frames: L1 of
+             the unclamped decode, weighted up on the mouth, plus a small KL. A per-frame round-trip error of 81-
+             and 301-frame videos of a held-out face is logged (stability over long videos). Its latent statistics
+             are then folded into its 1x1x1 quant / post-quant convolutions, so the Wan 2.1 latents_mean/std that
+             every Wan VAE is loaded with normalise its latents to zero mean and unit variance, and the inference
+             path is unchanged.
   5. dit     a small StableAvatarTransformer3DModel: flow matching (x_t = (1-s) x0 + s eps, target eps - x0) with s
              drawn like the sampling grid (uniform, then shifted by 5), on windows of 21 latent frames cut from whole
-             encoded videos, with the reference condition and CLIP tokens computed by the inference code. Condition
-             dropout: wav2vec2 features zeroed 10% (as the reference trains), adapter output dropped 10% and the
-             negative prompt instead of the positive one 10% (the unconditional branches of `cfg`). Loss weighted up
-             on the face and the mouth, as the reference weights its face and lip masks. EMA weights are exported.
+             encoded videos, with the reference condition and CLIP tokens computed by the inference code. Each
+             element's conditioning is drawn from a table of the branches guidance runs (_branch_table: full 60%,
+             cfg's negative+audio and negative+no adapter, ang's silent features and no adapter, 10% each). Loss
+             weighted up on the face and more on the mouth (dit_mouth_weight), the audio path learns faster
+             (dit_audio_lr_scale). EMA weights are exported; a condition check (x0 error with right, swapped, zeroed
+             or dropped inputs on a held-out face) is logged.
 
 The trained weights are written in the original key layouts (transformer3d-square.safetensors with Wan names,
 Wan2.1_VAE.safetensors with Wan VAE names) and verified by loading them back through avatarcli.loading, strictly.
@@ -44,6 +55,8 @@ WAV2VEC = "wav2vec2-base-960h"
 WINDOW = 21  # latent frames per window, as the real model
 WINDOW_VIDEO_FRAMES = 4 * (WINDOW - 1) + 1
 SHIFT = 5.0
+AUDIO_MODULES = ("vocal_projector", "k_vocal", "v_vocal")  # parameter names of the StableAvatar audio path
+HELD_OUT = 7  # identity seed of the stability / conditioning checks (pool identities start at 1_000_000)
 PROMPT = "The protagonist is talking."  # = avatarcli.pipeline.DEFAULT_PROMPT (that module needs ffmpeg)
 
 
@@ -73,14 +86,18 @@ class TrainConfig:
     audio_lr: float = 1e-3
     vae_steps: int = 3000
     vae_batch: int = 32
-    vae_clip_frames: int = 17
+    vae_episode_latents: int = 72  # streaming regime: clips of 72 latent frames (285 video frames) streamed through
+    vae_grad_latents: int = 3  # encoder and decoder with caches carried, 3 latent frames (12 video frames) a step
     vae_lr: float = 5e-4
     vae_kl: float = 1e-4
-    vae_seconds: float = 300.0
+    vae_seconds: float = 360.0
+    vae_check_frames: tuple[int, ...] = (81, 301)  # round-trip lengths logged after VAE training (stability)
     dit_steps: int = 100000
     dit_batch: int = 96
     dit_lr: float = 4e-4
     dit_seconds: float = 420.0
+    dit_mouth_weight: float = 6.0  # loss weight 1 + face + this * mouth box (normalised to mean 1): the audio's area
+    dit_audio_lr_scale: float = 3.0  # learning-rate multiplier of the audio path (AUDIO_MODULES)
     ema: float = 0.999
     device: str = "cuda"
     size: int = world.SIZE  # frame size of the training videos
@@ -92,7 +109,8 @@ class TrainConfig:
         return cls(identities=1, clip_latents=22, workers=0, size=32,
                    sizes=DemoSizes(dim=32, num_heads=2, ffn_dim=32, num_layers=1, freq_dim=32, vae_base=4,
                                    audio_dim=32, audio_layers=1, audio_heads=2, audio_conv=8),
-                   audio_steps=2, audio_batch=2, vae_steps=2, vae_batch=1, vae_clip_frames=5, dit_steps=2,
+                   audio_steps=2, audio_batch=2, vae_steps=2, vae_batch=1, vae_episode_latents=4, vae_grad_latents=2,
+                   vae_check_frames=(9,), dit_steps=2,
                    dit_batch=2, device="cpu", ema=0.5)
 
 
@@ -348,18 +366,79 @@ def train_audio_encoder(pool: Pool, config: TrainConfig, log) -> torch.nn.Module
     return model.eval().requires_grad_(False)
 
 
+class CausalStream:
+    """The causal feature caches of one video batch streamed through the VAE, kept across calls.
+
+    What diffusers' AutoencoderKLWan keeps in `_enc_feat_map` / `_feat_map` during ONE encode / decode call, held
+    here so a video can be encoded and decoded in pieces: the first video frame is one encoder chunk, every later 4
+    frames one more (one latent frame each); the decoder takes one latent frame at a time (`first_chunk` on the first
+    of the video). Pieces encoded or decoded through one stream equal one `vae.encode` / `vae.decode` of the whole
+    (decode: before its final clamp), and decoding equals avatarcli.decode.stream.StreamingDecoder."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.encoder_cache: list = [None] * vae._cached_conv_counts["encoder"]
+        self.decoder_cache: list = [None] * vae._cached_conv_counts["decoder"]
+        self.frames_in = 0  # video frames encoded so far
+        self.latents_out = 0  # latent frames decoded so far
+
+    def detach(self) -> None:
+        """Cut the graph at the caches (truncated backprop: later pieces get no gradient into earlier ones)."""
+        self.encoder_cache = [c.detach() if isinstance(c, torch.Tensor) else c for c in self.encoder_cache]
+        self.decoder_cache = [c.detach() if isinstance(c, torch.Tensor) else c for c in self.decoder_cache]
+
+    def encode(self, x: torch.Tensor):
+        """The next video frames [B, 3, F, H, W] -> DiagonalGaussianDistribution of their latent frames."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        first = 1 if self.frames_in == 0 else 0
+        if x.shape[2] == 0 or (x.shape[2] - first) % 4:
+            raise ValueError(f"{x.shape[2]} frames after {self.frames_in} do not fill whole 4-frame chunks")
+        bounds = ([0, 1] if first else [0]) + list(range(first + 4, x.shape[2] + 1, 4))
+        out = [self.vae.encoder(x[:, :, a:b], feat_cache=self.encoder_cache, feat_idx=[0])
+               for a, b in zip(bounds[:-1], bounds[1:])]
+        self.frames_in += x.shape[2]
+        return DiagonalGaussianDistribution(self.vae.quant_conv(torch.cat(out, dim=2)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The next latent frames [B, 16, n, h, w] (unnormalised) -> video frames, NOT clamped to [-1, 1]."""
+        hidden = self.vae.post_quant_conv(z)  # 1x1x1: per chunk as StreamingDecoder runs it
+        frames = []
+        for i in range(hidden.shape[2]):
+            frames.append(self.vae.decoder(hidden[:, :, i : i + 1], feat_cache=self.decoder_cache, feat_idx=[0],
+                                           first_chunk=self.latents_out == 0))
+            self.latents_out += 1
+        return torch.cat(frames, dim=2)
+
+
 def decode_for_training(vae, z: torch.Tensor) -> torch.Tensor:
     """`vae.decode(z).sample` without its final clamp to [-1, 1]: a clamped output gets no gradient, so a pixel pushed
     past the range by one update could never come back. Same causal per-latent-frame loop as diffusers' _decode."""
-    vae.clear_cache()
-    hidden = vae.post_quant_conv(z)
-    frames = []
-    for i in range(hidden.shape[2]):
-        vae._conv_idx = [0]
-        frames.append(vae.decoder(hidden[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=i == 0))
-    vae.clear_cache()
-    return torch.cat(frames, dim=2)
+    return CausalStream(vae).decode(z)
+
+
+def video_frames(latent_frames: int) -> int:
+    """Video frames of the first `latent_frames` latent frames of a video (1, then 4 each)."""
+    return 0 if latent_frames == 0 else 4 * (latent_frames - 1) + 1
+
+
+def vae_piece(stream: CausalStream, x: torch.Tensor, train_encoder: bool, sample: bool = True):
+    """The next frames x [B, 3, F, H, W] of the streamed clips through encoder and decoder, caches carried on:
+    (unclamped reconstruction, posterior). Latents are drawn from the posterior (its mode if not `sample`)."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        posterior = stream.encode(x)
+    z = posterior.mean + posterior.std * torch.randn_like(posterior.std) if sample else posterior.mode()
+    return stream.decode(z), posterior
+
+
+@torch.no_grad()
+def round_trip_error(vae, video_uint8: torch.Tensor, every: int = 16) -> list[float]:
+    """Per-frame MAE (0-255) of encode (mode) + decode of one whole video [F, H, W, 3] uint8, every `every` frames:
+    how inference sees the VAE (encode_pool encodes whole videos, the sampler decodes one long stream)."""
+    x = to_unit(video_uint8[None]).to(next(vae.parameters()).device)
+    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    frames = ((recon.float() - x).abs() * 127.5).mean(dim=(0, 1, 3, 4))
+    return [round(float(v), 1) for v in frames[::every]]
 
 
 def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module:
@@ -378,20 +457,24 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module
     weight = (1 + 1.0 * box_mask(world.FACE_BOX, size, size, device)
               + 6.0 * box_mask(world.MOUTH_BOX, size, size, device)).view(1, 1, 1, size, size)
     frames = pool.videos.shape[1]
-    clip = config.vae_clip_frames
+    grad, episode = config.vae_grad_latents, config.vae_episode_latents
+    if episode > config.clip_latents:
+        raise ValueError(f"vae_episode_latents {episode} > clip_latents {config.clip_latents}")
     deadline = Deadline(config.vae_seconds, config.vae_steps)
-    step = 0
+    step, pos = 0, episode
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.vae_lr * _cosine(int(deadline.progress(step) * 1000), 1000, 30)
-        idx = torch.randint(0, pool.videos.shape[0], (config.vae_batch,), generator=gen)
-        first = torch.randint(0, frames - clip + 1, (config.vae_batch,), generator=gen)
-        x = to_unit(torch.stack([pool.videos[i, f : f + clip] for i, f in zip(idx.tolist(), first.tolist())]))
+        if pos >= episode:  # new episode: other clips, streamed from their first frame with empty caches
+            idx = torch.randint(0, pool.videos.shape[0], (config.vae_batch,), generator=gen)
+            first = torch.randint(0, frames - video_frames(episode) + 1, (config.vae_batch,), generator=gen)
+            clips = torch.stack([pool.videos[i, f : f + video_frames(episode)]
+                                 for i, f in zip(idx.tolist(), first.tolist())])
+            stream, pos = CausalStream(vae), 0
+        n = min(grad, episode - pos)
+        x = to_unit(clips[:, video_frames(pos) : video_frames(pos + n)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            with torch.set_grad_enabled(not decoder_only):
-                posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn_like(posterior.std)
-            recon = decode_for_training(vae, z)
+            recon, posterior = vae_piece(stream, x, train_encoder=not decoder_only)
         rec = ((recon.float() - x).abs() * weight).mean() / weight.mean()
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         loss = rec + config.vae_kl * kl
@@ -399,10 +482,18 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
+        stream.detach()  # truncated backprop: the next piece starts from these caches as constants
         if step % 100 == 0:
-            log(f"vae step {step} l1 {rec.item():.4f} kl {kl.item():.3f} ({time.perf_counter() - deadline.start:.0f} s)")
+            log(f"vae step {step} l1 {rec.item():.4f} kl {kl.item():.3f} at latent frame {pos} "
+                f"({time.perf_counter() - deadline.start:.0f} s)")
+        pos += n
         step += 1
     log(f"vae: {step} steps, final l1 {rec.item():.4f}")
+    vae.eval()
+    held_out = torch.from_numpy(_render_one((HELD_OUT, max(config.vae_check_frames), size))[0])  # not in the pool
+    for length in config.vae_check_frames:
+        log(f"vae round trip, {length} frames, MAE (0-255) every 16 frames: "
+            f"{round_trip_error(vae, held_out[:length])}")
     return vae.eval().requires_grad_(False)
 
 
@@ -456,6 +547,49 @@ def dit_velocity(model, xt: torch.Tensor, conditions: torch.Tensor, sigma: torch
                  AudioConditioning(features, branch_audio))
 
 
+def _branch_table():
+    from avatarcli.sampling.guidance import Branch
+
+    # What one DiT training element is conditioned on, drawn per element from this table: every branch a guidance
+    # mode runs at inference (avatarcli.sampling.guidance) is trained on directly, with its own rate, rather than
+    # arising from independent dropouts (which gave cfg's b0 ~1% of the batch).
+    return (
+        (Branch("positive", "real"), 0.6),  # full conditioning: guidance none, cfg b2, ang b0
+        (Branch("negative", "real"), 0.1),  # cfg b1: negative prompt, audio
+        (Branch("negative", "none"), 0.1),  # cfg b0: negative prompt, adapter output dropped
+        (Branch("positive", "silent"), 0.1),  # ang b1: wav2vec2 features zeroed before the adapter
+        (Branch("positive", "none"), 0.1),  # ang b2: adapter output dropped
+    )
+
+
+def draw_branches(count: int, gen: torch.Generator) -> list:
+    """`count` conditioning branches (avatarcli.sampling.guidance.Branch) drawn at the table's rates."""
+    table = _branch_table()
+    rates = torch.tensor([rate for _, rate in table], dtype=torch.float64)
+    picks = torch.multinomial(rates, count, replacement=True, generator=gen)
+    return [table[i][0] for i in picks.tolist()]
+
+
+def branch_inputs(branches: list, features: torch.Tensor, prompts: torch.Tensor):
+    """Per-element wav2vec2 features, adapter rows and prompt embeddings of a training batch for its branches."""
+    keep = torch.tensor([b.audio != "silent" for b in branches], dtype=features.dtype, device=features.device)
+    branch_audio = [None if b.audio == "none" else i for i, b in enumerate(branches)]
+    text = prompts[torch.tensor([int(b.prompt == "positive") for b in branches])]
+    return features * keep.view(-1, 1, 1), branch_audio, text
+
+
+def dit_param_groups(model, audio_lr_scale: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the audio path (AUDIO_MODULES: adapter + per-block audio
+    key/value) at `audio_lr_scale` times the learning rate (group["scale"]), the rest at 1x."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        decays = not (p.ndim < 2 or "norm" in name or "modulation" in name or "scale_shift" in name)
+        audio = any(part in name for part in AUDIO_MODULES)
+        groups.setdefault((audio, decays), []).append(p)
+    return [{"params": params, "weight_decay": 0.01 if decays else 0.0, "scale": audio_lr_scale if audio else 1.0}
+            for (audio, decays), params in sorted(groups.items())]
+
+
 def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image_tokens: torch.Tensor,
               prompts: torch.Tensor, wav2vec, config: TrainConfig, log, model=None):
     """prompts [2, 512, text_dim]: negative, positive (as encode_prompts returns them for the pipeline)."""
@@ -467,13 +601,10 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     model = (model if model is not None else new_transformer(config.sizes)).to(device).float().train()
     model.requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name or "modulation" in name or "scale_shift" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=config.dit_lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(dit_param_groups(model, config.dit_audio_lr_scale), lr=config.dit_lr, betas=(0.9, 0.99))
     n, _, total, h, w = latents.shape
-    weight = (1 + box_mask(world.FACE_BOX, h, w, device) + 2 * box_mask(world.MOUTH_BOX, h, w, device))
+    mouth = box_mask(world.MOUTH_BOX, h, w, device)
+    weight = 1 + box_mask(world.FACE_BOX, h, w, device) + config.dit_mouth_weight * mouth
     weight = (weight / weight.mean()).view(1, 1, 1, h, w)
     hop = world.SAMPLE_RATE // world.FPS
     span = WINDOW_VIDEO_FRAMES * hop
@@ -482,7 +613,7 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     b = config.dit_batch
     while not deadline.done(step):
         for group in opt.param_groups:
-            group["lr"] = config.dit_lr * _cosine(int(deadline.progress(step) * 1000), 1000, 20)
+            group["lr"] = config.dit_lr * group["scale"] * _cosine(int(deadline.progress(step) * 1000), 1000, 20)
         idx = torch.randint(0, n, (b,), generator=gen)
         start = torch.randint(0, total - WINDOW + 1, (b,), generator=gen)
         x0 = torch.stack([latents[i, :, s : s + WINDOW] for i, s in zip(idx.tolist(), start.tolist())])
@@ -490,10 +621,8 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
                              for i, s in zip(idx.tolist(), start.tolist())])
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             features = wav2vec(normalise_audio(clips)).last_hidden_state.float()
-        u = torch.rand(b, 3, generator=gen)
-        features = features * (u[:, 0] >= 0.1).float().view(-1, 1, 1).to(device)  # zeroed wav2vec2 features
-        branch_audio = [None if u[i, 1] < 0.1 else i for i in range(b)]  # adapter output dropped
-        text = prompts[(u[:, 2] >= 0.1).long()].to(device)  # negative prompt 10%
+        features, branch_audio, text = branch_inputs(draw_branches(b, gen), features, prompts)
+        text = text.to(device)
         sigma = torch.tensor(shift_sigma(torch.rand(b, generator=gen).numpy(), SHIFT), dtype=torch.float32).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -515,6 +644,49 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
         step += 1
     log(f"dit: {step} steps, final loss {np.mean(losses[-200:]):.4f}")
     return ema, step
+
+
+@torch.no_grad()
+def condition_check(model, vae, wav2vec, image_encoder, prompts: torch.Tensor, size: int,
+                    sigmas: tuple[float, ...] = (1.0, 0.9)) -> dict[float, dict[str, tuple[float, float]]]:
+    """Does the DiT use its conditions? x0 error (whole frame, mouth box) of one window of a held-out identity, from
+    the same noise at each sigma, with the right inputs and with one input swapped for another held-out identity's
+    (portrait, audio), zeroed (wav2vec2 features) or dropped (adapter output). Equal errors: the input is ignored."""
+    from PIL import Image
+
+    from avatarcli.features.image import clip_features
+
+    device = next(model.parameters()).device
+
+    def inputs(seed: int):
+        video, samples, portrait, _ = _render_one((seed, WINDOW_VIDEO_FRAMES, size))
+        portrait = np.array(portrait)  # writable (PIL arrays are not)
+        pool = Pool(torch.from_numpy(video[None]).to(device), None, portrait[None], None)
+        x0 = encode_pool(vae, pool).to(device)
+        tokens = clip_features(image_encoder, Image.fromarray(portrait), size, size).float().to(device)
+        clip = torch.from_numpy(samples[None, : WINDOW_VIDEO_FRAMES * world.SAMPLE_RATE // world.FPS]).to(device)
+        features = wav2vec(normalise_audio(clip)).last_hidden_state.float()
+        return x0, reference_conditions(vae, portrait[None]).float().to(device), tokens, features
+
+    x0, cond, tokens, features = inputs(HELD_OUT)
+    _, other_cond, other_tokens, other_features = inputs(HELD_OUT + 1)
+    h, w = x0.shape[-2:]
+    mouth = box_mask(world.MOUTH_BOX, h, w, device).view(1, 1, 1, h, w)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    text = prompts[1:2].to(device)
+    cases = {"right": (cond, tokens, features, [0]), "wrong-portrait": (other_cond, other_tokens, features, [0]),
+             "wrong-audio": (cond, tokens, other_features, [0]), "zero-audio": (cond, tokens, features * 0, [0]),
+             "no-adapter": (cond, tokens, features, [None])}
+    out = {}
+    for sigma in sigmas:
+        xt = (1 - sigma) * x0 + sigma * noise
+        s = torch.tensor([sigma], device=device)
+        out[sigma] = {}
+        for name, (c, t, f, rows) in cases.items():
+            err = (xt - sigma * dit_velocity(model, xt, c, s, text, t, f, rows).float() - x0) ** 2
+            in_mouth = (err * mouth).sum() / (mouth.sum() * err.shape[1] * err.shape[2])
+            out[sigma][name] = (float(err.mean()), float(in_mouth))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -577,6 +749,11 @@ def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] =
     summary["condition_batch_error"] = float((check - conditions[:1]).abs().max())
 
     ema, steps = train_dit(pool, latents, conditions, tokens, prompts, wav2vec, config, log, init_transformer)
+    check = condition_check(ema, vae, wav2vec, image_encoder, prompts, config.size)
+    for sigma, errors in check.items():
+        log(f"dit x0 error at sigma {sigma} (frame / mouth box): "
+            + "  ".join(f"{name} {a:.4f} / {m:.4f}" for name, (a, m) in errors.items()))
+    summary["condition_check"] = {str(sigma): errors for sigma, errors in check.items()}
     avatar = out / AVATAR
     avatar.mkdir(parents=True, exist_ok=True)
     save_file(export_transformer(ema, config.sizes), str(avatar / "transformer3d-square.safetensors"))
