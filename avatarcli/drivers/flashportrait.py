@@ -126,7 +126,8 @@ class FlashPortraitDriver:
         import torch
 
         from avatarcli.features.image import clip_features, reference_condition
-        from avatarcli.features.text import encode_prompts
+        from avatarcli.features.prompt_cache import prompt_embeddings
+        from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
         from avatarcli.media.video import iter_video_frames
         from avatarcli.models.flashportrait import pixel_frames_for
         from avatarcli.runtime import quiet_diffusers, resolve_dtype
@@ -146,28 +147,9 @@ class FlashPortraitDriver:
             features = models.extractor.extract(iter_video_frames(job.driving, inputs.signal), source=job.driving)
             pixel_features = pixel_features_for_driving(features)[None]  # [1, 4(L-1)+1, 554]
             guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
-            prompts = (job.negative_prompt, job.prompt)
-            if prompts not in parts.prompt_cache:
-                weights, on_disk = models.weights_dir, models.disk_prompts
-                embeddings = on_disk.get(prompts) if on_disk is not None else None
-                if embeddings is None:
-                    if parts.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
-                        from avatarcli.loading.components import load_text_encoder
-                        from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
-                        from avatarcli.loading.stableavatar import text_dtype_for
-
-                        parts.text_encoder, parts.tokenizer = load_text_encoder(
-                            weights / T5_FILE, weights / TOKENIZER_FOLDER, dtype=text_dtype_for(device),
-                            device=device)
-                    embeddings = encode_prompts(parts.text_encoder, parts.tokenizer, list(prompts), device=device)
-                    if on_disk is not None:
-                        on_disk.put(prompts, embeddings)
-                parts.prompt_cache[prompts] = embeddings.to(device)
-            if not job.keep_text_encoder:
-                parts.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            text = parts.prompt_cache[prompts]
+            text = prompt_embeddings(parts, (job.negative_prompt, job.prompt), models.disk_prompts,
+                                     lambda: models.weights_dir, T5_FILE, TOKENIZER_FOLDER, device,
+                                     job.keep_text_encoder)
             portrait = resize_portrait(inputs.portrait, preset.max_size, _explicit_size(preset.size))
             image_tokens = clip_features(parts.image_encoder, portrait, inputs.width, inputs.height)
             latent_frames = latent_frames_for_driving(inputs.frames)

@@ -137,7 +137,8 @@ class StableAvatarDriver:
 
         from avatarcli.features.audio import wav2vec_features
         from avatarcli.features.image import clip_features, reference_condition
-        from avatarcli.features.text import encode_prompts
+        from avatarcli.features.prompt_cache import prompt_embeddings
+        from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
         from avatarcli.runtime import quiet_diffusers, resolve_dtype
         from avatarcli.sampling.denoiser import StableAvatarDenoiser
         from avatarcli.sampling.guidance import Guidance
@@ -146,29 +147,9 @@ class StableAvatarDriver:
 
         preset = job.preset
         with clock("features"), torch.no_grad():
-            prompts = (job.negative_prompt, job.prompt)
-            if prompts not in components.prompt_cache:
-                on_disk = components.disk_prompts
-                embeddings = on_disk.get(prompts) if on_disk is not None else None
-                if embeddings is None:
-                    if components.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
-                        from avatarcli.loading.components import load_text_encoder
-                        from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER, text_dtype_for
-
-                        weights = components.weights_dir or self.weights_dir(job)
-                        components.text_encoder, components.tokenizer = load_text_encoder(
-                            weights / T5_FILE, weights / TOKENIZER_FOLDER, device=device,
-                            dtype=text_dtype_for(device))
-                    embeddings = encode_prompts(components.text_encoder, components.tokenizer, list(prompts),
-                                                device=device)
-                    if on_disk is not None:
-                        on_disk.put(prompts, embeddings)
-                components.prompt_cache[prompts] = embeddings.to(device)
-            if not job.keep_text_encoder:
-                components.text_encoder = None  # umT5-XXL is 11 GB in bf16: free it before the DiT runs
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            text = components.prompt_cache[prompts]
+            text = prompt_embeddings(components, (job.negative_prompt, job.prompt), components.disk_prompts,
+                                     lambda: components.weights_dir or self.weights_dir(job), T5_FILE, TOKENIZER_FOLDER,
+                                     device, job.keep_text_encoder)
             image_tokens = clip_features(components.image_encoder, inputs.portrait, inputs.width, inputs.height)
             condition = reference_condition(components.vae, inputs.portrait, inputs.width, inputs.height,
                                             num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)

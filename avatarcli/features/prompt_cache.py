@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,3 +112,35 @@ def encoder_file(path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def prompt_embeddings(models, prompts: tuple[str, str], on_disk: PromptCache | None,
+                      weights: Callable[[], Path], t5_file: str, tokenizer_folder: str, device: torch.device,
+                      keep_encoder: bool) -> torch.Tensor:
+    """The [2, text_len, dim] embeddings of (negative, positive) prompts, for either driver.
+
+    Looked up in `models.prompt_cache` (this process), then on disk; only on a miss is umT5 loaded (when it is not
+    loaded already) from `weights() / t5_file` and run (`weights` is only asked then). Unless `keep_encoder`, umT5 is
+    freed afterwards (11 GB in bf16) before the DiT runs. `models` holds `prompt_cache`, `text_encoder` and `tokenizer`.
+    """
+    from avatarcli.features.text import encode_prompts
+
+    if prompts not in models.prompt_cache:
+        embeddings = on_disk.get(prompts) if on_disk is not None else None
+        if embeddings is None:
+            if models.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
+                from avatarcli.loading.components import load_text_encoder
+                from avatarcli.loading.stableavatar import text_dtype_for
+
+                folder = weights()
+                models.text_encoder, models.tokenizer = load_text_encoder(
+                    folder / t5_file, folder / tokenizer_folder, device=device, dtype=text_dtype_for(device))
+            embeddings = encode_prompts(models.text_encoder, models.tokenizer, list(prompts), device=device)
+            if on_disk is not None:
+                on_disk.put(prompts, embeddings)
+        models.prompt_cache[prompts] = embeddings.to(device)
+    if not keep_encoder:
+        models.text_encoder = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return models.prompt_cache[prompts]
