@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from avatarcli.demo import world  # noqa: E402
 from avatarcli.demo.model import demo_size  # noqa: E402
@@ -42,9 +43,8 @@ from avatarcli.media.audio import load_audio, write_wav  # noqa: E402
 from avatarcli.pipeline import AnimateJob, animate, frame_noise, prepare  # noqa: E402
 from avatarcli.presets import load_preset  # noqa: E402
 from avatarcli.runtime import StageClock, resolve_device, resolve_dtype  # noqa: E402
-from avatarcli.sampling.predict import CountedDenoiser  # noqa: E402
-from avatarcli.sampling.sampler import sample_joint, sample_streaming  # noqa: E402
 from avatarcli.sink.memory import MemorySink  # noqa: E402
+from bench_predict import run  # noqa: E402  (the joint / streaming runner with NFE counting)
 
 
 def measure(name: str, frames: np.ndarray, face: Path, samples: np.ndarray, truth: np.ndarray | None,
@@ -69,24 +69,13 @@ def joint_vs_streaming(job: AnimateJob, models, device, dtype) -> dict:
     generation = driver.build(job, inputs, models, device, dtype, StageClock(device))
     plan, sigmas = generation.plan, generation.sigmas
     noise = frame_noise(job.seed, 0, plan.latent_frames, generation.latent_shape, device)
-    extra = {} if generation.update is None else {"update": generation.update}
-    results = {}
-    for order in ("joint", "streaming"):
-        calls = CountedDenoiser(generation.denoiser)
-        prediction = job.preset.prediction
-        predictor = prediction.bind(calls, sigmas) if prediction is not None else None
-        velocity = predictor if predictor is not None else calls
-        tick = time.perf_counter()
-        with torch.no_grad():
-            if order == "joint":
-                out = sample_joint(plan, sigmas, noise, velocity, **extra)
-            else:
-                chunks = sample_streaming(plan, sigmas, lambda s, e: noise[:, :, s:e], velocity, **extra)
-                out = torch.cat([c.latents for c in chunks], dim=2)
-        results[order] = (out, calls.calls, time.perf_counter() - tick)
-    (a, nfe_a, _), (b, nfe_b, _) = results["joint"], results["streaming"]
-    return dict(windows=len(plan.windows), identical=bool(torch.equal(a, b)),
-                max_abs_difference=float((a.float() - b.float()).abs().max()), nfe_joint=nfe_a, nfe_streaming=nfe_b)
+    prediction = job.preset.prediction
+    with torch.no_grad():
+        joint, nfe_joint = run(plan, sigmas, noise, generation.denoiser, prediction)
+        streaming, nfe_streaming = run(plan, sigmas, noise, generation.denoiser, prediction, streaming=True)
+    return dict(windows=len(plan.windows), identical=bool(torch.equal(joint, streaming)),
+                max_abs_difference=float((joint.float() - streaming.float()).abs().max()),
+                nfe_joint=round(nfe_joint * len(plan.windows)), nfe_streaming=round(nfe_streaming * len(plan.windows)))
 
 
 def main() -> None:
