@@ -102,7 +102,7 @@ def main() -> None:
     truth = world.render_video(args.person, samples, motion_seed=args.person)
     base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps)
     job = AnimateJob(portrait=face, audio=talk, output=work / "unused.mp4", preset=base, seed=args.seed,
-                     model="demo" if args.weights is None else "stableavatar", weights=args.weights,
+                     model="demo", weights=args.weights,
                      device=str(device), null_sink=True)
     driver, inputs = prepare(job)
     tick = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -132,7 +133,7 @@ def main() -> None:
     t = time.perf_counter()
     state = random_state_dict(sizes, seed=0, device=str(device), dtype=dtype)
     model = build_transformer(state, wan_config(sizes), dtype=dtype, device=device)
-    current = {"model": model}  # what forward() runs (the fp8 rows swap in converted copies)
+    current = {"model": model, "dtype": dtype}  # what forward() runs (the fp8 rows swap in converted copies)
     del state
     load_seconds = time.perf_counter() - t
 
@@ -154,7 +155,7 @@ def main() -> None:
         features = torch.cat([audio if r == "real" else torch.zeros_like(audio) for r in rows])
         conditioning = AudioConditioning(features, [rows.index(b.audio) if b.audio != "none" else None
                                                     for b in branches])
-        dt = dtype
+        dt = current["dtype"]
         with torch.no_grad():
             out = current["model"](x1.expand(batch, -1, -1, -1, -1).to(dt), timestep[:batch], text[:batch].to(dt),
                         image[:batch].to(dt), conditioning if with_audio else None)
@@ -175,12 +176,14 @@ def main() -> None:
     rows = []
     eager_out = {}
     fp32_out = {}
-    if not args.tiny:
+    if True:  # also on --tiny, so the smoke test covers it
         # The yardstick for "within bf16 rounding": the same forward with float32 weights and activations.
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         model.float()
+        current["dtype"] = torch.float32
         for name, batch, guidance in cases:
             fp32_out[name] = forward(batch, guidance).float()
+        current["dtype"] = dtype
         for n, p in model.named_parameters():
             p.data = p.data.to(dtypes[n])
 
@@ -211,6 +214,9 @@ def main() -> None:
             ref32 = fp32_out.get(name)
             dev32 = f"{((out.float() - ref32).norm() / ref32.norm()).item():.2e}" if ref32 is not None else ""
             rows.append((label, name, seconds, min(times), tflops, peak, dev, dev32))
+            # As it finishes: a run cut short by a time limit still leaves its rows.
+            print(f"  {label} | {name}: median {seconds:.3f} s, min {min(times):.3f} s, peak {peak:.2f} GiB, "
+                  f"rel dev {dev}, vs fp32 {dev32 or '-'}", file=sys.stderr, flush=True)
 
     def profile_step(label: str):
         from torch.profiler import ProfilerActivity, profile

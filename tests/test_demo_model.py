@@ -4,6 +4,7 @@ to end through the CLI, `demo-face` writes the world's portrait, and the trainin
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -132,3 +133,15 @@ def test_folded_latent_statistics_normalise_with_the_wan_constants_and_decode_th
         torch.testing.assert_close(decode_for_training(vae, folded), before, rtol=1e-4, atol=1e-4)
         # the training decode is diffusers' decode without its final clamp
         torch.testing.assert_close(decode_for_training(vae, folded).clamp(-1, 1), vae.decode(folded).sample)
+
+
+def test_model_demo_reads_another_demo_folder_when_weights_is_given(tmp_path):
+    """`--model demo --weights DIR` tries a retrained demo folder before it replaces the embedded one."""
+    from avatarcli.drivers.stableavatar import StableAvatarDriver
+    from avatarcli.pipeline import AnimateJob
+    from avatarcli.presets import load_preset
+
+    job = AnimateJob(portrait=tmp_path / "p.png", audio=tmp_path / "a.wav", output=tmp_path / "o.mp4",
+                     preset=load_preset("balanced"), model="demo")
+    assert StableAvatarDriver.weights_dir(job) == demo_weights_dir()
+    assert StableAvatarDriver.weights_dir(replace(job, weights=tmp_path)) == tmp_path

@@ -135,3 +135,15 @@ def test_audio_path_parameters_get_the_audio_learning_rate_scale():
                                                 and "modulation" not in name and "scale_shift" not in name else 0.0)
     assert audio > 0 and any("vocal_projector" in n for n, _ in model.named_parameters())
     assert any("attn2.k_vocal" in n for n, _ in model.named_parameters())
+
+
+def test_dark_pixels_marks_exactly_the_open_mouth_luma():
+    """The VAE loss weighs up pixels at most world.DARK_LUMA dark (BT.601 luma, unit range)."""
+    from avatarcli.demo import world
+    from avatarcli.demo.train import dark_pixels, to_unit
+
+    grey = torch.tensor([0, world.DARK_LUMA, world.DARK_LUMA + 1, 255], dtype=torch.uint8)
+    video = grey.view(1, 4, 1, 1).expand(1, 4, 1, 3).contiguous()  # [F=1, H=4, W=1, 3] uint8
+    mask = dark_pixels(to_unit(video[None]))
+    assert mask.shape == (1, 1, 1, 4, 1)
+    assert mask.flatten().tolist() == [1.0, 1.0, 0.0, 0.0]

@@ -69,7 +69,7 @@ class StableAvatarDriver:
         if job.model == "demo":
             from avatarcli.demo.model import demo_weights_dir
 
-            return demo_weights_dir()  # embedded: no download
+            return job.weights or demo_weights_dir()  # embedded unless another demo folder is named: no download
         from avatarcli.hub import resolve_weights
 
         return resolve_weights("stableavatar", job.weights, job.allow_download)
