@@ -9,8 +9,8 @@
 
 Every method runs through the real sliding-window sampler (windows, overlap blend, wavefront order) and is scored by
 its PSNR against the `reference` preset's result (50 Euler steps, its overlap and blend, same seed). The presets'
-rows apply each preset's `prediction` section to the reference's steps, guidance, overlap and blend, so the table
-measures prediction alone. NFE counts transformer forwards per window (the guidance branches are one batched call).
+rows apply each preset's steps and `prediction` section to the reference's guidance, overlap and blend, so the
+table measures the step schedule and prediction alone. NFE counts transformer forwards per window (the guidance branches are one batched call).
 
 Closed-form flow: the exact flow-matching velocity of a Gaussian mixture, token by token in a latent shaped like a
 16-channel video window (8 components whose means drift smoothly over frames and pixels), with text/audio-style
@@ -152,12 +152,13 @@ def closed_form_table(args) -> list[tuple[str, float, float]]:
     rows = [("reference (Euler 50)", ref_nfe, math.inf)]
     nfes = []
     for name in PRESETS:
-        prediction = load_preset(name).prediction
-        out, nfe = run(plan, sigmas, noise, flow(sigmas), prediction)
+        preset = load_preset(name)
+        grid = flow_sigmas(preset.steps, ref.shift)
+        out, nfe = run(plan, grid, noise, flow(grid), preset.prediction)
         rows.append((f"{name} (prediction)", nfe, psnr(out, reference)))
         nfes.append(nfe)
         if args.no_probe:
-            out, nfe = run(plan, sigmas, noise, flow(sigmas, probe=False), prediction)
+            out, nfe = run(plan, grid, noise, flow(grid, probe=False), preset.prediction)
             rows.append((f"{name} (no layer probe)", nfe, psnr(out, reference)))
     for steps in sorted({max(2, round(n)) for n in nfes}, reverse=True):
         grid = flow_sigmas(steps, ref.shift)
@@ -249,10 +250,11 @@ def model_rows(args):
     nfes = []
     probe = BlockProbe(model.blocks[0], model.blocks[-1])
     for name in PRESETS:
-        prediction = load_preset(name).prediction
-        inner = denoiser(sigmas)
+        preset = load_preset(name)
+        grid = flow_sigmas(preset.steps, ref.shift)
+        inner = denoiser(grid)
         inner.layer_probe = probe
-        out, nfe = run(plan, sigmas, noise, inner, prediction)
+        out, nfe = run(plan, grid, noise, inner, preset.prediction)
         rows.append((f"{name} (prediction)", nfe, score(out)))
         note(rows[-1])
         nfes.append(nfe)
