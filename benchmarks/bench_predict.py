@@ -10,7 +10,8 @@
 Every method runs through the real sliding-window sampler (windows, overlap blend, wavefront order) and is scored by
 its PSNR against the `reference` preset's result (50 Euler steps, its overlap and blend, same seed). The presets'
 rows apply each preset's steps and `prediction` section to the reference's guidance, overlap and blend, so the
-table measures the step schedule and prediction alone. NFE counts transformer forwards per window (the guidance branches are one batched call).
+table measures the step schedule and prediction alone. NFE counts transformer forwards per window (the guidance
+branches are one batched call).
 
 Closed-form flow: the exact flow-matching velocity of a Gaussian mixture, token by token in a latent shaped like a
 16-channel video window (8 components whose means drift smoothly over frames and pixels), with text/audio-style
