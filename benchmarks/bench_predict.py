@@ -176,49 +176,70 @@ def closed_form_table(args) -> list[tuple[str, float, float]]:
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def model_rows(args):
-    """The same comparison with a real StableAvatar model, through the pipeline's own feature and denoiser code."""
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+def model_setup(weights, portrait, audio, size: str, device, dtype):
+    """A StableAvatar weights folder set up as the pipeline does for one clip, under the `reference` preset: the
+    window plan, the seeded noise, `denoiser(sigmas)` (the pipeline's StableAvatarDenoiser; wav2vec2 features
+    computed once per window) and `frames(latents)` (the decoded uint8 frames)."""
+    from types import SimpleNamespace
 
     from avatarcli.decode.stream import decode_all
+    from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES, window_samples
+    from avatarcli.features.audio import wav2vec_features
     from avatarcli.features.image import clip_features, reference_condition
     from avatarcli.features.text import encode_prompts
     from avatarcli.loading.stableavatar import load_stableavatar
-    from avatarcli.models.stableavatar import AvatarTransformerBlock
-    from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES, window_samples
     from avatarcli.pipeline import AnimateJob, frame_noise, prepare
-    from avatarcli.runtime import resolve_device, resolve_dtype
-    from avatarcli.features.audio import wav2vec_features
     from avatarcli.sampling.denoiser import StableAvatarDenoiser
     from avatarcli.sampling.guidance import Guidance
-    from avatarcli.sampling.predict import BlockProbe
     from avatarcli.sampling.windows import latent_frames_for
 
-    ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
-    job = AnimateJob(portrait=args.portrait, audio=args.audio, output=Path("unused.mp4"), preset=ref,
-                     null_sink=True)
+    ref = load_preset("reference").with_overrides(size=size, checkpoint="auto")
+    job = AnimateJob(portrait=portrait, audio=audio, output=Path("unused.mp4"), preset=ref, null_sink=True)
     _, inputs = prepare(job)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    c = load_stableavatar(args.weights, inputs.checkpoint, device, dtype)
-    model = c.transformer
+    c = load_stableavatar(weights, inputs.checkpoint, device, dtype)
     text = encode_prompts(c.text_encoder, c.tokenizer, [job.negative_prompt, job.prompt], device=device)
     image_tokens = clip_features(c.image_encoder, inputs.portrait, inputs.width, inputs.height)
     condition = reference_condition(c.vae, inputs.portrait, inputs.width, inputs.height,
                                     num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
     plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, ref.overlap, ref.blend)
     guidance = Guidance(ref.guidance, ref.text_scale, ref.audio_scale)
-    shape = (16, inputs.height // 8, inputs.width // 8)
-    noise = frame_noise(ref.seed, 0, plan.latent_frames, shape, device)
+    noise = frame_noise(ref.seed, 0, plan.latent_frames, (16, inputs.height // 8, inputs.width // 8), device)
+    features: dict[int, torch.Tensor] = {}
 
     def window_audio(window):
-        return wav2vec_features(c.audio_encoder, c.feature_extractor, window_samples(inputs.signal, window, ref.fps))
+        if window.index not in features:
+            features[window.index] = wav2vec_features(c.audio_encoder, c.feature_extractor,
+                                                      window_samples(inputs.signal, window, ref.fps))
+        return features[window.index]
+
+    def denoiser(sigmas):
+        return StableAvatarDenoiser(c.transformer, guidance, positive_text=text[1:2], negative_text=text[0:1],
+                                    image_tokens=image_tokens, condition=condition, window_audio=window_audio,
+                                    sigmas=sigmas)
+
+    def frames(latents):
+        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
+
+    return SimpleNamespace(ref=ref, inputs=inputs, components=c, plan=plan, noise=noise, denoiser=denoiser,
+                           frames=frames)
+
+
+def model_rows(args):
+    """The same comparison with a real StableAvatar model, through the pipeline's own feature and denoiser code."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    from avatarcli.models.stableavatar import AvatarTransformerBlock
+    from avatarcli.runtime import resolve_device, resolve_dtype
+    from avatarcli.sampling.predict import BlockProbe
+
+    device = resolve_device(args.device)
+    setup = model_setup(args.weights, args.portrait, args.audio, args.size, device, resolve_dtype("auto", device))
+    ref, inputs, plan, noise, frames = setup.ref, setup.inputs, setup.plan, setup.noise, setup.frames
+    model = setup.components.transformer
 
     def denoiser(sigmas, cached=False):
-        inner = StableAvatarDenoiser(model, guidance, positive_text=text[1:2], negative_text=text[0:1],
-                                     image_tokens=image_tokens, condition=condition, window_audio=window_audio,
-                                     sigmas=sigmas)
+        inner = setup.denoiser(sigmas)
         if not cached:
             return inner
 
@@ -232,9 +253,6 @@ def model_rows(args):
     # full-size step; a skipped block or a TaylorSeer-predicted attention never reaches its q projection).
     executed = {"n": 0}
     model.blocks[-1].attn1.to_q.register_forward_pre_hook(lambda *a: executed.__setitem__("n", executed["n"] + 1))
-
-    def frames(latents):
-        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
 
     sigmas = flow_sigmas(ref.steps, ref.shift)
     tick = time.perf_counter()

@@ -30,12 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_predict import UniPCWindows, run  # noqa: E402
+from bench_predict import UniPCWindows, model_setup, run  # noqa: E402
 
 from avatarcli.presets import load_preset  # noqa: E402
 from avatarcli.sampling.predict import BlockProbe, Prediction  # noqa: E402
 from avatarcli.sampling.schedule import flow_sigmas  # noqa: E402
-from avatarcli.sampling.windows import latent_frames_for, plan_windows  # noqa: E402
 
 DEFAULT_METHODS = "euler:8;unipc:8;euler:9;unipc:9;balanced;fast"
 
@@ -54,44 +53,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from avatarcli.decode.stream import decode_all
     from avatarcli.demo.model import demo_weights_dir
-    from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES, window_samples
-    from avatarcli.features.audio import wav2vec_features
-    from avatarcli.features.image import clip_features, reference_condition
-    from avatarcli.features.text import encode_prompts
-    from avatarcli.loading.stableavatar import load_stableavatar
-    from avatarcli.pipeline import AnimateJob, frame_noise, prepare
-    from avatarcli.sampling.denoiser import StableAvatarDenoiser
-    from avatarcli.sampling.guidance import Guidance
 
-    ref = load_preset("reference").with_overrides(size=args.size, checkpoint="auto")
-    job = AnimateJob(portrait=args.portrait, audio=args.audio, output=Path("unused.mp4"), preset=ref, null_sink=True)
-    _, inputs = prepare(job)
-    device = torch.device(args.device)
-    c = load_stableavatar(args.weights or demo_weights_dir(), inputs.checkpoint, device, getattr(torch, args.dtype))
-    text = encode_prompts(c.text_encoder, c.tokenizer, [job.negative_prompt, job.prompt], device=device)
-    image_tokens = clip_features(c.image_encoder, inputs.portrait, inputs.width, inputs.height)
-    condition = reference_condition(c.vae, inputs.portrait, inputs.width, inputs.height,
-                                    num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
-    plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, ref.overlap, ref.blend)
-    guidance = Guidance(ref.guidance, ref.text_scale, ref.audio_scale)
-    noise = frame_noise(ref.seed, 0, plan.latent_frames, (16, inputs.height // 8, inputs.width // 8), device)
-    features: dict[int, torch.Tensor] = {}
-
-    def window_audio(window):
-        if window.index not in features:
-            features[window.index] = wav2vec_features(c.audio_encoder, c.feature_extractor,
-                                                      window_samples(inputs.signal, window, ref.fps))
-        return features[window.index]
-
-    def denoiser(sigmas):
-        return StableAvatarDenoiser(c.transformer, guidance, positive_text=text[1:2], negative_text=text[0:1],
-                                    image_tokens=image_tokens, condition=condition, window_audio=window_audio,
-                                    sigmas=sigmas)
+    setup = model_setup(args.weights or demo_weights_dir(), args.portrait, args.audio, args.size,
+                        torch.device(args.device), getattr(torch, args.dtype))
+    ref, inputs, plan, noise, denoiser = setup.ref, setup.inputs, setup.plan, setup.noise, setup.denoiser
+    transformer = setup.components.transformer
 
     def frames(latents):
-        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype))).double()
+        return setup.frames(latents).double()
 
     tick = time.perf_counter()
     sigmas = flow_sigmas(ref.steps, ref.shift)
@@ -99,7 +69,7 @@ def main() -> None:
     reference_frames = frames(reference)
     peak = float(reference.max() - reference.min())
     print(f"  reference: {time.perf_counter() - tick:.1f} s, {len(plan.windows)} windows", file=sys.stderr, flush=True)
-    probe = BlockProbe(c.transformer.blocks[0], c.transformer.blocks[-1])
+    probe = BlockProbe(transformer.blocks[0], transformer.blocks[-1])
 
     def method(spec: str):
         kind, *values = spec.strip().split(":")

@@ -176,16 +176,16 @@ def main() -> None:
     rows = []
     eager_out = {}
     fp32_out = {}
-    if True:  # also on --tiny, so the smoke test covers it
-        # The yardstick for "within bf16 rounding": the same forward with float32 weights and activations.
-        dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        model.float()
-        current["dtype"] = torch.float32
-        for name, batch, guidance in cases:
-            fp32_out[name] = forward(batch, guidance).float()
-        current["dtype"] = dtype
-        for n, p in model.named_parameters():
-            p.data = p.data.to(dtypes[n])
+    # The yardstick for "within bf16 rounding": the same forward with float32 weights and activations (also on
+    # --tiny, so the CPU smoke test runs this pass).
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    model.float()
+    current["dtype"] = torch.float32
+    for name, batch, guidance in cases:
+        fp32_out[name] = forward(batch, guidance).float()
+    current["dtype"] = dtype
+    for n, p in model.named_parameters():
+        p.data = p.data.to(dtypes[n])
 
     stock_cases = [("stock " + name, batch, guidance) for name, batch, guidance in cases[:2]]
 
