@@ -68,4 +68,21 @@ def as_environment_problem(error: BaseException) -> EnvironmentProblem | None:
             "or --device cpu")
     if isinstance(error, MemoryError):
         return EnvironmentProblem("the machine ran out of memory: close other programs or use a smaller --size")
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        top = error.name.split(".")[0]
+        if top in REQUIRED_IMPORTS:
+            return EnvironmentProblem(
+                f"the required package {REQUIRED_IMPORTS[top]} is not installed (no module {top}): "
+                f"reinstall avatarcli, or pip install {REQUIRED_IMPORTS[top]}")
     return None
+
+
+# Import name -> distribution of each of pyproject.toml's runtime dependencies: an install that lost one of them is
+# an environment problem (exit 3), not a bug.
+REQUIRED_IMPORTS = {
+    "torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "huggingface_hub": "huggingface_hub",
+    "safetensors": "safetensors", "accelerate": "accelerate", "numpy": "numpy", "PIL": "pillow",
+    "imageio_ffmpeg": "imageio-ffmpeg", "typer": "typer", "rich": "rich", "yaml": "pyyaml", "ftfy": "ftfy",
+    "sentencepiece": "sentencepiece", "tokenizers": "tokenizers", "onnxruntime": "onnxruntime", "onnx": "onnx",
+    "cv2": "opencv-python-headless",
+}

@@ -154,6 +154,9 @@ FAULTS = textwrap.dedent('''
         def animate(job, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         avatarcli.pipeline.animate = animate
+    elif fault == "no-imageio-ffmpeg":
+        import sys
+        sys.modules["imageio_ffmpeg"] = None  # `import imageio_ffmpeg` raises ModuleNotFoundError, as if uninstalled
 ''')
 
 
@@ -188,6 +191,25 @@ def test_disk_full_exits_3(fault_env, tmp_path):
                  env=fault_env("disk-full"))
     assert result.returncode == 3
     assert "disk is full" in one_line(result.stderr)
+
+
+def test_a_missing_required_package_exits_3_naming_it(fault_env, tmp_path, weights):
+    out = tmp_path / "o.mp4"
+    result = cli("animate", EXAMPLES / "portrait.png", "--audio", tone(tmp_path / "a.wav", 1.0), "-o", out,
+                 "--weights", weights, "--size", "64x64", "--steps", "2", "--quiet",
+                 env=fault_env("no-imageio-ffmpeg"))
+    assert result.returncode == 3
+    line = one_line(result.stderr)
+    assert "imageio-ffmpeg" in line and "Traceback" not in result.stderr
+    assert list(tmp_path.glob("o*")) == [] and list(tmp_path.glob(".o*")) == []
+
+
+def test_an_unknown_missing_module_is_still_a_bug():
+    from avatarcli.errors import as_environment_problem
+
+    assert as_environment_problem(ModuleNotFoundError("No module named 'nowhere'", name="nowhere")) is None
+    problem = as_environment_problem(ModuleNotFoundError("No module named 'cv2'", name="cv2"))
+    assert problem is not None and "opencv-python-headless" in str(problem)
 
 
 def test_cuda_out_of_memory_exits_3(fault_env, tmp_path):
