@@ -25,6 +25,14 @@ at 3 latent frames. Rows are printed as they finish; the table is printed last.
     python benchmarks/bench_flashportrait.py                                  # every variant and size (~40 min)
     python benchmarks/bench_flashportrait.py --tiny                           # CPU smoke test of the script itself
 
+Then, for each size the `full` variant ran at, the cost of a --clip-seconds driving clip (default 10 s, 25 fps) per
+preset, composed from the costs measured in the same run: windows from the driver's own window plan x steps x the
+`full` window-step, plus the streamed decode of every frame with the full Wan VAE and with the tiny TAEHV decoder
+(both timed here on random weights, 21 latent frames in chunks of 4, as benchmarks/bench_taehv.py). Presets: the
+30-step path (`reference`'s driving section: 30 steps, overlap 30, full decoder) and `turbo` (4 steps, overlap 30,
+tiny decoder; the step-distill LoRA is merged into the weights at load, so its window-step costs what the full
+model's does). A whole 30-step clip at 720x1280 would take ~2 hours of GPU, so the clip is composed, not run.
+
 A window-step at 720x1280 takes ~100 s on an H100-class GPU (2 x 183,600 tokens), so under a 10-minute limit per
 command split the run, e.g.:
     python benchmarks/bench_flashportrait.py --sizes 512x512
@@ -49,7 +57,8 @@ from avatarcli.loading.flashportrait import build_flashportrait_transformer, is_
     load_flashportrait_transformer
 from avatarcli.loading.memory import place_transformer
 from avatarcli.loading.transformer import convert_original_keys
-from avatarcli.sampling.flashportrait import ExpressionGuidance, FlashPortraitDenoiser
+from avatarcli.sampling.flashportrait import ExpressionGuidance, FlashPortraitDenoiser, latent_frames_for_driving, \
+    plan_flashportrait_windows
 from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import Window
 from avatarcli.testing.flashportrait import FULL_SIZE, TINY_SIZE, is_fine_tuned, random_state, \
@@ -120,6 +129,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--weights-source", choices=("memory", "disk"), default="memory")
     parser.add_argument("--tmp", default=None, help="folder for --weights-source disk (default: a temp dir)")
+    parser.add_argument("--clip-seconds", type=float, default=10.0,
+                        help="driving clip length of the per-video-second table (0: no table)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -236,6 +247,52 @@ def main() -> None:
     print(header + f" {'build s':>8}")
     for r in rows:
         print(f"{r[0]:<11} {r[1]:>9} {r[2]:>7} {r[3]:>8.2f} {r[4]:>8.2f} {r[5]:>8.1f} {r[6]:>9.2f} {r[7]:>8.1f}")
+    full_steps = {r[1]: r[3] for r in rows if r[0] == "full"}
+    if args.clip_seconds > 0 and full_steps:
+        clip_table(full_steps, args.clip_seconds, device, compute, args.tiny)
+
+
+PRESETS = (("30-step (reference)", 30, 30, "full"), ("turbo", 4, 30, "tiny"))  # name, steps, overlap, decoder
+
+
+def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torch.device, dtype: torch.dtype,
+               tiny: bool, fps: int = 25) -> None:
+    """Seconds per video second of a driving clip per preset, from the measured window-step and decode rates."""
+    from bench_taehv import build as build_decoders
+    from bench_taehv import stream
+
+    from avatarcli.decode.decoders import streaming_decoder
+
+    vae, tiny_vae = build_decoders(tiny, device, dtype)
+    frames = max(1, round(clip_seconds * fps))
+    latent_frames = latent_frames_for_driving(frames)
+    decode_fps = {}
+    for size in step_seconds:
+        width, height = (int(v) for v in size.split("x"))
+        latents = torch.randn(1, 16, 5 if tiny else 21, height // 8, width // 8,
+                              generator=torch.Generator().manual_seed(1)).to(device)
+        for kind in ("full", "tiny"):
+            decoder = streaming_decoder(kind, vae=vae, tiny_vae=tiny_vae)
+            stream(decoder, latents[:, :, :2], 4, device)  # warm-up
+            decoded, seconds, _ = stream(decoder, latents, 4, device)
+            decode_fps[size, kind] = len(decoded) / seconds
+    del vae, tiny_vae
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny model: checks the script only)"
+    print(f"\n{clip_seconds:g} s driving clip ({frames} frames, {latent_frames} latent frames), {name}; composed from "
+          "this run's `full` window-step and streamed decode rates (random weights)")
+    print(f"{'preset':<22} {'size':>9} {'windows':>7} {'steps':>5} {'DiT s':>8} {'decoder':>7} {'decode s':>8} "
+          f"{'total s':>8} {'s / video s':>11} {'decode share':>12}")
+    for size, step in step_seconds.items():
+        for label, steps, overlap, decoder in PRESETS:
+            windows = len(plan_flashportrait_windows(latent_frames, WINDOW, overlap).windows)
+            dit = windows * steps * step
+            for kind in (decoder, "tiny" if decoder == "full" else "full"):
+                decode = frames / decode_fps[size, kind]
+                total = dit + decode
+                mark = "" if kind == decoder else " *"
+                print(f"{label + mark:<22} {size:>9} {windows:>7} {steps:>5} {dit:>8.1f} {kind:>7} {decode:>8.2f} "
+                      f"{total:>8.1f} {total / clip_seconds:>11.2f} {decode / total:>11.1%}")
+    print("* the preset with its other decoder (--decoder full|tiny)")
 
 
 if __name__ == "__main__":
