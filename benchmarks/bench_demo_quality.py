@@ -16,6 +16,9 @@ code behind `avatarcli eval` (demo layout):
 - seams: the frame difference across window boundaries over the interior average (1 = no seam);
 - flicker of the mean luma outside the mouth.
 
+A row "VAE round trip of the truth" runs the renderer's video through the demo VAE alone (encode, one causal decode
+stream, no DiT): what the decoder lets lip sync reach, so that a missed goal can be split between VAE and DiT.
+
 The joint loop (every window at every step, the reference order) and the streaming wavefront run on the same
 inputs, with the preset's step prediction, and their final latents are compared exactly.
 """
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from avatarcli.demo import world  # noqa: E402
 from avatarcli.demo.model import demo_size  # noqa: E402
+from avatarcli.demo.train import round_trip  # noqa: E402
 from avatarcli.eval import EvalJob, evaluate_frames  # noqa: E402
 from avatarcli.media.audio import load_audio, write_wav  # noqa: E402
 from avatarcli.pipeline import AnimateJob, animate, frame_noise, prepare  # noqa: E402
@@ -111,6 +115,13 @@ def main() -> None:
 
     rows, reports = [], {}
     row, _ = measure("renderer (ground truth)", truth[: inputs.frames], face, samples, None, base.overlap, base.fps)
+    rows.append(dict(row, wall=0.0, nfe=0))
+    # The truth through the VAE alone (encode + one causal decode stream, no DiT): the lip sync the decoder allows,
+    # which splits a missed lip-sync goal between the VAE and the DiT.
+    with torch.no_grad():
+        recon = round_trip(models.vae, torch.from_numpy(np.ascontiguousarray(truth[: inputs.frames])))
+    recon = ((recon[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    row, _ = measure("VAE round trip of the truth", recon, face, samples, truth, base.overlap, base.fps)
     rows.append(dict(row, wall=0.0, nfe=0))
     settings = [(f"{args.preset} ({base.blend}, overlap {base.overlap})", base.blend, base.overlap)]
     for item in args.grid.split(","):
