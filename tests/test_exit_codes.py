@@ -210,6 +210,8 @@ def test_an_unknown_missing_module_is_still_a_bug():
     assert as_environment_problem(ModuleNotFoundError("No module named 'nowhere'", name="nowhere")) is None
     problem = as_environment_problem(ModuleNotFoundError("No module named 'cv2'", name="cv2"))
     assert problem is not None and "opencv-python-headless" in str(problem)
+    problem = as_environment_problem(ModuleNotFoundError("No module named 'diffusers.x'", name="diffusers.x"))
+    assert problem is not None and "has no module diffusers.x" in str(problem)
 
 
 def test_cuda_out_of_memory_exits_3(fault_env, tmp_path):
