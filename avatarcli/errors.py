@@ -68,16 +68,14 @@ def as_environment_problem(error: BaseException) -> EnvironmentProblem | None:
             "or --device cpu")
     if isinstance(error, MemoryError):
         return EnvironmentProblem("the machine ran out of memory: close other programs or use a smaller --size")
-    if isinstance(error, ModuleNotFoundError) and error.name:
-        top = error.name.split(".")[0]
-        if top in REQUIRED_IMPORTS and error.name == top:
-            return EnvironmentProblem(
-                f"the required package {REQUIRED_IMPORTS[top]} is not installed (no module {top}): "
-                f"reinstall avatarcli, or pip install {REQUIRED_IMPORTS[top]}")
-        if top in REQUIRED_IMPORTS:  # the package is there, at a version without this module
-            return EnvironmentProblem(
-                f"the installed {REQUIRED_IMPORTS[top]} has no module {error.name}: install the version avatarcli "
-                f"requires (pip install --upgrade avatarcli, or see pyproject.toml)")
+    package = REQUIRED_IMPORTS.get((getattr(error, "name", None) or "").split(".")[0])
+    if isinstance(error, ModuleNotFoundError) and package:
+        if "." not in error.name:
+            return EnvironmentProblem(f"the required package {package} is not installed (no module {error.name}): "
+                                      f"reinstall avatarcli, or pip install {package}")
+        return EnvironmentProblem(  # the package is there, at a version without this module
+            f"the installed {package} has no module {error.name}: install the version avatarcli requires "
+            f"(pip install --upgrade avatarcli, or see pyproject.toml)")
     return None
 
 

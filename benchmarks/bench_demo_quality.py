@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from avatarcli.decode.stream import video_to_uint8  # noqa: E402
 from avatarcli.demo import world  # noqa: E402
 from avatarcli.demo.model import demo_size  # noqa: E402
 from avatarcli.demo.train import round_trip  # noqa: E402
@@ -118,9 +119,7 @@ def main() -> None:
     rows.append(dict(row, wall=0.0, nfe=0))
     # The truth through the VAE alone (encode + one causal decode stream, no DiT): the lip sync the decoder allows,
     # which splits a missed lip-sync goal between the VAE and the DiT.
-    with torch.no_grad():
-        recon = round_trip(models.vae, torch.from_numpy(np.ascontiguousarray(truth[: inputs.frames])))
-    recon = ((recon[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    recon = video_to_uint8(round_trip(models.vae, torch.from_numpy(np.ascontiguousarray(truth[: inputs.frames]))))
     row, _ = measure("VAE round trip of the truth", recon, face, samples, truth, base.overlap, base.fps)
     rows.append(dict(row, wall=0.0, nfe=0))
     settings = [(f"{args.preset} ({base.blend}, overlap {base.overlap})", base.blend, base.overlap)]

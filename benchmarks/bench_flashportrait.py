@@ -259,9 +259,7 @@ def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torc
                tiny: bool, fps: int = 25) -> None:
     """Seconds per video second of a driving clip per preset, from the measured window-step and decode rates."""
     from bench_taehv import build as build_decoders
-    from bench_taehv import stream
-
-    from avatarcli.decode.decoders import streaming_decoder
+    from bench_taehv import random_latents, timed_decode
 
     vae, tiny_vae = build_decoders(tiny, device, dtype)
     frames = max(1, round(clip_seconds * fps))
@@ -269,12 +267,9 @@ def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torc
     decode_fps = {}
     for size in step_seconds:
         width, height = (int(v) for v in size.split("x"))
-        latents = torch.randn(1, 16, 5 if tiny else 21, height // 8, width // 8,
-                              generator=torch.Generator().manual_seed(1)).to(device)
+        latents = random_latents(5 if tiny else 21, width, height, device)
         for kind in ("full", "tiny"):
-            decoder = streaming_decoder(kind, vae=vae, tiny_vae=tiny_vae)
-            stream(decoder, latents[:, :, :2], 4, device)  # warm-up
-            decoded, seconds, _ = stream(decoder, latents, 4, device)
+            decoded, seconds, _ = timed_decode(kind, vae, tiny_vae, latents, 4, device)
             decode_fps[size, kind] = len(decoded) / seconds
     del vae, tiny_vae
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny model: checks the script only)"

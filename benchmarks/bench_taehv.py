@@ -66,6 +66,19 @@ def stream(decoder, latents: torch.Tensor, chunk: int, device: torch.device) -> 
     return np.concatenate(pieces), seconds, peak
 
 
+def random_latents(latent_frames: int, width: int, height: int, device: torch.device) -> torch.Tensor:
+    return torch.randn(1, 16, latent_frames, height // 8, width // 8,
+                       generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def timed_decode(kind: str, vae, tiny_vae, latents: torch.Tensor, chunk: int,
+                 device: torch.device) -> tuple[np.ndarray, float, float]:
+    """Frames, seconds and peak GiB of one streamed decode with the `kind` decoder, after a 2-latent warm-up."""
+    decoder = streaming_decoder(kind, vae=vae, tiny_vae=tiny_vae)
+    stream(decoder, latents[:, :, : min(2, latents.shape[2])], chunk, device)
+    return stream(decoder, latents, chunk, device)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
@@ -91,13 +104,10 @@ def main() -> None:
     rows = []
     for size in sizes:
         width, height = (int(v) for v in size.split("x"))
-        latents = torch.randn(1, 16, latent_frames, height // 8, width // 8,
-                              generator=torch.Generator().manual_seed(1)).to(device)
+        latents = random_latents(latent_frames, width, height, device)
         frames = {}
         for kind in ("full", "tiny"):
-            decoder = streaming_decoder(kind, vae=vae, tiny_vae=tiny_vae)
-            stream(decoder, latents[:, :, : min(2, latent_frames)], args.chunk, device)  # warm-up
-            frames[kind], seconds, peak = stream(decoder, latents, args.chunk, device)
+            frames[kind], seconds, peak = timed_decode(kind, vae, tiny_vae, latents, args.chunk, device)
             rows.append((size, kind, len(frames[kind]), seconds, peak))
             print(f"{size} {kind}: {seconds:.3f} s", file=sys.stderr, flush=True)
         rows[-1] += (psnr(frames["tiny"], frames["full"]),)

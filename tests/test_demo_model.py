@@ -4,8 +4,8 @@ to end through the CLI, `demo-face` writes the world's portrait, and the trainin
 from __future__ import annotations
 
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -456,9 +456,10 @@ def round_trip_error(vae, video_uint8: torch.Tensor, every: int = 16) -> list[fl
 def round_trip_mouth(vae, video_uint8: torch.Tensor) -> tuple[float, float, float]:
     """Mouth openness (world.dark_fraction) through round_trip: (mean of the original, mean of the round trip,
     their correlation over frames); a decoder that cannot draw an open mouth gives a round-trip mean of 0."""
-    recon = ((round_trip(vae, video_uint8)[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round()
+    from avatarcli.decode.stream import video_to_uint8
+
     truth = world.dark_fraction(video_uint8.numpy())
-    got = world.dark_fraction(recon.to(torch.uint8).cpu().numpy())
+    got = world.dark_fraction(video_to_uint8(round_trip(vae, video_uint8)))
     corr = float(np.corrcoef(truth, got)[0, 1]) if got.std() > 0 and truth.std() > 0 else float("nan")
     return float(truth.mean()), float(got.mean()), corr
 
