@@ -7,9 +7,10 @@ library's `animate` on a synthetic speech clip. Run one clip length per process 
     python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
     python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
     python benchmarks/bench_animate.py --tiny --seconds 2     # CPU smoke test of the script
-    python benchmarks/bench_animate.py --seconds 10 --preset fast,balanced --steps 50 --size 480x832 --compile
+    python benchmarks/bench_animate.py --seconds 10 --preset fast,balanced --size 480x832 --compile
                                                               # step prediction: presets run one after the other
-                                                              # on the same components (one build, one compile)
+                                                              # on the same components (one build, one compile),
+                                                              # each on its own step grid unless --steps is given
     python benchmarks/bench_animate.py --seconds 30 --steps 10 --compile --null-sink --overlap-decode both
 
 `--overlap-decode both` runs the clip twice in one process, decode inline (off) then overlapped with the DiT (on);
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import wave
@@ -161,9 +163,10 @@ def decode_precision_psnr(vae, size: str, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--size", default="480x832")
+    parser.add_argument("--seconds", default="5", help="clip length in seconds, or several separated by commas "
+                        "(one build and compile for all; GPU peaks are per clip, the host RSS peak is cumulative)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's step count (default: its own)")
+    parser.add_argument("--size", default=None, help="WxH (default 480x832; --tiny: 64x64)")
     parser.add_argument("--preset", default="reference", help="a preset, or several separated by commas")
     parser.add_argument("--null-sink", action="store_true", help="skip the H.264 encode")
     parser.add_argument("--attention", default=None, help="diffusers attention backend, e.g. _native_cudnn")
@@ -177,6 +180,7 @@ def main() -> None:
                         help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-diffusers window-step comparison")
     args = parser.parse_args()
+    args.size = args.size or ("64x64" if args.tiny else "480x832")
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -202,13 +206,16 @@ def main() -> None:
 
     stock_rows = [] if stock is None else stock_window_step(args, device, dtype, components.transformer, stock)
     del stock
+    for model, variant, seconds in stock_rows:
+        print(f"  window-step {model} {variant}: {seconds:.3f} s", file=sys.stderr, flush=True)
+    print(f"  built (and compiled) in {build:.1f} s", file=sys.stderr, flush=True)
     psnr = decode_precision_psnr(components.vae, args.size, device)
     presets = args.preset.split(",")
     modes = ["off", "on"] if args.overlap_decode == "both" else [args.overlap_decode]
     rows = []
-    for name, mode in [(name, mode) for name in presets for mode in modes]:
+    for seconds, name, mode in [(float(s), n, m) for s in args.seconds.split(",") for n in presets for m in modes]:
         preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
-        job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
+        job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
                          vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
         if device.type == "cuda":
@@ -218,7 +225,7 @@ def main() -> None:
         stages = {k: v for k, v in result.timings.items() if k not in ("load", "decode_overlapped")}
         generation = sum(stages.values())  # time on the main thread; the decode worker runs beside it
         rows.append(dict(
-            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=args.seconds,
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=seconds,
             frames=result.frames, windows=result.windows, steps=result.steps, nfe=result.nfe, preset=name,
             wall=result.wall_seconds, generation=generation, **{f"t_{k}": v for k, v in stages.items()},
             overlap="on" if worker else "off", decode_hidden=max(worker - stages.get("decode", 0.0), 0.0),
@@ -226,10 +233,12 @@ def main() -> None:
             gpu_peak_gib=result.peak_gpu_bytes / 2**30, rss_peak_gib=result.peak_rss_bytes / 2**30,
             attention=args.attention or "sdpa", compiled=args.compile, build_seconds=build,
             vae_dtype=args.vae_dtype, bf16_decode_psnr=psnr))
+        # Each row as it finishes (and into --append at once): a run cut short by a time limit keeps its rows.
+        print(("" if len(rows) > 1 else table_header() + "\n") + table_row(rows[-1]), file=sys.stderr, flush=True)
+        if args.append:
+            with args.append.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     if args.append:
-        with args.append.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in args.append.read_text().splitlines()]
     if stock_rows:
         print(f"\nwindow-step (cfg, batch 3, {args.size}, 21 latent frames), same process:")
@@ -237,19 +246,25 @@ def main() -> None:
         stock = {variant: seconds for model, variant, seconds in stock_rows if model == "stock"}
         for model, variant, seconds in stock_rows:
             print(f"{model:<10} {variant:<16} {seconds:>9.3f} {seconds / stock[variant]:>9.3f}")
-    print(f"\n{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
-          f"{'decode':>7} {'encode':>7} {'overlap':>7} {'hidden':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} "
-          f"{'RSS GiB':>8} {'vae':>5} "
-          f"{'bf16 PSNR':>9} {'preset':>9} {'NFE':>5} {'wall s / video s':>16}")
+    print("\n" + table_header())
     for r in rows:
-        print(f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
-              f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
-              f"{r.get('t_encode', 0):>7.1f} {r.get('overlap', 'off'):>7} {r.get('decode_hidden', 0):>7.1f} "
-              f"{100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
-              f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
-              f"{r.get('bf16_decode_psnr', float('nan')):>9.1f} {r.get('preset', '?'):>9} {r.get('nfe', 0):>5} "
-              f"{1 / r['video_per_wall']:>16.2f}")
+        print(table_row(r))
 
+
+def table_header() -> str:
+    return (f"{'device':<24} {'audio s':>7} {'frames':>6} {'win':>4} {'steps':>5} {'features':>8} {'dit':>8} "
+            f"{'decode':>7} {'encode':>7} {'overlap':>7} {'hidden':>7} {'DiT %':>6} {'video s/s':>9} {'GPU GiB':>8} "
+            f"{'RSS GiB':>8} {'vae':>5} {'bf16 PSNR':>9} {'preset':>9} {'NFE':>5} {'wall s / video s':>16}")
+
+
+def table_row(r: dict) -> str:
+    return (f"{r['device']:<24} {r['seconds']:>7.1f} {r['frames']:>6} {r['windows']:>4} {r['steps']:>5} "
+            f"{r.get('t_features', 0):>8.1f} {r.get('t_dit', 0):>8.1f} {r.get('t_decode', 0):>7.1f} "
+            f"{r.get('t_encode', 0):>7.1f} {r.get('overlap', 'off'):>7} {r.get('decode_hidden', 0):>7.1f} "
+            f"{100 * r['dit_share']:>6.1f} {r['video_per_wall']:>9.4f} "
+            f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
+            f"{r.get('bf16_decode_psnr', float('nan')):>9.1f} {r.get('preset', '?'):>9} {r.get('nfe', 0):>5} "
+            f"{1 / r['video_per_wall']:>16.2f}")
 
 if __name__ == "__main__":
     main()

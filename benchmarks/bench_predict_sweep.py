@@ -12,7 +12,7 @@ PSNR of the final latents (peak = the reference latents' range) and of the decod
 Methods, separated by ';':
   euler:N                      N Euler steps
   unipc:N                      diffusers' UniPCMultistepScheduler (order 2, flow mode), N steps
-  PRESET                       a preset's steps and `prediction` section
+  PRESET                       a preset's steps and `prediction` section (`reference`: 50 Euler steps)
   predict:STEPS:ORDER:K:TOL:R  step prediction with these settings (warmup 2)
 Prints a table last.
 """
@@ -49,6 +49,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
+                        help="fp8: the methods run with fp8 linear layers and self-attention (avatarcli/models/fp8.py; "
+                             "emulated on the CPU), scored against the reference in the model's dtype; add the "
+                             "method 'reference' for the effect of fp8 alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -69,6 +73,13 @@ def main() -> None:
     reference_frames = frames(reference)
     peak = float(reference.max() - reference.min())
     print(f"  reference: {time.perf_counter() - tick:.1f} s, {len(plan.windows)} windows", file=sys.stderr, flush=True)
+    if args.precision == "fp8":
+        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+
+        kernel = "native" if args.device.startswith("cuda") else "emulate"
+        if kernel == "native":
+            check_fp8_support(torch.device(args.device))
+        use_fp8(transformer, kernel=kernel)
     probe = BlockProbe(transformer.blocks[0], transformer.blocks[-1])
 
     def method(spec: str):
@@ -107,7 +118,8 @@ def main() -> None:
               file=sys.stderr, flush=True)
     probe.close()
     print(f"\n{args.weights or 'embedded demo'}, {inputs.width}x{inputs.height}, {inputs.frames} frames, "
-          f"{len(plan.windows)} windows, {args.device} {args.dtype}; PSNR against the reference preset (Euler 50)")
+          f"{len(plan.windows)} windows, {args.device} {args.dtype}"
+          f"{', methods in fp8' if args.precision == 'fp8' else ''}; PSNR against the reference preset (Euler 50)")
     print("| method | NFE / window | latent PSNR (dB) | decoded PSNR (dB) |\n| --- | --- | --- | --- |")
     for name, nfe, latent_psnr, decoded_psnr in rows:
         print(f"| {name} | {nfe:.2f} | {latent_psnr:.2f} | {decoded_psnr:.2f} |")
