@@ -71,6 +71,8 @@ def animate(
                                                 "--driving: expression (expression CFG)."),
     emo_scale: Optional[float] = typer.Option(None, "--emo-scale", help="--driving: expression CFG scale [preset: 4]."),
     text_scale: Optional[float] = typer.Option(None, "--text-scale", help="Text CFG scale [preset]."),
+    audio_scale: Optional[float] = typer.Option(None, "--audio-scale",
+                                                help="--audio with cfg guidance: audio CFG scale [preset]."),
     overlap: Optional[int] = typer.Option(None, "--overlap", help="Latent frames shared by neighbouring windows."),
     blend: Optional[str] = typer.Option(None, "--blend", help="Overlap blend weights: log, uniform or linear."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="auto, square or rec-vec."),
@@ -151,7 +153,7 @@ def animate(
     chosen = load_preset(preset).for_driver("driving" if driving is not None else "audio")
     chosen = chosen.with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap, blend=blend,
                                    checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale,
-                                   decoder=decoder)
+                                   audio_scale=audio_scale, decoder=decoder)
     chosen = chosen.with_prediction(predict, order=predict_order, max_predicted=predict_max,
                                     tolerance=predict_tolerance, layer_ratio=predict_layer_ratio)
     job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),

@@ -2,7 +2,8 @@
 
 Builds every component at its real size with random weights (the DiT through the same strict loading code as the
 published checkpoint; VAE, umT5-XXL, CLIP ViT-H/14 and wav2vec2-base from their real configs), then runs the
-library's `animate` on a synthetic speech clip. Run one clip length per process so the host peak RSS is per length:
+library's `animate` on a synthetic speech clip (several lengths in one run share the build; run one length per process
+when the host peak RSS per length matters):
 
     python benchmarks/bench_animate.py --seconds 5  --steps 10 --size 480x832
     python benchmarks/bench_animate.py --seconds 60 --steps 10 --size 480x832
@@ -265,6 +266,7 @@ def table_row(r: dict) -> str:
             f"{r['gpu_peak_gib']:>8.2f} {r['rss_peak_gib']:>8.2f} {r.get('vae_dtype', 'fp32'):>5} "
             f"{r.get('bf16_decode_psnr', float('nan')):>9.1f} {r.get('preset', '?'):>9} {r.get('nfe', 0):>5} "
             f"{1 / r['video_per_wall']:>16.2f}")
+
 
 if __name__ == "__main__":
     main()

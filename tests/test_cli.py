@@ -91,6 +91,24 @@ def test_flags_override_the_preset(tmp_path, weights, capsys):
     assert abs(probe_video(out)["frames"] - 20) <= 1
 
 
+def test_cfg_scale_flags_reach_the_guidance(tmp_path, weights, capsys, monkeypatch):
+    from avatarcli.sampling.guidance import Guidance
+
+    seen = set()
+    combine = Guidance.combine
+
+    def recording(self, *args, **kwargs):
+        seen.add((self.mode, self.text_scale, self.audio_scale))
+        return combine(self, *args, **kwargs)
+
+    monkeypatch.setattr(Guidance, "combine", recording)
+    code, _, _ = run(["animate", EXAMPLES / "portrait.png", "--audio", speech(tmp_path / "a.wav", 0.5), "-o",
+                      tmp_path / "o.mp4", "--weights", weights, *FAST, "--guidance", "cfg", "--text-scale", "2",
+                      "--audio-scale", "7.5"], capsys)
+    assert code == 0
+    assert seen == {("cfg", 2.0, 7.5)}
+
+
 def test_installed_console_script_runs(tmp_path, weights):
     out = tmp_path / "o.mp4"
     script = Path(sys.executable).parent / "avatarcli"
@@ -122,11 +140,14 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "bad size": ([portrait, "--audio", good_audio, "--size", "100x7"], "size"),
         "unknown preset": ([portrait, "--audio", good_audio, "--preset", "no-such-preset"], "no-such-preset"),
         "both drivers": ([portrait, "--audio", good_audio, "--driving", good_audio], "--driving"),
+        "audio scale without cfg": ([portrait, "--audio", good_audio, "--guidance", "ang", "--audio-scale", "4"],
+                                    "audio_scale"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing portrait", "missing audio", "corrupt image", "empty audio",
-                                  "text file as audio", "bad size", "unknown preset", "both drivers"])
+                                  "text file as audio", "bad size", "unknown preset", "both drivers",
+                                  "audio scale without cfg"])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, weights, capsys, case):
     args, named = bad_input_cases(tmp_path)[case]
     out = tmp_path / "result.mp4"
