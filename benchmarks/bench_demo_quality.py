@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--person", type=int, default=7, help="demo-world identity and speech seed")
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--steps", type=int, help="override the preset's steps (quick looks)")
+    parser.add_argument("--audio-scale", type=float, help="override the preset's audio CFG scale (README: the demo "
+                        "model's lip sync is best near 2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--grid", default="uniform:5,uniform:10,log:5,log:10",
@@ -105,7 +107,7 @@ def main() -> None:
     write_wav(talk, world.speech(args.person, args.seconds))
     samples = load_audio(talk)  # the 16-bit samples the model hears
     truth = world.render_video(args.person, samples, motion_seed=args.person)
-    base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps)
+    base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps, audio_scale=args.audio_scale)
     job = AnimateJob(portrait=face, audio=talk, output=work / "unused.mp4", preset=base, seed=args.seed,
                      model="demo", weights=args.weights,
                      device=str(device), null_sink=True)
@@ -150,7 +152,8 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\ndemo model {args.weights or '(embedded)'}, {args.seconds:g} s ({inputs.frames} frames) of person "
-          f"{args.person}, preset {args.preset} ({base.steps} steps, {base.guidance}), seed {args.seed}, {where}")
+          f"{args.person}, preset {args.preset} ({base.steps} steps, {base.guidance}, text/audio scale "
+          f"{base.text_scale:g}/{base.audio_scale:g}), seed {args.seed}, {where}")
     print("| video | windows | NFE | lip corr (lag 0) | best lag | best corr | mouth vs truth (lag 0 / best lag) | "
           "drift 0-5 s | drift last 5 s | ratio | seam score | worst seam | flicker | wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
