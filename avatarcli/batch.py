@@ -25,8 +25,8 @@ OPTIONS: dict[str, type | tuple[type, ...]] = {
     "portrait": str, "audio": str, "driving": str, "output": str, "weights": str, "preset": str, "prompt": str,
     "seed": int, "size": str, "fps": int, "steps": int, "guidance": str, "overlap": int, "blend": str,
     "checkpoint": str, "device": str, "dtype": str, "vae_dtype": str, "crf": int, "compile": bool, "no_audio": bool,
-    "emo_scale": (int, float), "text_scale": (int, float), "audio_scale": (int, float), "offload": str, "weights_dtype": str, "decoder": str,
-    "model": str,
+    "emo_scale": (int, float), "text_scale": (int, float), "audio_scale": (int, float), "offload": str,
+    "weights_dtype": str, "decoder": str, "model": str,
 }
 PRESET_OVERRIDES = ("size", "fps", "steps", "guidance", "overlap", "blend", "checkpoint", "seed", "emo_scale",
                     "text_scale", "audio_scale", "decoder")

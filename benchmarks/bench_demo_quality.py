@@ -107,7 +107,8 @@ def main() -> None:
     write_wav(talk, world.speech(args.person, args.seconds))
     samples = load_audio(talk)  # the 16-bit samples the model hears
     truth = world.render_video(args.person, samples, motion_seed=args.person)
-    base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps, audio_scale=args.audio_scale)
+    base = load_preset(args.preset).with_overrides(size=demo_size(None), steps=args.steps,
+                                                   audio_scale=args.audio_scale)
     job = AnimateJob(portrait=face, audio=talk, output=work / "unused.mp4", preset=base, seed=args.seed,
                      model="demo", weights=args.weights,
                      device=str(device), null_sink=True)

@@ -74,12 +74,9 @@ def main() -> None:
     peak = float(reference.max() - reference.min())
     print(f"  reference: {time.perf_counter() - tick:.1f} s, {len(plan.windows)} windows", file=sys.stderr, flush=True)
     if args.precision == "fp8":
-        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+        from avatarcli.models.fp8 import kernel_for, use_fp8
 
-        kernel = "native" if args.device.startswith("cuda") else "emulate"
-        if kernel == "native":
-            check_fp8_support(torch.device(args.device))
-        use_fp8(transformer, kernel=kernel)
+        use_fp8(transformer, kernel=kernel_for(torch.device(args.device)))
     probe = BlockProbe(transformer.blocks[0], transformer.blocks[-1])
 
     def method(spec: str):

@@ -234,11 +234,9 @@ def main() -> None:
     if args.precision == "fp8":
         import copy
 
-        from avatarcli.models.fp8 import check_fp8_support, use_fp8
+        from avatarcli.models.fp8 import kernel_for, use_fp8
 
-        kernel = "native" if device.type == "cuda" else "emulate"
-        if kernel == "native":
-            check_fp8_support(device)
+        kernel = kernel_for(device)
         all_cases, cases[:] = list(cases), [cases[1]]  # the cfg window-step
         for label, linear, attention in (("fp8 linear", True, False), ("fp8 attention", False, True),
                                          ("fp8 both", True, True)):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from avatarcli.errors import EnvironmentProblem
 from avatarcli.loading.transformer import build_transformer
 from avatarcli.models.fp8 import (E4M3_MAX, EmulatedFp8Linear, Fp8SelfAttnProcessor, check_fp8_support, emulated,
-                                  tensor_scale, use_fp8)
+                                  kernel_for, tensor_scale, use_fp8)
 from avatarcli.models.stableavatar import AudioConditioning
 from avatarcli.testing import TINY_STABLEAVATAR
 from avatarcli.testing.stableavatar import random_state_dict, wan_config
@@ -73,6 +73,10 @@ def test_emulated_fp8_changes_every_block_linear_and_self_attention_and_stays_cl
     assert not isinstance(model.blocks[0].attn2.to_k, EmulatedFp8Linear)  # cross-attention contexts stay as they are
     assert not isinstance(model.proj_out, EmulatedFp8Linear)
     assert 1e-4 < rel_err(out, reference) < 0.1
+
+
+def test_the_cpu_gets_the_emulated_kernel():
+    assert kernel_for(torch.device("cpu")) == "emulate"
 
 
 def test_fp8_needs_a_cuda_gpu():

@@ -49,6 +49,15 @@ def check_fp8_support(device: torch.device, attention: bool = True) -> None:
                                  "nvidia-cudnn-frontend")
 
 
+def kernel_for(device: torch.device) -> str:
+    """The fp8 kernel to run on `device`: "native" on a CUDA GPU that can run it (else EnvironmentProblem, exit 3),
+    "emulate" elsewhere (the same rounding in the model's dtype, for checks on the CPU)."""
+    if device.type != "cuda":
+        return "emulate"
+    check_fp8_support(device)
+    return "native"
+
+
 def is_block_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear) and bool(_BLOCK_LINEARS.search(name)) \
         and module.in_features % 16 == 0 and module.out_features % 16 == 0
