@@ -3,8 +3,9 @@
 While a video is generated, its resume folder `.NAME.resume/` (beside the output, like the temp output) holds
   * `segment-NNNN.mp4`: the frames encoded so far, as complete H.264 files, one per save;
   * `state.pt`: the wavefront sampler's live state (done steps per window, live window outputs, emitted frames,
-    add-on extras), the streaming VAE decoder's causal feature cache and the count of encoded frames, saved with
-    `torch.save` (tensors, numbers, strings only: it loads with `weights_only=True`);
+    add-on extras), the last latent frames the streaming VAE decoder saw (its causal cache is rebuilt from them,
+    decode/stream.py) and the count of encoded frames, saved with `torch.save` (tensors, numbers, strings only: it
+    loads with `weights_only=True`);
   * `state.json`: the fingerprint of the job (hashes of the input files, every setting) and the progress, small
     enough to check before any model loads.
 At every save the current segment is finished (ffmpeg closes it and it is renamed into place), then the state is

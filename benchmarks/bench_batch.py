@@ -160,8 +160,8 @@ def measure_state(weights: Path, work: Path, size: str, steps: int, seconds: flo
     folder = resume.resume_dir(output)
     state = torch.load(folder / "state.pt", weights_only=True)
     sampler_bytes = sum(t.numel() * t.element_size() for _, _, t in state["sampler"]["outputs"])
-    decoder_bytes = sum(t.numel() * t.element_size() for t in state["decoder"]["feat_cache"]
-                        if isinstance(t, torch.Tensor))
+    replay = state["decoder"]["replay"]  # the last latent frames the decoder saw, not its cache (decode/stream.py)
+    decoder_bytes = 0 if replay is None else replay.numel() * replay.element_size()
     row = dict(state_mb=(folder / "state.pt").stat().st_size / 2**20, sampler_mb=sampler_bytes / 2**20,
                decoder_mb=decoder_bytes / 2**20, live_outputs=len(state["sampler"]["outputs"]),
                segments_mb=sum(p.stat().st_size for p in folder.glob("segment-*.mp4")) / 2**20,

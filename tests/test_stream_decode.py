@@ -120,3 +120,81 @@ def test_other_vae_calls_between_pushes_do_not_disturb_the_stream(vae, latents, 
 def test_latents_of_the_wrong_shape_are_rejected(vae) -> None:
     with pytest.raises(ValueError, match=f"1, {vae.config.z_dim}, F, h, w"):
         StreamingDecoder(vae).push(torch.zeros(1, 8, 1, 4, 6))
+
+
+def _long_stream(vae: AutoencoderKLWan, frames: int) -> torch.Tensor:
+    return torch.randn(1, vae.config.z_dim, frames, 4, 6, generator=torch.Generator().manual_seed(2))
+
+
+def _caches_equal(a: StreamingDecoder, b: StreamingDecoder) -> bool:
+    pairs = list(zip(a._feat_cache, b._feat_cache, strict=True))
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)
+
+
+@pytest.mark.parametrize("saved_after", ["before the horizon", "past the horizon"])
+def test_a_stream_resumed_from_its_saved_state_continues_bit_for_bit(vae, saved_after) -> None:
+    """The saved state holds the last latent frames, not the cache; replaying them rebuilds the cache exactly,
+    also when the stream is longer than the replay horizon (the replay then starts mid-video)."""
+    horizon = StreamingDecoder(vae).replay_frames
+    cut = 3 if saved_after == "before the horizon" else horizon + 4
+    latents = _long_stream(vae, cut + 4)
+    uninterrupted = StreamingDecoder(vae)
+    uninterrupted.push(latents[:, :, :cut])
+    state = uninterrupted.state_dict()
+
+    resumed = StreamingDecoder(vae)
+    resumed.load_state_dict(state)
+
+    assert state["replay"].shape[2] == min(cut, horizon) and state["pushed"] == cut
+    assert resumed.started and _caches_equal(resumed, uninterrupted)
+    assert np.array_equal(resumed.push(latents[:, :, cut:]), uninterrupted.push(latents[:, :, cut:]))
+
+
+def test_a_replay_shorter_than_the_decoders_memory_gives_other_frames(vae) -> None:
+    # Guards the test above: the horizon matters, so a replay of too few frames is caught by the comparison.
+    horizon = StreamingDecoder(vae).replay_frames
+    latents = _long_stream(vae, horizon + 8)
+    uninterrupted = StreamingDecoder(vae)
+    uninterrupted.push(latents[:, :, : horizon + 4])
+    short = StreamingDecoder(vae)
+    short.replay_frames = uninterrupted.replay_frames = 3
+    state = uninterrupted.state_dict()
+    state["replay"] = state["replay"][:, :, -3:]
+    short.load_state_dict(state)
+
+    rest = latents[:, :, horizon + 4 :]
+    assert not np.array_equal(short.push(rest), uninterrupted.push(rest))
+
+
+def test_a_state_holding_the_cache_itself_still_resumes_and_saves_again(vae) -> None:
+    """States written before the replay form kept the feature cache; they load as before. Until a whole horizon
+    has been decoded after such a resume, the earlier frames are unknown, so the next save keeps the cache form."""
+    horizon = StreamingDecoder(vae).replay_frames
+    latents = _long_stream(vae, horizon + 12)
+    uninterrupted = StreamingDecoder(vae)
+    uninterrupted.push(latents[:, :, :3])
+    resumed = StreamingDecoder(vae)
+    resumed.load_state_dict({"feat_cache": list(uninterrupted._feat_cache), "at_video_start": False})
+    assert np.array_equal(resumed.push(latents[:, :, 3:5]), uninterrupted.push(latents[:, :, 3:5]))
+
+    early = resumed.state_dict()  # 2 frames since the old-form resume
+    again = StreamingDecoder(vae)
+    again.load_state_dict(early)
+    assert "feat_cache" in early and _caches_equal(again, uninterrupted)
+
+    cut = horizon + 6  # a whole horizon decoded since: the replay form is exact again
+    resumed.push(latents[:, :, 5:cut])
+    uninterrupted.push(latents[:, :, 5:cut])
+    late = resumed.state_dict()
+    last = StreamingDecoder(vae)
+    last.load_state_dict(late)
+    assert "replay" in late and _caches_equal(last, uninterrupted)
+    assert np.array_equal(last.push(latents[:, :, cut:]), uninterrupted.push(latents[:, :, cut:]))
+
+
+def test_a_state_for_another_horizon_is_rejected(vae) -> None:
+    decoder = StreamingDecoder(vae)
+    decoder.push(_long_stream(vae, 2))
+    state = dict(decoder.state_dict(), replay_frames=decoder.replay_frames + 1)
+    with pytest.raises(ValueError, match="horizon"):
+        StreamingDecoder(vae).load_state_dict(state)

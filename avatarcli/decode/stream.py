@@ -5,10 +5,19 @@ time steps of every causal conv in a feature cache. Decoding windows with separa
 the same (each call treats its first latent frame as the start of the video), so this class keeps one cache
 alive across calls. That lets the sampler hand over finished latent frames and the sink write them to disk
 without ever holding the whole video.
+
+Resuming a stream does not need the cache itself (1.8 GB in bf16 at 480x832: the last two time steps of every
+causal conv, up to full resolution). Every causal conv sees a fixed number of past time steps (its temporal kernel
+minus one) and nothing else in the decoder carries state across frames (attention and norms are per frame), so
+the cache after latent frame t is a function of the latent frames t - R .. t only, R being at most the sum of
+those look-backs. Replaying the last R + 2 frames into an empty cache (the 2 cover the first-frame special case of
+the temporal upsamplers) therefore rebuilds the cache exactly, bit for bit: the same operations on the same inputs.
+`state_dict()` keeps those frames (about 13 MB at 480x832) instead of the cache.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -66,7 +75,11 @@ class StreamingDecoder:
 
     def __init__(self, vae: AutoencoderKLWan) -> None:
         self.vae = vae
-        self._cache_size = sum(isinstance(module, WanCausalConv3d) for module in vae.decoder.modules())
+        convs = [module for module in vae.decoder.modules() if isinstance(module, WanCausalConv3d)]
+        self._cache_size = len(convs)
+        # Latent frames of history the cache depends on (an upper bound: every look-back counted at the latent rate,
+        # though after the temporal upsamplers a time step is a half or a quarter of a latent frame), plus 2.
+        self.replay_frames = sum(conv.kernel_size[0] - 1 for conv in convs) + 2
         self.close()
 
     @property
@@ -81,21 +94,19 @@ class StreamingDecoder:
         # post_quant_conv is a 1x1x1 conv: no temporal context, safe to run per chunk. (vae.decode runs it on
         # the whole video; backends give the same floats for a chunk except on toy sizes of a few voxels.)
         hidden = self.vae.post_quant_conv(denormalise_latents(self.vae, latents))
-        pieces = []
-        for index in range(hidden.shape[2]):
-            pieces.append(
-                self.vae.decoder(
-                    hidden[:, :, index : index + 1],
-                    feat_cache=self._feat_cache,
-                    feat_idx=[0],
-                    first_chunk=self._at_video_start,
-                )
-            )
-            self._at_video_start = False
-        video = torch.cat(pieces, dim=2)
+        video = torch.cat([self._decode_frame(hidden[:, :, index : index + 1]) for index in range(hidden.shape[2])],
+                          dim=2)
         if self.vae.config.patch_size is not None:
             video = unpatchify(video, patch_size=self.vae.config.patch_size)
         return video_to_uint8(video.clamp(-1.0, 1.0))
+
+    def _decode_frame(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One latent frame (after post_quant_conv) through the decoder, advancing the cache; remembered for replay."""
+        video = self.vae.decoder(hidden, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=self._at_video_start)
+        self._at_video_start = False
+        self._recent.append(hidden.detach().clone())
+        self._pushed += 1
+        return video
 
     def decode(self, latent_chunks: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
         """Generator form of push(): yields the frames of each chunk, then clears the cache."""
@@ -106,20 +117,47 @@ class StreamingDecoder:
             self.close()
 
     def state_dict(self) -> dict:
-        """The causal feature cache (on the CPU) and the start flag: where the stream stands, for resuming it."""
-        cache = [entry.detach().to("cpu") if isinstance(entry, torch.Tensor) else entry for entry in self._feat_cache]
-        return {"feat_cache": cache, "at_video_start": self._at_video_start}
+        """Where the stream stands, for resuming it: the last `replay_frames` latent frames it decoded (after
+        post_quant_conv, on the CPU), from which `load_state_dict` rebuilds the causal cache (module docstring)."""
+        if self._history_unknown and len(self._recent) < self.replay_frames:
+            # Resumed from a state that held the cache: the frames before it are unknown, so the cache itself is
+            # saved until the stream has decoded a whole horizon since.
+            cache = [entry.detach().to("cpu") if isinstance(entry, torch.Tensor) else entry
+                     for entry in self._feat_cache]
+            return {"feat_cache": cache, "at_video_start": self._at_video_start}
+        replay = torch.cat(list(self._recent), dim=2).to("cpu") if self._recent else None
+        return {"replay": replay, "pushed": self._pushed, "replay_frames": self.replay_frames}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Continue the stream saved by `state_dict()` (same VAE): the next push decodes exactly as it would have."""
-        cache = list(state["feat_cache"])
-        if len(cache) != self._cache_size:
-            raise ValueError(f"decoder state has {len(cache)} cache entries, this VAE needs {self._cache_size}")
-        device = self.vae.device
-        self._feat_cache = [entry.to(device) if isinstance(entry, torch.Tensor) else entry for entry in cache]
-        self._at_video_start = bool(state["at_video_start"])
+        """Continue the stream saved by `state_dict()` (same VAE): the next push decodes exactly as it would have.
+
+        Also reads the older form that holds the cache itself ("feat_cache")."""
+        self.close()
+        if "feat_cache" in state:
+            cache = list(state["feat_cache"])
+            if len(cache) != self._cache_size:
+                raise ValueError(f"decoder state has {len(cache)} cache entries, this VAE needs {self._cache_size}")
+            device = self.vae.device
+            self._feat_cache = [entry.to(device) if isinstance(entry, torch.Tensor) else entry for entry in cache]
+            self._at_video_start = bool(state["at_video_start"])
+            self._history_unknown = True
+            return
+        replay, pushed = state["replay"], int(state["pushed"])
+        frames = 0 if replay is None else replay.shape[2]
+        if int(state["replay_frames"]) != self.replay_frames or frames != min(pushed, self.replay_frames):
+            raise ValueError(f"decoder state replays {frames} of {pushed} frames with a horizon of "
+                             f"{state['replay_frames']}; this VAE needs the last {self.replay_frames}")
+        if replay is not None:
+            replay = replay.to(device=self.vae.device, dtype=self.vae.dtype)
+            for index in range(frames):  # the outputs were written before the save: only the cache is wanted
+                self._decode_frame(replay[:, :, index : index + 1])
+        self._pushed = pushed
 
     def close(self) -> None:
         """Drop the feature cache; the next push starts a new video."""
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._cache_size
         self._at_video_start = True
+        self._recent: deque[torch.Tensor] = deque(maxlen=self.replay_frames)
+        self._pushed = 0
+        self._history_unknown = False
