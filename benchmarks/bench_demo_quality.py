@@ -20,7 +20,8 @@ A row "VAE round trip of the truth" runs the renderer's video through the demo V
 stream, no DiT): what the decoder lets lip sync reach, so that a missed goal can be split between VAE and DiT.
 A line "latent-rate bound" gives the lip sync of the truth's mouth openness averaged over the video frames of each
 latent frame (the first frame alone, then groups of the VAE's temporal factor, 4): what a decoder that recovers
-only one mouth state per latent frame could reach, whatever the DiT does.
+only one mouth state per latent frame could reach, whatever the DiT does; beside it, the correlation of the VAE round
+trip's mouth openness with the truth's at the 1st, 2nd, ... frame of each group.
 
 The joint loop (every window at every step, the reference order) and the streaming wavefront run on the same
 inputs, with the preset's step prediction, and their final latents are compared exactly.
@@ -71,17 +72,21 @@ def measure(name: str, frames: np.ndarray, face: Path, samples: np.ndarray, trut
     return row, report
 
 
-def latent_rate_bound(truth: np.ndarray, samples: np.ndarray, fps: float, factor: int) -> dict:
-    """Lip sync of the truth's mouth openness with each latent frame's video frames replaced by their mean."""
-    from avatarcli.eval.metrics import lip_sync, loudness_envelope
+def latent_rate_bound(truth: np.ndarray, recon: np.ndarray, samples: np.ndarray, fps: float, factor: int) -> dict:
+    """Lip sync of the truth's mouth openness with each latent frame's video frames replaced by their mean; and how
+    the VAE round trip's openness follows the truth's at each position inside a latent frame's group of frames."""
+    from avatarcli.eval.metrics import lip_sync, loudness_envelope, pearson
     from avatarcli.media.audio import SAMPLE_RATE
 
-    openness = world.dark_fraction(truth)
+    openness, round_trip_openness = world.dark_fraction(truth), world.dark_fraction(recon)
     held = openness.copy()
     for start in range(1, len(openness), factor):  # causal VAE: frame 0 is a latent frame of its own
         held[start:start + factor] = openness[start:start + factor].mean()
     sync = lip_sync(held, loudness_envelope(samples, SAMPLE_RATE, fps, len(held)))
-    return dict(factor=factor, lip_corr=sync.correlation, lip_lag=sync.best_lag, lip_best=sync.best_correlation)
+    n = min(len(openness), len(round_trip_openness))  # the round trip ends at the last whole latent frame
+    by_position = [pearson(round_trip_openness[1 + k:n:factor], openness[1 + k:n:factor]) for k in range(factor)]
+    return dict(factor=factor, lip_corr=sync.correlation, lip_lag=sync.best_lag, lip_best=sync.best_correlation,
+                round_trip_by_position=by_position)
 
 
 def joint_vs_streaming(job: AnimateJob, models, device, dtype) -> dict:
@@ -141,7 +146,8 @@ def main() -> None:
     recon = video_to_uint8(round_trip(models.vae, torch.from_numpy(np.ascontiguousarray(truth[: inputs.frames]))))
     row, _ = measure("VAE round trip of the truth", recon, face, samples, truth, base.overlap, base.fps)
     rows.append(dict(row, wall=0.0, nfe=0))
-    bound = latent_rate_bound(truth[: inputs.frames], samples, base.fps, models.vae.config.scale_factor_temporal)
+    bound = latent_rate_bound(truth[: inputs.frames], recon, samples, base.fps,
+                              models.vae.config.scale_factor_temporal)
     settings = [(f"{args.preset} ({base.blend}, overlap {base.overlap})", base.blend, base.overlap)]
     for item in args.grid.split(","):
         if item.strip():
@@ -186,7 +192,9 @@ def main() -> None:
               f"{r['drift_end']:.2f} | {r['drift_ratio']:.2f} | {r['seam']:.2f} | {r['seam_worst']:.2f} | "
               f"{r['flicker']:.4f} | {r['wall']:.1f} |")
     print(f"latent-rate bound (the truth's mouth openness averaged over each latent frame's {bound['factor']} video "
-          f"frames): lip corr {bound['lip_corr']:.3f} at lag 0, best {bound['lip_best']:.3f} at {bound['lip_lag']:+d}")
+          f"frames): lip corr {bound['lip_corr']:.3f} at lag 0, best {bound['lip_best']:.3f} at {bound['lip_lag']:+d}; "
+          f"VAE round trip vs truth mouth openness by frame of the group: "
+          + " / ".join(f"{c:.2f}" for c in bound["round_trip_by_position"]))
     print(f"joint vs streaming wavefront ({order['windows']} windows, preset {args.preset} with its step prediction): "
           f"{'identical' if order['identical'] else 'DIFFERENT'} final latents (max |diff| "
           f"{order['max_abs_difference']:.3g}), NFE {order['nfe_joint']} vs {order['nfe_streaming']}")
