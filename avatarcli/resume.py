@@ -35,7 +35,7 @@ from avatarcli.errors import AvatarError
 if TYPE_CHECKING:
     from avatarcli.pipeline import AnimateJob
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the decoder's state is its last latent frames (replayed), no longer its cache
 # Job fields that do not change the frames: where they go, and how the models are held.
 NOT_FINGERPRINTED = {"output", "allow_download", "keep_text_encoder", "null_sink", "resume", "save_every",
                      "context_parallel", "overlap_decode"}

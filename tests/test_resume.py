@@ -156,6 +156,14 @@ def test_sigkill_then_resume_gives_identical_frames_and_a_changed_run_is_refused
     assert (resume_dir(output) / "state.pt").is_file() and not output.exists()
 
     audio.write_bytes(original)
+    # A state of an earlier format (version 1 kept the decoder's cache, not its last latent frames): exit 2.
+    meta_file = resume_dir(output) / "state.json"
+    meta = meta_file.read_text()
+    meta_file.write_text(json.dumps(dict(json.loads(meta), version=1)))
+    code, _, err = resume(audio, output, weights, capsys)
+    assert code == 2 and "another avatarcli version" in err and len(err.strip().splitlines()) == 1
+    meta_file.write_text(meta)
+
     code, out, err = resume(audio, output, weights, capsys)
     assert code == 0, err
     assert json.loads(out)["resumed_from_frame"] == saved

@@ -166,32 +166,6 @@ def test_a_replay_shorter_than_the_decoders_memory_gives_other_frames(vae) -> No
     assert not np.array_equal(short.push(rest), uninterrupted.push(rest))
 
 
-def test_a_state_holding_the_cache_itself_still_resumes_and_saves_again(vae) -> None:
-    """States written before the replay form kept the feature cache; they load as before. Until a whole horizon
-    has been decoded after such a resume, the earlier frames are unknown, so the next save keeps the cache form."""
-    horizon = StreamingDecoder(vae).replay_frames
-    latents = _long_stream(vae, horizon + 12)
-    uninterrupted = StreamingDecoder(vae)
-    uninterrupted.push(latents[:, :, :3])
-    resumed = StreamingDecoder(vae)
-    resumed.load_state_dict({"feat_cache": list(uninterrupted._feat_cache), "at_video_start": False})
-    assert np.array_equal(resumed.push(latents[:, :, 3:5]), uninterrupted.push(latents[:, :, 3:5]))
-
-    early = resumed.state_dict()  # 2 frames since the old-form resume
-    again = StreamingDecoder(vae)
-    again.load_state_dict(early)
-    assert "feat_cache" in early and _caches_equal(again, uninterrupted)
-
-    cut = horizon + 6  # a whole horizon decoded since: the replay form is exact again
-    resumed.push(latents[:, :, 5:cut])
-    uninterrupted.push(latents[:, :, 5:cut])
-    late = resumed.state_dict()
-    last = StreamingDecoder(vae)
-    last.load_state_dict(late)
-    assert "replay" in late and _caches_equal(last, uninterrupted)
-    assert np.array_equal(last.push(latents[:, :, cut:]), uninterrupted.push(latents[:, :, cut:]))
-
-
 def test_a_state_for_another_horizon_is_rejected(vae) -> None:
     decoder = StreamingDecoder(vae)
     decoder.push(_long_stream(vae, 2))

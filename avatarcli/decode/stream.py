@@ -85,7 +85,7 @@ class StreamingDecoder:
     @property
     def started(self) -> bool:
         """True once a latent frame has been decoded since construction or the last close()."""
-        return not self._at_video_start
+        return self._pushed > 0
 
     @torch.no_grad()
     def push(self, latents: torch.Tensor) -> np.ndarray:
@@ -101,10 +101,10 @@ class StreamingDecoder:
         return video_to_uint8(video.clamp(-1.0, 1.0))
 
     def _decode_frame(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One latent frame (after post_quant_conv) through the decoder, advancing the cache; remembered for replay."""
-        video = self.vae.decoder(hidden, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=self._at_video_start)
-        self._at_video_start = False
-        self._recent.append(hidden.detach().clone())
+        """One latent frame (after post_quant_conv) through the decoder, advancing the cache; remembered for replay
+        (a view of its chunk, which nothing writes to afterwards)."""
+        video = self.vae.decoder(hidden, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=not self.started)
+        self._recent.append(hidden)
         self._pushed += 1
         return video
 
@@ -119,30 +119,13 @@ class StreamingDecoder:
     def state_dict(self) -> dict:
         """Where the stream stands, for resuming it: the last `replay_frames` latent frames it decoded (after
         post_quant_conv, on the CPU), from which `load_state_dict` rebuilds the causal cache (module docstring)."""
-        if self._history_unknown and len(self._recent) < self.replay_frames:
-            # Resumed from a state that held the cache: the frames before it are unknown, so the cache itself is
-            # saved until the stream has decoded a whole horizon since.
-            cache = [entry.detach().to("cpu") if isinstance(entry, torch.Tensor) else entry
-                     for entry in self._feat_cache]
-            return {"feat_cache": cache, "at_video_start": self._at_video_start}
         replay = torch.cat(list(self._recent), dim=2).to("cpu") if self._recent else None
         return {"replay": replay, "pushed": self._pushed, "replay_frames": self.replay_frames}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Continue the stream saved by `state_dict()` (same VAE): the next push decodes exactly as it would have.
-
-        Also reads the older form that holds the cache itself ("feat_cache")."""
+        """Continue the stream saved by `state_dict()` (same VAE): the next push decodes exactly as it would have."""
         self.close()
-        if "feat_cache" in state:
-            cache = list(state["feat_cache"])
-            if len(cache) != self._cache_size:
-                raise ValueError(f"decoder state has {len(cache)} cache entries, this VAE needs {self._cache_size}")
-            device = self.vae.device
-            self._feat_cache = [entry.to(device) if isinstance(entry, torch.Tensor) else entry for entry in cache]
-            self._at_video_start = bool(state["at_video_start"])
-            self._history_unknown = True
-            return
         replay, pushed = state["replay"], int(state["pushed"])
         frames = 0 if replay is None else replay.shape[2]
         if int(state["replay_frames"]) != self.replay_frames or frames != min(pushed, self.replay_frames):
@@ -157,7 +140,5 @@ class StreamingDecoder:
     def close(self) -> None:
         """Drop the feature cache; the next push starts a new video."""
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._cache_size
-        self._at_video_start = True
         self._recent: deque[torch.Tensor] = deque(maxlen=self.replay_frames)
-        self._pushed = 0
-        self._history_unknown = False
+        self._pushed = 0  # latent frames decoded since the video started
