@@ -3,7 +3,7 @@
     python benchmarks/train_demo.py --out demo-weights            # one GPU, about 14.5 minutes on an H200
     python benchmarks/train_demo.py --out /tmp/w --tiny           # a few iterations on CPU (smoke test)
 
-Everything is generated from --seed; see avatarcli/demo/train.py for the stages. Prints progress and a JSON summary;
+Everything is generated from --seed; see avatarcli/demo/training/ for the stages. Prints progress and a JSON summary;
 the folder it writes is in the published StableAvatar layout and is checked by loading it through the real loaders.
 """
 
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from avatarcli.demo.train import TrainConfig, train, verify, with_overrides
+from avatarcli.demo.training import TrainConfig, train, verify, with_overrides
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """Training optimises what inference runs: for one window of one pool video, the demo training forward
-(avatarcli.demo.train.dit_velocity with the training's audio slicing, reference condition, CLIP tokens and prompts)
+(avatarcli.demo.training.dit_velocity with the training's audio slicing, reference condition, CLIP tokens and prompts)
 equals the StableAvatar driver's denoiser (cfg at scales 1/1 = the fully conditioned branch), and the saved audio
 encoder gives inference the features training used."""
 
@@ -16,7 +16,7 @@ def test_training_forward_equals_the_inference_denoiser(tmp_path, monkeypatch, o
     from safetensors.torch import save_file
 
     import avatarcli.demo.model as demo_model
-    from avatarcli.demo import train as T
+    from avatarcli.demo import training as T
     from avatarcli.drivers.stableavatar import DRIVER
     from avatarcli.features.image import clip_features
     from avatarcli.features.text import NEGATIVE_PROMPT, encode_prompts
@@ -98,7 +98,7 @@ def test_training_forward_equals_the_inference_denoiser(tmp_path, monkeypatch, o
 
 
 def test_branch_table_covers_every_guidance_branch_at_its_rates():
-    from avatarcli.demo.train import _branch_table, branch_inputs, draw_branches
+    from avatarcli.demo.training.dit import _branch_table, branch_inputs, draw_branches
     from avatarcli.sampling.guidance import Guidance
 
     table = dict(_branch_table())
@@ -120,7 +120,7 @@ def test_branch_table_covers_every_guidance_branch_at_its_rates():
 
 
 def test_audio_path_parameters_get_the_audio_learning_rate_scale():
-    from avatarcli.demo.train import AUDIO_MODULES, TrainConfig, dit_param_groups, new_transformer
+    from avatarcli.demo.training import AUDIO_MODULES, TrainConfig, dit_param_groups, new_transformer
 
     model = new_transformer(TrainConfig.tiny().sizes)
     groups = dit_param_groups(model, 3.0)
@@ -140,7 +140,7 @@ def test_audio_path_parameters_get_the_audio_learning_rate_scale():
 def test_dark_pixels_marks_exactly_the_open_mouth_luma():
     """The VAE loss weighs up pixels at most world.DARK_LUMA dark (BT.601 luma, unit range)."""
     from avatarcli.demo import world
-    from avatarcli.demo.train import dark_pixels, to_unit
+    from avatarcli.demo.training import dark_pixels, to_unit
 
     grey = torch.tensor([0, world.DARK_LUMA, world.DARK_LUMA + 1, 255], dtype=torch.uint8)
     video = grey.view(1, 4, 1, 1).expand(1, 4, 1, 3).contiguous()  # [F=1, H=4, W=1, 3] uint8

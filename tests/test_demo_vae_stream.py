@@ -9,7 +9,7 @@ import torch
 
 
 def _vae():
-    from avatarcli.demo.train import DemoSizes, fold_latent_statistics, new_vae
+    from avatarcli.demo.training import DemoSizes, fold_latent_statistics, new_vae
 
     torch.manual_seed(0)
     vae = new_vae(DemoSizes(vae_base=4)).eval()
@@ -18,7 +18,7 @@ def _vae():
 
 
 def _pieces(x, latents_per_piece):
-    from avatarcli.demo.train import video_frames
+    from avatarcli.demo.training import video_frames
 
     pos = 0
     for n in latents_per_piece:
@@ -28,7 +28,7 @@ def _pieces(x, latents_per_piece):
 
 def test_streamed_training_pieces_encode_and_decode_as_inference(one_thread):
     from avatarcli.decode.stream import StreamingDecoder
-    from avatarcli.demo.train import CausalStream, vae_piece, video_frames
+    from avatarcli.demo.training import CausalStream, vae_piece, video_frames
 
     vae = _vae()
     split = [2, 3, 2]  # a piece without gradients, then two with, as consecutive training steps stream them
@@ -74,7 +74,7 @@ def test_streamed_training_pieces_encode_and_decode_as_inference(one_thread):
 
 
 def test_detached_caches_cut_the_gradient_between_pieces(one_thread):
-    from avatarcli.demo.train import CausalStream, vae_piece, video_frames
+    from avatarcli.demo.training import CausalStream, vae_piece, video_frames
 
     vae = _vae().train()
     x = torch.rand(1, 3, video_frames(4), 16, 16) * 2 - 1
@@ -103,6 +103,6 @@ def test_detached_caches_cut_the_gradient_between_pieces(one_thread):
 
 
 def test_video_frames_counts_one_then_four():
-    from avatarcli.demo.train import video_frames
+    from avatarcli.demo.training import video_frames
 
     assert [video_frames(n) for n in range(5)] == [0, 1, 5, 9, 13]

@@ -1,0 +1,114 @@
+"""The orchestrator: every stage in order, from one seed, into one weights folder in the published layout.
+
+fixed components and prompts -> pool -> audio encoder -> VAE (+ its latent statistics folded in) -> encoded pool and
+portrait conditions -> DiT -> condition check -> export. Continuing from a weights folder (config.init), the audio
+encoder is kept, the VAE's decoder side and the DiT train on, and the latent statistics stay as they were.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from avatarcli.demo.training.config import PROMPT, WINDOW_VIDEO_FRAMES, TrainConfig
+from avatarcli.demo.training.data import Pool, make_pool
+from avatarcli.demo.training.dit import train_dit
+from avatarcli.demo.training.dit_check import condition_check
+from avatarcli.demo.training.latents import (
+    encode_pool, fold_latent_statistics, latent_statistics, reference_conditions,
+)
+from avatarcli.demo.training.layout import AVATAR, BASE, WAV2VEC, export_transformer, export_vae, write_fixed_components
+from avatarcli.demo.training.vae import train_vae
+from avatarcli.demo.training.wav2vec import save_wav2vec, train_audio_encoder
+
+
+def fixed_components(out: Path, config: TrainConfig, device):
+    """Write the fixed random umT5 and CLIP (layout.py) and load them as inference does: (prompt embeddings
+    [negative, positive], image encoder)."""
+    from avatarcli.features.text import NEGATIVE_PROMPT, encode_prompts
+    from avatarcli.loading.components import load_image_encoder, load_text_encoder
+    from avatarcli.testing.components import CLIP_FILE, T5_FILE, T5_TOKENIZER_FOLDER
+
+    write_fixed_components(out, config.sizes, config.seed)
+    base = out / BASE
+    text_encoder, tokenizer = load_text_encoder(base / T5_FILE, base / T5_TOKENIZER_FOLDER, dtype=torch.float32)
+    prompts = encode_prompts(text_encoder, tokenizer, [NEGATIVE_PROMPT, PROMPT]).float()
+    return prompts, load_image_encoder(base / CLIP_FILE, device=device)
+
+
+def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device):
+    """The audio-encoder and VAE stages, or what config.init gives in their place: (wav2vec2, VAE, DiT to train on
+    from, None from scratch)."""
+    if config.init:
+        from avatarcli.loading.components import load_audio_encoder, load_vae
+        from avatarcli.loading.transformer import load_stableavatar_transformer
+
+        init = Path(config.init)
+        wav2vec, _ = load_audio_encoder(init / WAV2VEC, device=device)
+        vae = train_vae(pool, config, log, vae=load_vae(init / BASE / "Wan2.1_VAE.pth", device=device))
+        return wav2vec, vae, load_stableavatar_transformer(init, "square", dtype=torch.float32, device=device)
+    wav2vec = train_audio_encoder(pool, config, log)
+    vae = train_vae(pool, config, log)
+    mean, std = latent_statistics(vae, pool)
+    fold_latent_statistics(vae, mean, std)
+    return wav2vec, vae, None
+
+
+def portrait_inputs(vae, image_encoder, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each pool portrait's reference condition (batched) and CLIP tokens, and the largest difference of the first
+    condition from the inference code's own (avatarcli.features.image.reference_condition)."""
+    from PIL import Image
+
+    from avatarcli.features.image import clip_features, reference_condition
+
+    conditions, tokens = [], []
+    with torch.no_grad():
+        for face in pool.portraits:
+            tokens.append(clip_features(image_encoder, Image.fromarray(face), face.shape[1], face.shape[0]).float())
+        for start in range(0, len(pool.portraits), 64):
+            conditions.append(reference_conditions(vae, pool.portraits[start : start + 64]))
+    conditions, tokens = torch.cat(conditions).float(), torch.cat(tokens)
+    first = Image.fromarray(pool.portraits[0])
+    check = reference_condition(vae, first, first.width, first.height, WINDOW_VIDEO_FRAMES).float()
+    return conditions, tokens, float((check - conditions[:1]).abs().max())
+
+
+def logged_condition_check(ema, vae, wav2vec, image_encoder, prompts: torch.Tensor, size: int, log) -> dict:
+    """dit_check.condition_check, logged, keyed by sigma as text (for the JSON summary)."""
+    check = condition_check(ema, vae, wav2vec, image_encoder, prompts, size)
+    for sigma, errors in check.items():
+        log(f"dit x0 error at sigma {sigma} (frame / mouth box): "
+            + "  ".join(f"{name} {a:.4f} / {m:.4f}" for name, (a, m) in errors.items()))
+    return {str(sigma): errors for sigma, errors in check.items()}
+
+
+def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Run every stage and write the weights folder; returns a summary (steps, losses, seconds)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    summary: dict = {"config": asdict(config)}
+    prompts, image_encoder = fixed_components(out, config, device)
+    pool = make_pool(config, log)
+    wav2vec, vae, init_transformer = audio_encoder_and_vae(pool, config, log, device)
+    save_wav2vec(wav2vec, out / WAV2VEC)
+    save_file(export_vae(vae, config.sizes), str(out / BASE / "Wan2.1_VAE.safetensors"))
+    latents = encode_pool(vae, pool)
+    summary["latent_mean_abs"] = float(latents.mean(dim=(0, 2, 3, 4)).abs().max())
+    summary["latent_std"] = [round(float(v), 3) for v in latents.std(dim=(0, 2, 3, 4))]
+    log(f"latents {tuple(latents.shape)}, per-channel std {summary['latent_std']}")
+    conditions, tokens, summary["condition_batch_error"] = portrait_inputs(vae, image_encoder, pool)
+    ema, steps = train_dit(pool, latents, conditions, tokens, prompts, wav2vec, config, log, init_transformer)
+    summary["condition_check"] = logged_condition_check(ema, vae, wav2vec, image_encoder, prompts, config.size, log)
+    avatar = out / AVATAR
+    avatar.mkdir(parents=True, exist_ok=True)
+    save_file(export_transformer(ema, config.sizes), str(avatar / "transformer3d-square.safetensors"))
+    summary.update(dit_steps=steps, seconds=round(time.perf_counter() - started, 1))
+    return summary
