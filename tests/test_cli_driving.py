@@ -13,7 +13,7 @@ import pytest
 
 from avatarcli.cli import main
 from avatarcli.media.audio import ffmpeg_exe
-from avatarcli.sink.ffmpeg import probe_video
+from avatarcli.media.video import probe_video
 from avatarcli.testing import make_tiny_weights
 from avatarcli.testing.flashportrait_face import synthetic_driving_frames, write_driving_clip
 

@@ -15,7 +15,7 @@ from PIL import Image
 from avatarcli.cli import main
 from avatarcli.demo import world
 from avatarcli.demo.model import DEMO_SIZE, demo_size, demo_weights_dir
-from avatarcli.sink.ffmpeg import probe_video
+from avatarcli.media.video import probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_animate_model_demo_end_to_end_through_the_cli(tmp_path, capsys, one_thr
 
 
 def test_training_prompt_is_the_pipeline_default():
-    from avatarcli.demo.train import PROMPT
+    from avatarcli.demo.training import PROMPT
     from avatarcli.pipeline import DEFAULT_PROMPT
 
     assert PROMPT == DEFAULT_PROMPT
@@ -96,7 +96,7 @@ def test_training_script_tiny_mode_writes_loadable_weights(tmp_path):
 
 
 def test_export_round_trips_through_the_loaders_value_for_value():
-    from avatarcli.demo.train import TrainConfig, export_transformer, export_vae, new_transformer, new_vae, \
+    from avatarcli.demo.training import TrainConfig, export_transformer, export_vae, new_transformer, new_vae, \
         transformer_sizes
     from avatarcli.loading.components import vae_from_state_dict
     from avatarcli.loading.transformer import build_transformer
@@ -114,7 +114,7 @@ def test_export_round_trips_through_the_loaders_value_for_value():
 
 
 def test_folded_latent_statistics_normalise_with_the_wan_constants_and_decode_the_same():
-    from avatarcli.demo.train import DemoSizes, decode_for_training, fold_latent_statistics, new_vae
+    from avatarcli.demo.training import DemoSizes, decode_for_training, fold_latent_statistics, new_vae
 
     torch.manual_seed(0)
     vae = new_vae(DemoSizes(vae_base=4)).eval()

@@ -10,8 +10,8 @@ import pytest
 
 from avatarcli.errors import AvatarError
 from avatarcli.media.audio import write_wav
-from avatarcli.sink.ffmpeg import (BackgroundSink, Mp4Sink, NullSink, check_writable_output, partial_path,
-                                   probe_video)
+from avatarcli.media.video import probe_video
+from avatarcli.sink.ffmpeg import BackgroundSink, Mp4Sink, NullSink, check_writable_output, partial_path
 
 WIDTH, HEIGHT, FPS = 64, 48, 25
 FAST = dict(preset="ultrafast")

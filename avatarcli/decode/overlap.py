@@ -9,17 +9,18 @@ Both run the same per-chunk code in the same order (one decoder, one feature cac
 
 `drain()` returns once everything submitted is decoded and written: the point where the decoder's cache, the sink's
 segments and `frames` agree, which is what a resume state must capture. A failure on the worker is raised on the
-caller's thread by the next `submit` or `drain`, as the exception the worker met (so exit codes keep their meaning).
+caller's thread by the next `submit`, `drain` or `close`, as the exception the worker met (so exit codes keep their
+meaning); the queue, the error hand-over and the stopping are avatarcli/worker.py's.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from typing import Any
 
 import torch
+
+from avatarcli.worker import Worker
 
 
 class SerialWriter:
@@ -84,39 +85,17 @@ class OverlappedWriter(SerialWriter):
         super().__init__(decoder, sink, frames_total, skip_frames, dtype, frames)
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._thread: threading.Thread | None = threading.Thread(target=self._work, name="avatarcli-decode",
-                                                                 daemon=True)
-        self._thread.start()
+        self._worker = Worker(self._work, max_pending=max_pending, name="avatarcli-decode")
 
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None and not self._cancelled:
-                    latents, ready = item
-                    try:
-                        if self.stream is None:
-                            self._decode_and_write(latents)
-                        else:
-                            with torch.cuda.stream(self.stream):
-                                self.stream.wait_event(ready)  # the latents are written on the producer's stream
-                                latents.record_stream(self.stream)  # and must outlive this stream's use of them
-                                self._decode_and_write(latents)  # ends in a copy to the host: synchronous
-                    except BaseException as error:  # handed to the caller's thread
-                        self._error = error
-            finally:
-                self._queue.task_done()
-
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._cancelled = True  # nothing after a failed chunk may be written
-            raise error
+    def _work(self, item: tuple[torch.Tensor, Any]) -> None:
+        latents, ready = item
+        if self.stream is None:
+            self._decode_and_write(latents)
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)  # the latents are written on the producer's stream
+            latents.record_stream(self.stream)  # and must outlive this stream's use of them
+            self._decode_and_write(latents)  # ends in a copy to the host: synchronous
 
     def load_decoder_state(self, state: dict) -> None:
         """Restore the decoder's cache with its tensors allocated on the worker's stream (before any submit)."""
@@ -128,46 +107,30 @@ class OverlappedWriter(SerialWriter):
         self.stream.synchronize()
 
     def submit(self, latents: torch.Tensor) -> None:
-        self._raise_pending()
-        if self._cancelled:
-            raise RuntimeError("the decode worker was stopped")
         ready = None
         if self.stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         tick = time.perf_counter()
-        self._queue.put((latents, ready))  # blocks while max_pending chunks wait
+        self._worker.submit((latents, ready))  # blocks while max_pending chunks wait
         self.wait_seconds += time.perf_counter() - tick
 
     def drain(self) -> None:
         """Wait until every submitted chunk is decoded and written; raise the worker's error, if any."""
         tick = time.perf_counter()
-        self._queue.join()
-        self.wait_seconds += time.perf_counter() - tick
-        self._raise_pending()
-
-    def _stop(self) -> None:
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = None
+        try:
+            self._worker.drain()
+        finally:
+            self.wait_seconds += time.perf_counter() - tick
 
     def close(self) -> None:
         """Finish the submitted work, then stop the worker."""
+        tick = time.perf_counter()
         try:
-            self.drain()
+            self._worker.close()
         finally:
-            self._stop()
+            self.wait_seconds += time.perf_counter() - tick
 
     def abort(self) -> None:
         """Drop the chunks still waiting, let the one being decoded finish, stop the worker; errors are not raised."""
-        self._cancelled = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._queue.task_done()
-        self._stop()
-        self._error = None
+        self._worker.abort()

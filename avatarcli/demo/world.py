@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from avatarcli.media.audio import SAMPLE_RATE
+
 SIZE = 128
 FPS = 25
-SAMPLE_RATE = 16000
 FACE_BOX = (0.18, 0.12, 0.82, 0.92)
 MOUTH_BOX = (0.36, 0.62, 0.64, 0.82)
 DARK_LUMA = 40  # the open mouth's interior is at most this dark; nothing else in MOUTH_BOX is

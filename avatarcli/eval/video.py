@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from avatarcli.errors import AvatarError
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    path: Path
-    width: int
-    height: int
-    fps: float
+from avatarcli.media.video import VideoInfo
 
 
 class VideoReader:
-    """Opens `path` at once (a missing or unreadable file is an AvatarError here) and yields its frames."""
+    """Opens `path` at once (a missing or unreadable file is an AvatarError here) and yields its frames.
+
+    `info` holds what the header gives (path, size, fps); the frames are not counted.
+    """
 
     def __init__(self, path: str | Path, what: str = "video") -> None:
         import imageio_ffmpeg

@@ -7,8 +7,8 @@ import torch
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from avatarcli.errors import AvatarError
+from avatarcli.media.audio import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # wav2vec2's conv feature encoder: receptive field 400 samples (25 ms), hop 320 samples (20 ms).
 RECEPTIVE_FIELD_SAMPLES = 400
 HOP_SAMPLES = 320

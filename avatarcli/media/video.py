@@ -1,9 +1,10 @@
-"""Driving video input: any file the bundled ffmpeg can decode, read frame by frame (never whole into memory).
+"""Video files through the bundled ffmpeg: what one is (`probe_video` -> `VideoInfo`) and its frames, one at a time.
 
 `probe_video` reads the container header and counts the video packets with a stream copy (no decoding), so it is
 fast even for long files; `iter_video_frames` decodes to RGB24 through a pipe and yields one HxWx3 uint8 frame at a
 time. Both are torch-free. Attached pictures (cover art in audio files) are not video: a file whose only picture is
-cover art is an audio file.
+cover art is an audio file. `VideoInfo` is also what the eval reader (avatarcli/eval/video.py) reports, with only
+the fields its header gives.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from avatarcli.errors import AvatarError
-from avatarcli.media.audio import ffmpeg_exe
+from avatarcli.media.audio import SAMPLE_RATE, ffmpeg_exe, load_audio
 
 # "V" (upper case) selects video streams that are not attached pictures.
 _VIDEO_STREAM = "0:V:0"
@@ -27,25 +29,53 @@ _VIDEO_STREAM = "0:V:0"
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a driving video is: display size (after rotation metadata), frame rate, frame count, audio presence."""
+    """What a video is: display size (after rotation metadata) and frame rate; from `probe_video` also its frame
+    count, codecs and audio presence (None where a reader did not look, as the eval reader, which reads the header).
+
+    `info["frames"]`, `info["audio_seconds"]`, ...: the same values by name, for callers that treat it as a record
+    (fields and properties by their names, and "frames" for `frame_count`).
+    """
 
     path: Path
     width: int
     height: int
     fps: float
-    frame_count: int
-    has_audio: bool
+    frame_count: int | None = None
+    has_audio: bool | None = None
+    video_codec: str | None = None  # e.g. "h264"
+    audio_codec: str | None = None  # e.g. "aac"; None without audio
+    audio_rate: int | None = None  # the audio track's sample rate in Hz
 
     @property
     def seconds(self) -> float:
-        return self.frame_count / self.fps if self.fps > 0 else 0.0
+        """Video duration from the frame count (0.0 when the frames were not counted)."""
+        return self.frame_count / self.fps if self.frame_count and self.fps > 0 else 0.0
+
+    @cached_property
+    def audio_seconds(self) -> float:
+        """Seconds of audio actually decodable (not the container's claim; 0.0 without audio). Decodes the track on
+        first use."""
+        if not self.has_audio:
+            return 0.0
+        rate = self.audio_rate or SAMPLE_RATE
+        return len(load_audio(self.path, sample_rate=rate)) / rate
+
+    def __getitem__(self, key: str):
+        name = _RECORD_KEYS.get(key, key)
+        if name not in _READABLE:
+            raise KeyError(key)
+        return getattr(self, name)
 
 
-def _check_file(path: Path) -> None:
+_RECORD_KEYS = {"frames": "frame_count"}  # record names that differ from the attribute names
+_READABLE = frozenset(f.name for f in fields(VideoInfo)) | {"seconds", "audio_seconds"}
+
+
+def _check_file(path: Path, what: str) -> None:
     if not path.exists():
-        raise AvatarError(f"driving video not found: {path}; check the path")
+        raise AvatarError(f"{what} not found: {path}; check the path")
     if path.is_dir():
-        raise AvatarError(f"driving video path is a folder, not a file: {path}")
+        raise AvatarError(f"{what} path is a folder, not a file: {path}")
 
 
 def _ffmpeg_reason(stderr: str) -> str:
@@ -76,25 +106,26 @@ def _parse_fps(stream_line: str) -> float:
     return 0.0
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """Size, fps, frame count and audio presence of `path`; AvatarError naming it when it holds no readable video."""
+def probe_video(path: str | Path, what: str = "driving video") -> VideoInfo:
+    """Size, fps, frame count, codecs and audio presence of `path`; AvatarError naming it (as `what`) when it holds
+    no readable video. The decodable audio length is read on demand (`VideoInfo.audio_seconds`)."""
     path = Path(path)
-    _check_file(path)
+    _check_file(path, what)
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", _VIDEO_STREAM, "-c", "copy",
                "-f", "null", "-"]
     result = subprocess.run(command, capture_output=True, check=False)
     stderr = result.stderr.decode("utf-8", errors="replace")
     if result.returncode != 0:
-        raise AvatarError(f"cannot read driving video {path}: {_ffmpeg_reason(stderr)}")
+        raise AvatarError(f"cannot read {what} {path}: {_ffmpeg_reason(stderr)}")
     header = stderr.split("Stream mapping:")[0]
     video_lines = [line for line in header.splitlines()
                    if re.search(r"Stream #0:\d+.*: Video:", line) and "attached pic" not in line]
     if not video_lines:
-        raise AvatarError(f"cannot read driving video {path}: it has no video stream")
+        raise AvatarError(f"cannot read {what} {path}: it has no video stream")
     stream = video_lines[0]
     size = re.search(r", (\d{1,5})x(\d{1,5})[ ,]", stream)
     if size is None:
-        raise AvatarError(f"cannot read driving video {path}: ffmpeg reports no frame size")
+        raise AvatarError(f"cannot read {what} {path}: ffmpeg reports no frame size")
     width, height = int(size.group(1)), int(size.group(2))
     # ffmpeg auto-rotates on decode; a quarter turn in the display matrix swaps the decoded width and height.
     rotation = re.search(r"rotation of (-?\d+(?:\.\d+)?) degrees", header[header.find(stream):])
@@ -103,12 +134,17 @@ def probe_video(path: str | Path) -> VideoInfo:
     counts = re.findall(r"frame=\s*(\d+)", stderr)
     frame_count = int(counts[-1]) if counts else 0
     if frame_count == 0:
-        raise AvatarError(f"driving video {path} has no frames")
+        raise AvatarError(f"{what} {path} has no frames")
     fps = _parse_fps(stream)
     if fps <= 0:
-        raise AvatarError(f"cannot tell the frame rate of driving video {path}; re-encode it at a constant rate")
-    has_audio = re.search(r"Stream #0:\d+.*: Audio:", header) is not None
-    return VideoInfo(path=path, width=width, height=height, fps=fps, frame_count=frame_count, has_audio=has_audio)
+        raise AvatarError(f"cannot tell the frame rate of {what} {path}; re-encode it at a constant rate")
+    video_codec = re.search(r": Video: (\w+)", stream)
+    audio = re.search(r"Stream #0:\d+.*: Audio: (\w+)(.*)", header)
+    audio_rate = re.search(r", (\d+) Hz", audio.group(2)) if audio is not None else None
+    return VideoInfo(path=path, width=width, height=height, fps=fps, frame_count=frame_count,
+                     has_audio=audio is not None, video_codec=video_codec.group(1) if video_codec else None,
+                     audio_codec=audio.group(1) if audio is not None else None,
+                     audio_rate=int(audio_rate.group(1)) if audio_rate is not None else None)
 
 
 def iter_video_frames(path: str | Path, info: VideoInfo | None = None) -> Iterator[np.ndarray]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -19,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from avatarcli.errors import AvatarError, EnvironmentProblem
-from avatarcli.media.audio import ffmpeg_exe, load_audio
+from avatarcli.media.audio import ffmpeg_exe
+from avatarcli.worker import Worker
 
 
 def check_writable_output(path: str | Path) -> Path:
@@ -229,102 +229,43 @@ def _unreadable_reason(path: Path) -> str | None:
     return None
 
 
-_STREAM = re.compile(r"Stream #\d+:\d+[^:]*: (?P<kind>Video|Audio): (?P<codec>\w+)(?P<rest>.*)")
-
-
-def probe_video(path: str | Path) -> dict[str, Any]:
-    """Read back a video with the bundled ffmpeg (there is no ffprobe in imageio-ffmpeg).
-
-    Returns frames, fps, width, height, video_codec, audio_codec (None without audio) and
-    audio_seconds (samples actually decodable, not the container's claim; 0.0 without audio).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AvatarError(f"video not found: {path}")
-    header = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], capture_output=True, check=False
-    ).stderr.decode("utf-8", errors="replace")
-    streams = {}
-    for match in _STREAM.finditer(header):
-        streams.setdefault(match["kind"], match)
-    if "Video" not in streams:
-        raise AvatarError(f"{path} has no video stream")
-    video = streams["Video"]
-    size = re.search(r", (\d+)x(\d+)", video["rest"])
-    fps = re.search(r", ([\d.]+) fps", video["rest"])
-    import imageio_ffmpeg
-
-    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    audio_codec = audio_seconds = None
-    if "Audio" in streams:
-        audio = streams["Audio"]
-        audio_codec = audio["codec"]
-        rate = int(re.search(r", (\d+) Hz", audio["rest"])[1])
-        audio_seconds = len(load_audio(path, sample_rate=rate)) / rate
-    return {
-        "frames": frames,
-        "fps": float(fps[1]) if fps else None,
-        "width": int(size[1]) if size else None,
-        "height": int(size[2]) if size else None,
-        "video_codec": video["codec"],
-        "audio_codec": audio_codec,
-        "audio_seconds": audio_seconds if audio_seconds is not None else 0.0,
-    }
-
-
 class BackgroundSink:
     """Runs another sink's write() on a worker thread, so H.264 encoding overlaps generation.
 
-    At most `max_pending` frame batches wait in the queue (memory stays bounded); an error in the worker is raised
-    by the next write() or by close().
+    At most `max_pending` frame batches wait (memory stays bounded; write() blocks meanwhile); an error in the worker
+    is raised by the next write(), drain() or close(), and then the wrapped sink is not closed (nothing is published).
     """
 
     def __init__(self, sink: Mp4Sink | NullSink, max_pending: int = 4) -> None:
-        import queue
-
         self.sink = sink
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self._thread = None
+        self.max_pending = max_pending
+        self._worker: Worker | None = None
 
     @property
     def frames_written(self) -> int:
         return self.sink.frames_written
 
     def open(self) -> None:
-        import threading
-
         self.sink.open()
-        self._thread = threading.Thread(target=self._work, name="avatarcli-sink", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (frames := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.sink.write(frames)
-                except BaseException as error:  # handed to the caller's thread
-                    self._error = error
-
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._worker = Worker(self.sink.write, max_pending=self.max_pending, name="avatarcli-sink")
 
     def write(self, frames: np.ndarray) -> None:
-        self._raise_pending()
-        self._queue.put(np.ascontiguousarray(frames))
+        if self._worker is None:
+            raise RuntimeError("the background sink is not open")
+        self._worker.submit(np.ascontiguousarray(frames))
 
-    def _stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+    def drain(self) -> None:
+        """Wait until every written batch has reached the wrapped sink; raise the worker's error, if any."""
+        if self._worker is not None:
+            self._worker.drain()
 
     def close(self) -> None:
-        self._stop()
-        self._raise_pending()
+        if self._worker is not None:
+            self._worker.close()
         self.sink.close()
 
     def abort(self) -> None:
-        self._stop()
+        """Drop the batches still waiting, stop the worker, then abort the wrapped sink."""
+        if self._worker is not None:
+            self._worker.abort()
         self.sink.abort()
