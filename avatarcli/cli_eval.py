@@ -1,4 +1,5 @@
-"""`avatarcli eval`: lip sync, identity drift, window seams, flicker and PSNR/SSIM of a generated video, offline."""
+"""`avatarcli eval`: lip sync, identity drift (also by region against the portrait), window seams, flicker and
+PSNR/SSIM of a generated video, offline."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def _print_table(summary: dict) -> None:
         table.add_row("SSIM mean / min", f"{fmt(c['ssim_mean'], '.4f')} / {fmt(c['ssim_min'], '.4f')}", "luma")
         table.add_row("mouth vs comparison", f"r {fmt(c['mouth_correlation'])}, best lag {c['mouth_best_lag']} "
                       f"(r {fmt(c['mouth_best_correlation'])})", "+ = this video's mouth moves later")
+    _region_rows(table, summary["portrait"], fmt)
     console = Console()
     console.print(f"{summary['video']}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['size']}, "
                   f"layout {summary['layout']}, {summary['windows']} window{'s' if summary['windows'] != 1 else ''}")
@@ -55,6 +57,23 @@ def _print_table(summary: dict) -> None:
         console.print(f"plot: {summary['plot']}")
     for note in summary.get("notes", []):
         console.print(f"note: {note}")
+
+
+def _region_rows(table, portrait: dict, fmt) -> None:
+    """Identity against the portrait by region: one row per measured region, one for those not measured."""
+    span = portrait["span_frames"]
+    missing = []
+    for name, region in portrait["regions"].items():
+        if region is None:
+            missing.append(name)
+            continue
+        table.add_row(f"vs portrait: {name}",
+                      f"PSNR {fmt(region['psnr_start'], '.2f')} / {fmt(region['psnr_end'], '.2f')} dB, "
+                      f"DeltaE {fmt(region['delta_e_start'], '.2f')} / {fmt(region['delta_e_end'], '.2f')}",
+                      f"first / last {span} frames; PSNR mean {fmt(region['psnr_mean'], '.2f')} dB; "
+                      f"{region['pixels']} px")
+    if missing:
+        table.add_row(f"vs portrait: {', '.join(missing)}", "not measured", "regions of the demo-world layout only")
 
 
 def register(app: typer.Typer) -> None:
@@ -77,7 +96,8 @@ def register(app: typer.Typer) -> None:
         span: float = typer.Option(5.0, "--span-seconds", help="Drift is also given over the first/last this long."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line with all numbers."),
     ) -> None:
-        """Measure a generated video: lip sync, identity drift, window seams, flicker; PSNR/SSIM with --compare."""
+        """Measure a generated video: lip sync, identity drift (also by region against the portrait), window seams,
+        flicker; PSNR/SSIM with --compare."""
         from avatarcli.eval import EvalJob, evaluate
         from avatarcli.eval.layout import parse_box
 

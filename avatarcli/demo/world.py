@@ -8,11 +8,14 @@ Layout contract (what `avatarcli eval` relies on to find face and mouth on video
   * the mouth lies inside MOUTH_BOX; the open mouth's interior is near-black (luma <= 40), the closed mouth a thin
     lip-coloured line, skin has luma >= 100, and nothing else dark (hair, eyes, brows, background) is inside
     MOUTH_BOX. Mouth openness is therefore the fraction of dark pixels in MOUTH_BOX.
+Which part of the picture (background, shirt, hair, skin, ...) each pixel of a frame shows is `part_map`, drawn by
+`render_frame` itself; the head sways by at most MAX_SWAY. `avatarcli eval` intersects part maps over identities and
+sways to get the pixels that show the same part in every frame of every video of this world (avatarcli/eval/layout.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -29,6 +32,7 @@ MIN_SKIN_LUMA = 100
 _SUPERSAMPLE = 2
 _FACE_CENTRE_Y = 0.54
 _SWAY_X, _SWAY_Y = 0.02, 0.01  # largest head offset, fraction of the frame
+MAX_SWAY = (_SWAY_X, _SWAY_Y)  # largest |dx|, |dy| of a FrameState that `motion` produces
 _MOUTH_OFFSET = 0.165  # mouth centre below the face centre
 _MOUTH_OPEN = 0.045  # largest half-height of the open mouth's interior
 _LIP = 0.012  # lip thickness
@@ -166,6 +170,31 @@ def render_frame(identity: Identity, state: FrameState = FrameState(), size: int
     if inner * s > 0.25:
         _ellipse(draw, cx, my, mw * 0.86, inner, _INTERIOR, s)
     return np.asarray(image.reduce(_SUPERSAMPLE))
+
+
+# Which part each pixel shows: every part drawn in its own flat colour, each a vertex of the convex hull of all colours
+# in a labelled frame (the fixed eye and mouth colours and the skin's shade included), so the 2x2 average of the
+# supersampled drawing equals a label colour only where all four sub-pixels are that part.
+PARTS = ("background", "shirt", "hair", "skin", "iris", "lips")
+_PART_COLOURS = ((0, 0, 200), (0, 200, 0), (200, 200, 0), (200, 0, 0), (0, 200, 200), (200, 0, 200))
+
+
+def part_map(identity: Identity | int, state: FrameState = FrameState(), size: int = SIZE) -> np.ndarray:
+    """[size, size] int8: the index in PARTS of the part each pixel of `render_frame(identity, state, size)` shows
+    (the geometry is render_frame's own: the identity is drawn with one flat colour per part), or -1 for anything
+    else: eye whites, pupils, the mouth's interior, shaded skin (neck, nose, closed lids) and pixels on an edge between
+    two parts. Brows count as hair (they are drawn in the hair's colour)."""
+    if isinstance(identity, int):
+        identity = random_identity(identity)
+    background, shirt, hair, skin, iris, lips = _PART_COLOURS
+    labelled = replace(identity, background=background, background_low=background, shirt=shirt, hair=hair, skin=skin,
+                       iris=iris, lips=lips)
+    frame = render_frame(labelled, state, size).astype(np.int32)
+    codes = (frame[..., 0] << 16) | (frame[..., 1] << 8) | frame[..., 2]
+    out = np.full(codes.shape, -1, dtype=np.int8)
+    for index, (r, g, b) in enumerate(_PART_COLOURS):
+        out[codes == (r << 16) | (g << 8) | b] = index
+    return out
 
 
 def portrait(identity: Identity | int, size: int = SIZE) -> Image.Image:

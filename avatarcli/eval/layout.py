@@ -5,6 +5,9 @@ with the face inside FACE_BOX and the mouth inside MOUTH_BOX whatever the head s
 (luma <= DARK_LUMA), the closed mouth a thin lip-coloured line, skin luma >= 100, and nothing else inside MOUTH_BOX is
 dark, so the fraction of dark pixels in MOUTH_BOX is the mouth's openness.
 
+The demo world also fixes where hair, skin, shirt and background are (`demo_part_masks`): the pixels that show the
+same part in every frame of every demo-world video, whatever the identity, head sway, blink or mouth opening.
+
 Real videos have no known layout: the face box comes from the frontal-face Haar cascade that ships inside OpenCV
 (`cv2.data.haarcascades`, no download), and the mouth box is the lower-middle part of that face box (MOUTH_IN_FACE).
 Boxes are (x0, y0, x1, y1) as fractions of the width and height, so they do not depend on the frame size.
@@ -12,18 +15,28 @@ Boxes are (x0, y0, x1, y1) as fractions of the width and height, so they do not 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from avatarcli.demo import world
 from avatarcli.errors import AvatarError
 
-DEMO_SIZE = (128, 128)  # width, height
-DEMO_FPS = 25
-FACE_BOX = (0.18, 0.12, 0.82, 0.92)
-MOUTH_BOX = (0.36, 0.62, 0.64, 0.82)
-DARK_LUMA = 40.0  # demo world: an open mouth's interior is at most this dark (BT.601 luma, 0-255)
+# The demo world's contract, as avatarcli/demo/world.py states it.
+DEMO_SIZE = (world.SIZE, world.SIZE)  # width, height
+DEMO_FPS = world.FPS
+FACE_BOX = world.FACE_BOX
+MOUTH_BOX = world.MOUTH_BOX
+DARK_LUMA = float(world.DARK_LUMA)  # an open mouth's interior is at most this dark (BT.601 luma, 0-255)
+
+# The demo world's parts that `eval` measures against the portrait, and how their masks are made (demo_part_masks).
+DEMO_PARTS = ("hair", "skin", "shirt", "background")
+PART_IDENTITIES = 32  # extreme identities the part maps are intersected over
+PART_PROBE = 256  # identities drawn to find each geometry parameter's range
+PART_MARGIN = 1  # pixels taken off every mask's edge: sways between the extremes, parameters just past the probe's
 
 # Real videos: the mouth as a part of the detected face box (fractions of the face box), and "dark" relative to the
 # face's median luma, because lighting varies from video to video.
@@ -132,3 +145,75 @@ def detected_regions(face: Box, frame: np.ndarray) -> Regions:
 
     median = float(np.median(luma(crop(frame, face))))
     return Regions(face, mouth_in_face(face), DARK_FRACTION_OF_FACE * median)
+
+
+# ---------------------------------------------------------------------------------------------- demo-world parts
+
+
+def _extreme_identities(count: int = PART_IDENTITIES, probe: int = PART_PROBE) -> list[world.Identity]:
+    """Identities whose every geometry parameter (the float fields of world.Identity) sits at the smallest or the
+    largest value among `probe` identities of the world, the choice per parameter drawn from a fixed seed (all
+    smallest and all largest included). Each part's outline grows, shrinks or slides steadily with each parameter, so
+    a pixel that shows the same part for all of these does so for the identities between them, up to the pixel that
+    PART_MARGIN takes off (tests/test_eval_regions.py checks this on identities the masks were not made from)."""
+    drawn = [world.random_identity(seed) for seed in range(probe)]
+    names = [f.name for f in dataclasses.fields(world.Identity) if isinstance(getattr(drawn[0], f.name), float)]
+    low = {name: min(getattr(i, name) for i in drawn) for name in names}
+    high = {name: max(getattr(i, name) for i in drawn) for name in names}
+    rng = np.random.default_rng(0)
+    corners = [np.ones(len(names), bool), np.zeros(len(names), bool)] + [
+        rng.integers(0, 2, len(names)).astype(bool) for _ in range(count - 2)]
+    return [dataclasses.replace(drawn[0], **{name: high[name] if up else low[name] for name, up in zip(names, pick)})
+            for pick in corners]
+
+
+def _erode(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Binary erosion by a 3x3 square, `pixels` times (the frame's border does not erode)."""
+    for _ in range(pixels):
+        padded = np.pad(mask, 1, constant_values=True)
+        h, w = mask.shape
+        out = mask.copy()
+        for dy in range(3):
+            for dx in range(3):
+                out &= padded[dy : dy + h, dx : dx + w]
+        mask = out
+    return mask
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_part_masks(width: int, height: int) -> tuple[tuple[str, np.ndarray], ...]:
+    sway_x, sway_y = world.MAX_SWAY
+    sure = None
+    for identity in _extreme_identities():
+        for dx in (-sway_x, sway_x):
+            for dy in (-sway_y, sway_y):
+                # mouth wide open and eyes open: the largest lips and eyes (a closed mouth or lid covers less)
+                parts = world.part_map(identity, world.FrameState(1.0, 0.0, dx, dy))
+                sure = parts if sure is None else np.where(sure == parts, sure, -1)
+    x0, y0, x1, y1 = pixel_box(MOUTH_BOX, world.SIZE, world.SIZE)
+    sure[y0:y1, x0:x1] = -1  # as for drift: speaking is not a change of identity
+    masks = []
+    for name in DEMO_PARTS:
+        mask = _erode(sure == world.PARTS.index(name), PART_MARGIN)
+        if (width, height) != DEMO_SIZE:  # --layout demo on another size: the same fractions of the frame
+            rows = np.minimum((np.arange(height) + 0.5) * world.SIZE // height, world.SIZE - 1).astype(int)
+            cols = np.minimum((np.arange(width) + 0.5) * world.SIZE // width, world.SIZE - 1).astype(int)
+            mask = mask[rows[:, None], cols[None, :]]
+        mask.flags.writeable = False
+        masks.append((name, mask))
+    return tuple(masks)
+
+
+def demo_part_masks(width: int = DEMO_SIZE[0], height: int = DEMO_SIZE[1]) -> dict[str, np.ndarray]:
+    """The demo world's hair, skin, shirt and background as [height, width] boolean masks (read-only): the pixels that
+    show that part in every frame of every demo-world video.
+
+    Made from the world's own drawing (`world.part_map`, which renders a frame with one flat colour per part): the
+    part maps of extreme identities (`_extreme_identities`) at the four largest head sways (`world.MAX_SWAY`), mouth
+    open, are intersected; pixels on a part's edge count as none, brows as hair. Then MOUTH_BOX is taken out and every
+    mask loses PART_MARGIN pixels at its edge. At 128x128 (the world's size): hair is a band across the top of the
+    head (162 px), skin the cheeks beside and below the eyes, the bridge of the nose and the jaw beside the mouth box
+    (1002 px), shirt the shoulders (562 px), background the frame outside the hair and the shoulders (7630 px). Other
+    sizes (--layout demo on a video that is not 128x128) take the 128x128 masks' nearest pixels. Computed once per
+    size (about a third of a second)."""
+    return dict(_demo_part_masks(width, height))

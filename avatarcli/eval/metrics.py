@@ -7,6 +7,10 @@ Per frame (computed while the video streams past, see avatarcli/eval/report.py):
 - `frame_difference`: mean |frame[t+1] - frame[t]| over all pixels and channels (0-255).
 - `mean_luma_outside`: mean BT.601 luma of the frame outside the mouth box (so speaking is not flicker).
 - with a second video: `psnr` (RGB, capped at PSNR_CAP dB) and `ssim` (luma, Wang et al. 2004 Gaussian window).
+- against the portrait, per region (`RegionDistance`: the whole frame, the face box, and on demo-world videos the
+  hair, skin, shirt and background masks of layout.py): `masked_psnr` (RGB over the region's pixels, capped at
+  PSNR_CAP) and `masked_delta_e` (mean per-pixel CIE Lab DeltaE76 over the region's pixels). The regions are fixed
+  pixels, the same in every frame and in the portrait.
 
 Metrics over the video (functions below): lip sync (`lip_sync`), seams (`seam_scores`), flicker (`flicker`).
 """
@@ -32,10 +36,18 @@ def mouth_openness(mouth: np.ndarray, dark_luma: float) -> float:
     return float(np.mean(luma(mouth) <= dark_luma))
 
 
+def _linear(c: np.ndarray) -> np.ndarray:
+    """sRGB values in [0, 1] -> linear light."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+_LINEAR_UINT8 = _linear(np.arange(256, dtype=np.float64) / 255.0)  # the same values, looked up for uint8 input
+
+
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB (uint8 or 0-255 float) -> CIE Lab (D65), float64 [..., 3]."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    rgb = np.asarray(rgb)
+    c = _LINEAR_UINT8[rgb] if rgb.dtype == np.uint8 else _linear(rgb.astype(np.float64) / 255.0)
     xyz = c @ np.array([[0.4124564, 0.2126729, 0.0193339],
                         [0.3575761, 0.7151522, 0.1191920],
                         [0.1804375, 0.0721750, 0.9503041]])  # fmt: skip
@@ -100,6 +112,40 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     if mse == 0.0:
         return PSNR_CAP
     return min(PSNR_CAP, 10.0 * np.log10(255.0**2 / mse))
+
+
+def masked_psnr(squared_error: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB (peak 255, capped at PSNR_CAP) from per-pixel squared errors summed over the 3 channels ([H, W]),
+    over the pixels where `mask` is true (all without one)."""
+    values = squared_error if mask is None else squared_error[mask]
+    mse = float(values.mean(dtype=np.float64)) / 3.0
+    if mse == 0.0:
+        return PSNR_CAP
+    return min(PSNR_CAP, 10.0 * np.log10(255.0**2 / mse))
+
+
+def masked_delta_e(delta_e: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean of per-pixel DeltaE76 values ([H, W]) over the pixels where `mask` is true (all without one)."""
+    return float((delta_e if mask is None else delta_e[mask]).mean(dtype=np.float64))
+
+
+class RegionDistance:
+    """Each frame against the portrait over fixed regions: PSNR (RGB) and mean DeltaE76 (CIE Lab) per region.
+
+    `regions` maps a name to an [H, W] boolean mask (None: the whole frame); masks without a pixel are skipped by the
+    caller. Calling it with a frame returns {name: (psnr, delta_e)}."""
+
+    def __init__(self, portrait: np.ndarray, regions: dict[str, np.ndarray | None]) -> None:
+        self.portrait = np.asarray(portrait, dtype=np.uint8)
+        self.portrait_lab = srgb_to_lab(self.portrait)
+        self.regions = regions
+
+    def __call__(self, frame: np.ndarray) -> dict[str, tuple[float, float]]:
+        difference = frame.astype(np.int32) - self.portrait.astype(np.int32)
+        squared = np.einsum("hwc,hwc->hw", difference, difference)
+        delta_e = np.sqrt(np.sum((srgb_to_lab(frame) - self.portrait_lab) ** 2, axis=-1))
+        return {name: (masked_psnr(squared, mask), masked_delta_e(delta_e, mask))
+                for name, mask in self.regions.items()}
 
 
 def _gaussian_taps(size: int = 11, sigma: float = 1.5) -> np.ndarray:

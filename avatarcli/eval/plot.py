@@ -2,7 +2,9 @@
 
 Panels, all over time in seconds: mouth openness against the audio loudness envelope; the face's distance from the
 reference with per-window means; frame-to-frame difference with the window overlaps shaded and the window edges
-marked; with a second video, PSNR and SSIM per frame.
+marked; with a second video, PSNR and SSIM per frame; PSNR to the portrait per frame for each measured region
+(whole frame, face box and, on demo-world videos, hair, skin, shirt and background), their DeltaE76 first -> last in
+the title.
 """
 
 from __future__ import annotations
@@ -135,78 +137,19 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def draw_report(report, path: str | Path) -> Path:
-    """Write the report's curves to `path` (PNG, written to a temporary name and renamed)."""
+    """Write the report's curves to `path` (PNG, written to a temporary name and renamed): lip sync, identity drift,
+    identity against the portrait by region, seams and flicker, and (with a comparison video) PSNR, one panel each."""
     from PIL import Image
 
     path = Path(path)
     if not path.parent.is_dir():
         raise AvatarError(f"plot folder {path.parent} does not exist; create it first")
-    panels = 4 if report.psnr is not None else 3
-    image = Image.new("RGB", (WIDTH, PANEL_HEIGHT * panels + 10), (250, 250, 250))
-    fps, n = report.fps, report.frames
-    t = np.arange(n) / fps
-    x_max = max(n - 1, 1) / fps
-    name = Path(report.video).name
-
-    # 1. lip sync
-    ls = report.lip_sync
-    if ls is None:
-        title = f"{name}: mouth openness (no audio given, lip sync not measured)"
-    else:
-        title = (f"{name}: lip sync  r = {_fmt(ls.correlation)} at lag 0,  best r = {_fmt(ls.best_correlation)} "
-                 f"at lag {ls.best_lag} frames (+ = mouth after sound)")
-    panel = _Panel(image, 0, x_max, 0.0, 1.0, title, "scaled")
-    for b in report.boundaries:
-        panel.vline(b.start_frame / fps, GREY)
-    entries = [("mouth openness / max", BLUE)]
-    if report.envelope is not None:
-        panel.line(t, _scaled(report.envelope), ORANGE)
-        entries.append(("audio RMS / max", ORANGE))
-    top = max(float(report.mouth.max()), float(report.compare_mouth.max()) if report.compare_mouth is not None
-              and report.compare_mouth.size else 0.0)
-    top = top if top > 0 else 1.0
-    if report.compare_mouth is not None:  # both mouths on one scale, so a weaker articulation shows
-        panel.line(np.arange(report.compare_mouth.size) / fps, report.compare_mouth / top, GREY)
-        entries.append(("comparison's mouth", GREY))
-    panel.line(t, report.mouth / top, BLUE)
-    panel.legend(entries)
-
-    # 2. drift
-    drift = report.drift
-    title = (f"identity drift: face colour distance from the reference (DeltaE76, mouth excluded)  "
-             f"first {_fmt(report.drift_start, '.2f')}  last {_fmt(report.drift_end, '.2f')}")
-    panel = _Panel(image, PANEL_HEIGHT, x_max, 0.0, float(drift.max()), title, "DeltaE")
-    for b in report.boundaries:
-        panel.vline(b.start_frame / fps, GREY)
-    panel.line(t, drift, PURPLE, 1)
-    for (a, b), value in zip(report.windows, report.drift_per_window):
-        panel.line(np.array([a / fps, (b - 1) / fps]), np.array([value, value]), (0, 0, 0), 3)
-    panel.legend([("per frame", PURPLE), ("window mean", (0, 0, 0))])
-
-    # 3. seams and flicker
-    d = report.differences
-    s = report.seams
-    title = (f"frame-to-frame difference  seam score {_fmt(s.score, '.2f')} (edges), {_fmt(s.overlap_score, '.2f')} "
-             f"(overlaps)  flicker {_fmt(report.flicker, '.3f')}")
-    panel = _Panel(image, 2 * PANEL_HEIGHT, x_max, 0.0, float(d.max()) if d.size else 1.0, title, "mean |diff|")
-    for b in report.boundaries:
-        panel.shade((b.span[0] + 0.5) / fps, (b.span[1] + 0.5) / fps)
-    for b in report.boundaries:
-        for edge in b.edges:
-            panel.vline((edge + 0.5) / fps, RED, 2)
-    panel.line((np.arange(d.size) + 0.5) / fps, d, GREEN)
-    panel.legend([("|frame[t+1] - frame[t]|", GREEN), ("window edge", RED), ("overlap (shaded)", SHADE)])
-
-    # 4. comparison
-    if report.psnr is not None:
-        p = report.psnr
-        title = (f"against the comparison video: PSNR mean {_fmt(float(p.mean()), '.2f')} / min "
-                 f"{_fmt(float(p.min()), '.2f')} dB,  SSIM mean {_fmt(float(report.ssim.mean()), '.4f')} / min "
-                 f"{_fmt(float(report.ssim.min()), '.4f')}")
-        panel = _Panel(image, 3 * PANEL_HEIGHT, x_max, float(p.min()), float(p.max()), title, "PSNR dB")
-        panel.line(np.arange(p.size) / fps, p, RED)
-        panel.legend([("PSNR per frame", RED)])
-
+    panels = [_lip_sync_panel, _drift_panel] + ([_regions_panel] if _measured_regions(report) else []) + \
+        [_seams_panel] + ([_psnr_panel] if report.psnr is not None else [])
+    image = Image.new("RGB", (WIDTH, PANEL_HEIGHT * len(panels) + 10), (250, 250, 250))
+    x_max = max(report.frames - 1, 1) / report.fps
+    for row, draw in enumerate(panels):
+        draw(image, row * PANEL_HEIGHT, x_max, report)
     temporary = path.with_name(f".{path.name}.partial.png")
     try:
         image.save(temporary, format="PNG")
@@ -215,3 +158,88 @@ def draw_report(report, path: str | Path) -> Path:
         temporary.unlink(missing_ok=True)
         raise AvatarError(f"cannot write plot {path}: {error.strerror or error}") from error
     return path
+
+
+def _lip_sync_panel(image, top_y: int, x_max: float, report) -> None:
+    fps, ls, name = report.fps, report.lip_sync, Path(report.video).name
+    if ls is None:
+        title = f"{name}: mouth openness (no audio given, lip sync not measured)"
+    else:
+        title = (f"{name}: lip sync  r = {_fmt(ls.correlation)} at lag 0,  best r = {_fmt(ls.best_correlation)} "
+                 f"at lag {ls.best_lag} frames (+ = mouth after sound)")
+    panel = _Panel(image, top_y, x_max, 0.0, 1.0, title, "scaled")
+    for b in report.boundaries:
+        panel.vline(b.start_frame / fps, GREY)
+    t = np.arange(report.frames) / fps
+    entries = [("mouth openness / max", BLUE)]
+    if report.envelope is not None:
+        panel.line(t, _scaled(report.envelope), ORANGE)
+        entries.append(("audio RMS / max", ORANGE))
+    compare = report.compare_mouth
+    top = max(float(report.mouth.max()), float(compare.max()) if compare is not None and compare.size else 0.0)
+    top = top if top > 0 else 1.0
+    if compare is not None:  # both mouths on one scale, so a weaker articulation shows
+        panel.line(np.arange(compare.size) / fps, compare / top, GREY)
+        entries.append(("comparison's mouth", GREY))
+    panel.line(t, report.mouth / top, BLUE)
+    panel.legend(entries)
+
+
+def _drift_panel(image, top_y: int, x_max: float, report) -> None:
+    fps, drift = report.fps, report.drift
+    title = (f"identity drift: face colour distance from the reference (DeltaE76, mouth excluded)  "
+             f"first {_fmt(report.drift_start, '.2f')}  last {_fmt(report.drift_end, '.2f')}")
+    panel = _Panel(image, top_y, x_max, 0.0, float(drift.max()), title, "DeltaE")
+    for b in report.boundaries:
+        panel.vline(b.start_frame / fps, GREY)
+    panel.line(np.arange(report.frames) / fps, drift, PURPLE, 1)
+    for (a, b), value in zip(report.windows, report.drift_per_window):
+        panel.line(np.array([a / fps, (b - 1) / fps]), np.array([value, value]), (0, 0, 0), 3)
+    panel.legend([("per frame", PURPLE), ("window mean", (0, 0, 0))])
+
+
+REGION_COLOURS = {"frame": GREY, "face": PURPLE, "hair": ORANGE, "skin": RED, "shirt": GREEN, "background": BLUE}
+
+
+def _measured_regions(report) -> list:
+    return [(name, curve) for name, curve in getattr(report, "regions", {}).items() if curve is not None]
+
+
+def _regions_panel(image, top_y: int, x_max: float, report) -> None:
+    regions, span = _measured_regions(report), report.region_span
+    low = min(float(curve.psnr.min()) for _, curve in regions)
+    high = max(float(curve.psnr.max()) for _, curve in regions)
+    changes = "    ".join(f"{name} {_fmt(float(curve.delta_e[:span].mean()), '.2f')} -> "
+                          f"{_fmt(float(curve.delta_e[-span:].mean()), '.2f')}" for name, curve in regions)
+    title = "identity against the portrait by region: PSNR per frame"
+    panel = _Panel(image, top_y, x_max, low, high, title, "PSNR dB")
+    panel.draw.text((panel.x0, top_y + 29), f"DeltaE76, first -> last {span} frames:    {changes}", fill=(0, 0, 0),
+                    font=_font(13))
+    for name, curve in regions:
+        panel.line(np.arange(curve.psnr.size) / report.fps, curve.psnr, REGION_COLOURS.get(name, (0, 0, 0)),
+                   2 if name != "frame" else 1)
+    panel.legend([(name, REGION_COLOURS.get(name, (0, 0, 0))) for name, _ in regions])
+
+
+def _seams_panel(image, top_y: int, x_max: float, report) -> None:
+    fps, d, s = report.fps, report.differences, report.seams
+    title = (f"frame-to-frame difference  seam score {_fmt(s.score, '.2f')} (edges), {_fmt(s.overlap_score, '.2f')} "
+             f"(overlaps)  flicker {_fmt(report.flicker, '.3f')}")
+    panel = _Panel(image, top_y, x_max, 0.0, float(d.max()) if d.size else 1.0, title, "mean |diff|")
+    for b in report.boundaries:
+        panel.shade((b.span[0] + 0.5) / fps, (b.span[1] + 0.5) / fps)
+    for b in report.boundaries:
+        for edge in b.edges:
+            panel.vline((edge + 0.5) / fps, RED, 2)
+    panel.line((np.arange(d.size) + 0.5) / fps, d, GREEN)
+    panel.legend([("|frame[t+1] - frame[t]|", GREEN), ("window edge", RED), ("overlap (shaded)", SHADE)])
+
+
+def _psnr_panel(image, top_y: int, x_max: float, report) -> None:
+    p = report.psnr
+    title = (f"against the comparison video: PSNR mean {_fmt(float(p.mean()), '.2f')} / min "
+             f"{_fmt(float(p.min()), '.2f')} dB,  SSIM mean {_fmt(float(report.ssim.mean()), '.4f')} / min "
+             f"{_fmt(float(report.ssim.min()), '.4f')}")
+    panel = _Panel(image, top_y, x_max, float(p.min()), float(p.max()), title, "PSNR dB")
+    panel.line(np.arange(p.size) / report.fps, p, RED)
+    panel.legend([("PSNR per frame", RED)])

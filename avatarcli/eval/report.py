@@ -5,6 +5,12 @@ come from the sampler's own window plan (avatarcli/sampling/windows.py) for the 
 frames per window (81 video frames) and the `balanced` preset's overlap unless told otherwise. Latent frame l >= 1
 decodes to video frames 4l-3 .. 4l (latent 0 to frame 0), so the edge between latent frames l-1 and l is the
 transition from video frame 4l-4 to 4l-3.
+
+Identity against the portrait by region: every frame is compared with the portrait (resized to the video's size) over
+fixed pixel regions, PSNR and DeltaE76 per frame (metrics.RegionDistance), then averaged over the first and the last
+REGION_SPAN of the frames (at least one frame each) and over all of them. Regions: `frame` (every pixel), `face` (the
+portrait's face box, the mouth box left out) and, on demo-world videos (layout demo), `hair`, `skin`, `shirt` and
+`background` (layout.demo_part_masks). Elsewhere those four are not measured: None, null in the JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from avatarcli.eval.video import VideoReader
 
 WINDOW_LATENT_FRAMES = 21  # StableAvatar's 81-frame windows
 DEFAULT_OVERLAP = 8  # latent frames: the balanced preset's overlap (presets/balanced.yaml)
+REGION_SPAN = 0.1  # identity by region: start and end are the means over the first and the last 10% of the frames
+REGIONS = ("frame", "face") + lay.DEMO_PARTS  # in this order in the report
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,20 @@ class Boundary:
     end_frame: int  # first video frame after the overlap (the previous window's last frame + 1)
     edges: list[int]  # transitions t (frame t -> t+1) where the new window begins and the old one ends
     span: tuple[int, int]  # first and last transition of the overlap
+
+
+@dataclass(frozen=True)
+class RegionCurve:
+    """One region against the portrait: PSNR (dB, capped at metrics.PSNR_CAP) and mean DeltaE76 per frame."""
+
+    pixels: int
+    psnr: np.ndarray
+    delta_e: np.ndarray
+
+
+def region_span(frames: int) -> int:
+    """Frames averaged for a region's start and end values: REGION_SPAN of the video, at least 1."""
+    return max(1, math.ceil(REGION_SPAN * frames))
 
 
 @dataclass
@@ -75,7 +97,28 @@ class EvalReport:
     compare_frames: int | None = None
     compare_mouth: np.ndarray | None = None  # the comparison video's mouth openness, same boxes
     mouth_sync: m.LipSync | None = None  # this video's mouth against the comparison's (lag > 0: this one is late)
+    regions: dict[str, RegionCurve | None] = field(default_factory=dict)  # REGIONS; None: not measured
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def region_span(self) -> int:
+        return region_span(self.frames)
+
+    def region_summary(self) -> dict[str, Any]:
+        """The identity-by-region numbers: start / end over the first and last `span_frames` frames, and the mean."""
+        span = self.region_span
+        out: dict[str, Any] = {"span_frames": span, "regions": {}}
+        for name in REGIONS:
+            curve = self.regions.get(name)
+            if curve is None:
+                out["regions"][name] = None
+                continue
+            out["regions"][name] = {"pixels": curve.pixels}
+            for key, values in (("psnr", curve.psnr), ("delta_e", curve.delta_e)):
+                out["regions"][name].update({
+                    f"{key}_start": _num(float(values[:span].mean())), f"{key}_end": _num(float(values[-span:].mean())),
+                    f"{key}_mean": _num(float(values.mean()))})
+        return out
 
     def summary(self) -> dict[str, Any]:
         """All numbers as plain JSON-able values (NaN -> None, infinity -> None with a note)."""
@@ -101,6 +144,7 @@ class EvalReport:
             },
             "flicker": _num(self.flicker),
             "mouth_openness_mean": _num(float(self.mouth.mean())) if self.frames else None,
+            "portrait": self.region_summary(),
         }
         if self.psnr is not None:
             result["compare"] = {
@@ -185,6 +229,31 @@ class _Regions:
                 if _moved(self.current.face, box):
                     self.current = lay.detected_regions(box, frame)
         return self.current
+
+
+def _region_masks(layout: str, portrait: lay.Regions, width: int, height: int,
+                  notes: list[str]) -> dict[str, np.ndarray | None]:
+    """The fixed regions measured against the portrait (see the module's docstring), None for the whole frame; those
+    not measured are left out. `portrait` holds the portrait's face and mouth boxes (the demo layout's, --face-box's,
+    or the detector's on the portrait)."""
+    masks: dict[str, np.ndarray | None] = {"frame": None}
+    face_mask = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = lay.pixel_box(portrait.face, width, height)
+    face_mask[y0:y1, x0:x1] = True
+    x0, y0, x1, y1 = lay.pixel_box(portrait.mouth, width, height)
+    face_mask[y0:y1, x0:x1] = False
+    masks["face"] = face_mask
+    if layout == "demo":
+        masks.update(lay.demo_part_masks(width, height))
+    else:
+        notes.append(f"{', '.join(lay.DEMO_PARTS)} against the portrait are measured only on demo-world videos "
+                     "(--layout demo); not measured here")
+    empty = [name for name, mask in masks.items() if mask is not None and not mask.any()]
+    for name in empty:
+        del masks[name]
+    if empty:
+        notes.append(f"{', '.join(empty)}: no pixels at {width}x{height}, not measured against the portrait")
+    return masks
 
 
 def _moved(old: lay.Box, new: lay.Box, tolerance: float = 0.1) -> bool:
@@ -272,11 +341,14 @@ def _measure(job: EvalJob, frames, width: int, height: int, fps: float, other_fr
     layout = lay.resolve_layout(job.layout, width, height)
     regions = _Regions(job, layout, reference)
     reference_signature = m.face_signature(lay.crop(reference, regions.reference.face))
+    portrait_distance = m.RegionDistance(reference, _region_masks(layout, regions.reference, width, height, notes))
+    by_region: list[dict[str, tuple[float, float]]] = []
 
     mouth, drift, differences, mean_luma, psnr, ssim, other_mouth = [], [], [], [], [], [], []
     previous = None
     for index, frame in enumerate(frames):
         r = regions.for_frame(index, frame)
+        by_region.append(portrait_distance(frame))
         mouth.append(m.mouth_openness(lay.crop(frame, r.mouth), r.dark_luma))
         mask = m.cell_mask_outside(r.face, r.mouth)
         drift.append(m.face_distance(m.face_signature(lay.crop(frame, r.face)), reference_signature, mask))
@@ -318,6 +390,10 @@ def _measure(job: EvalJob, frames, width: int, height: int, fps: float, other_fr
     windows, boundaries = window_boundaries(frames, job.window_frames, job.overlap)
     seams = m.seam_scores(differences_a, [b.edges for b in boundaries], [b.span for b in boundaries])
     span = max(1, int(round(job.span_seconds * fps)))
+    curves: dict[str, RegionCurve | None] = dict.fromkeys(REGIONS)
+    for name, mask in portrait_distance.regions.items():
+        values = np.array([frame_values[name] for frame_values in by_region])
+        curves[name] = RegionCurve(height * width if mask is None else int(mask.sum()), values[:, 0], values[:, 1])
     return EvalReport(
         video=job.video, width=width, height=height, fps=fps, frames=frames, layout=layout,
         windows=windows, boundaries=boundaries, mouth=mouth_a, drift=drift_a, differences=differences_a,
@@ -328,4 +404,5 @@ def _measure(job: EvalJob, frames, width: int, height: int, fps: float, other_fr
         compare_frames=compare_frames, notes=notes,
         compare_mouth=np.array(other_mouth) if compared else None,
         mouth_sync=m.lip_sync(mouth_a[: len(other_mouth)], np.array(other_mouth), job.max_lag) if compared else None,
+        regions=curves,
     )
