@@ -9,7 +9,7 @@ try:
 except ModuleNotFoundError as missing:  # a bare clone: one actionable line instead of an error in every test file
     raise pytest.UsageError(
         f"the tests need avatarcli's dependencies ({missing.name} is not installed): run .ci/run, or "
-        "pip install torch==2.13.0 && pip install -e '.[test]' (README, 'Install and run the example')") from None
+        "pip install torch==2.13.0 && pip install -e '.[test]' (README, 'Install')") from None
 
 
 @pytest.fixture(autouse=True, scope="session")

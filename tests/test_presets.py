@@ -285,3 +285,40 @@ def test_turbo_is_the_four_step_distilled_path_for_driving_videos_only():
     assert (turbo.steps, turbo.schedule, turbo.lora_strength, turbo.decoder) == (4, "step_distill", 1.0, "tiny")
     with pytest.raises(AvatarError, match="not --audio"):
         load_preset("turbo").for_driver("audio")
+
+
+# ---- the schema: declared once on the fields -----------------------------------------------------------------------
+
+
+def test_every_preset_field_declares_its_values_and_scales_name_known_guidance_rules():
+    from avatarcli.sampling.guidance import PRESET_GUIDANCE
+    from avatarcli.schema import RULE
+
+    fields = {field.name: field for field in dataclasses.fields(Preset)}
+    for name, field in fields.items():
+        assert RULE in field.metadata, name
+        assert set(field.metadata.get("guidance", ())) <= set(PRESET_GUIDANCE), name
+    assert fields["guidance"].metadata["options"] == PRESET_GUIDANCE
+
+
+def test_the_guidance_rules_are_named_once():
+    from avatarcli.sampling.guidance import AUDIO_GUIDANCE, GUIDANCE_MODES, PRESET_GUIDANCE, Guidance
+
+    assert PRESET_GUIDANCE == ("cfg", "ang", "expression") and GUIDANCE_MODES == ("cfg", "ang", "none")
+    assert set(AUDIO_GUIDANCE) == set(PRESET_GUIDANCE) & set(GUIDANCE_MODES)
+    with pytest.raises(ValueError, match="choose one of cfg, ang, none"):
+        Guidance("expression")
+
+
+def test_prediction_limits_are_the_same_for_presets_flags_and_direct_construction():
+    from avatarcli.sampling.predict import Prediction
+
+    for knobs, message in [({"order": 4}, "'order' must be an integer from 1 to 3, got 4"),
+                           ({"warmup": 1}, "'warmup' must be an integer from 2 to 20, got 1"),
+                           ({"tolerance": 0}, r"'tolerance' must be a number in \(0, 1000\], got 0")]:
+        with pytest.raises(ValueError, match=message):
+            Prediction(**knobs)
+        with pytest.raises(AvatarError, match="'prediction." + message[1:]):
+            load_preset("balanced").with_prediction(None, **knobs)
+    assert Prediction(tolerance=1000, layer_ratio=2).tolerance == 1000.0
+    assert isinstance(Prediction(layer_ratio=2).layer_ratio, float)  # stored as the rule converts it

@@ -12,11 +12,18 @@ Both StableAvatar modes cost 3 branches per window-step, run as ONE batched forw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # presets read the names below before torch is loaded
+    import torch
 
-GUIDANCE_MODES = ("cfg", "ang", "none")
+# The guidance rules, each named once here.
+AUDIO_GUIDANCE = ("cfg", "ang")  # StableAvatar (--audio): combined by `Guidance` below
+EXPRESSION_GUIDANCE = "expression"  # FlashPortrait (--driving): expression CFG, sampling/flashportrait.py
+# What a preset's (and --guidance's) `guidance` may name.
+PRESET_GUIDANCE = (*AUDIO_GUIDANCE, EXPRESSION_GUIDANCE)
+# What `Guidance.mode` takes: a StableAvatar rule, or "none", one unguided branch (benchmarks, training checks).
+GUIDANCE_MODES = (*AUDIO_GUIDANCE, "none")
 
 Prompt = Literal["positive", "negative"]
 Audio = Literal["real", "silent", "none"]  # silent: zero wav2vec features; none: zero adapter output
