@@ -19,19 +19,6 @@ from typing import Any
 
 from avatarcli.errors import AvatarError
 
-# animate's options by long name (underscored) -> the type a manifest value must have
-PATH_OPTIONS = ("portrait", "audio", "driving", "output", "weights")
-OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "portrait": str, "audio": str, "driving": str, "output": str, "weights": str, "preset": str, "prompt": str,
-    "seed": int, "size": str, "fps": int, "steps": int, "guidance": str, "overlap": int, "blend": str,
-    "checkpoint": str, "device": str, "dtype": str, "vae_dtype": str, "crf": int, "compile": bool, "no_audio": bool,
-    "emo_scale": (int, float), "text_scale": (int, float), "audio_scale": (int, float), "offload": str,
-    "weights_dtype": str, "decoder": str, "model": str,
-}
-PRESET_OVERRIDES = ("size", "fps", "steps", "guidance", "overlap", "blend", "checkpoint", "seed", "emo_scale",
-                    "text_scale", "audio_scale", "decoder")
-
-
 @dataclass
 class BatchEntry:
     index: int  # 1-based position in the manifest
@@ -131,6 +118,9 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
 
 
 def _normalise(raw: Any, what: str) -> dict[str, Any]:
+    """A job's (or the defaults') options by underscored name, each of the type avatarcli/options.py declares."""
+    from avatarcli.options import OPTIONS
+
     if isinstance(raw, Exception):
         raise raw
     if not isinstance(raw, dict):
@@ -141,54 +131,25 @@ def _normalise(raw: Any, what: str) -> dict[str, Any]:
         if name not in OPTIONS:
             allowed = ", ".join(n.replace("_", "-") for n in OPTIONS)
             raise AvatarError(f"unknown option '{key}' in {what} (allowed: {allowed})")
-        expected = OPTIONS[name]
-        if value is None and name not in ("portrait",):
+        expected = OPTIONS[name].kind
+        if value is None and name != "portrait":
             continue
         if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-            raise AvatarError(f"'{key}' must be {getattr(expected, '__name__', expected)}, got {value!r}")
+            raise AvatarError(f"'{key}' must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
         options[name] = value
     return options
 
 
 def build_job(options: dict[str, Any], base: Path, resume: bool):
-    """An AnimateJob from manifest options (already type-checked); paths relative to `base`."""
-    from avatarcli.features.prompts import DEFAULT_PROMPT
-    from avatarcli.pipeline import AnimateJob
-    from avatarcli.presets import load_preset
+    """An AnimateJob from manifest options (already type-checked), through the same builder as the CLI; relative
+    paths and preset files are relative to `base`, and the output defaults to PORTRAIT_SIGNAL.mp4 there."""
+    from avatarcli.options import build_job as build, manifest_name
 
-    if "portrait" not in options:
-        raise AvatarError("'portrait' is missing")
-
-    def path(name: str) -> Path | None:
-        value = options.get(name)
-        if value is None:
-            return None
-        value = Path(value).expanduser()
-        return value if value.is_absolute() else base / value
-
-    preset_name = options.get("preset", "balanced")
-    if preset_name.endswith((".yaml", ".yml")) or "/" in preset_name:
-        preset_name = str(base / Path(preset_name).expanduser())
-    portrait, audio, driving = path("portrait"), path("audio"), path("driving")
-    if driving is not None and options.get("fps") is not None:
-        raise AvatarError("'fps' does not apply to 'driving': the video keeps the driving video's frame rate")
-    preset = load_preset(preset_name).for_driver("driving" if driving is not None else "audio")
-    preset = preset.with_overrides(**{k: options.get(k) for k in PRESET_OVERRIDES})
-    output = path("output")
-    if output is None:
-        signal = audio or driving
-        output = base / (f"{portrait.stem}_{signal.stem}.mp4" if signal is not None else f"{portrait.stem}.mp4")
-    crf = options.get("crf", 18)
-    if not 0 <= crf <= 51:
-        raise AvatarError(f"'crf' must be between 0 and 51, got {crf}")
-    return AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output, preset=preset,
-                      prompt=options.get("prompt", DEFAULT_PROMPT),
-                      seed=preset.seed if preset.seed is not None else 42, weights=path("weights"),
-                      device=options.get("device", "auto"), dtype=options.get("dtype", "auto"), crf=crf,
-                      vae_dtype=options.get("vae_dtype", "auto"), compile=options.get("compile", False),
-                      mux_audio=not options.get("no_audio", False), resume=resume,
-                      offload=options.get("offload", "none"), weights_dtype=options.get("weights_dtype", "auto"),
-                      model=options.get("model", "stableavatar"))
+    if options.get("portrait") is not None and options.get("output") is None:
+        signal = options.get("audio") or options.get("driving")
+        stem = Path(options["portrait"]).stem
+        options = {**options, "output": f"{stem}_{Path(signal).stem}.mp4" if signal is not None else f"{stem}.mp4"}
+    return build(options, base=base, resume=resume, name=manifest_name)
 
 
 def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> list[BatchEntry]:
@@ -263,11 +224,32 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
     """Run the validated entries. Invalid entries are reported as such (run the rest only with
     `continue_on_error`; the caller normally refuses an invalid manifest first). `stop`: an
     avatarcli.resume.StopFlag shared with every job; `on_job("start"|"done", entry, outcome)` reports progress."""
-    from avatarcli.pipeline import animate, prepare
-    from avatarcli.resume import AnimateInterrupted
-    from avatarcli.runtime import resolve_device, resolve_dtype
-
     started = time.perf_counter()
+    outcomes = _unrunnable(entries)
+    report = BatchReport(manifest=str(manifest), jobs=[])
+    models = ModelSets(report)
+    halted = False
+    for group in _model_groups([e for e in entries if e.index not in outcomes]):
+        for entry in group:
+            if halted:
+                outcomes[entry.index] = JobOutcome(entry.index, str(entry.output), "not run")
+                continue
+            if on_job:
+                on_job("start", entry, None)
+            outcome = outcomes[entry.index] = _run_entry(entry, models, stop)
+            report.interrupted |= outcome.status == "interrupted"
+            halted = outcome.status == "interrupted" or (outcome.status == "failed" and not continue_on_error)
+            if on_job:
+                on_job("done", entry, outcome)
+        models.end_group()
+    models.release()
+    report.jobs = [outcomes[entry.index] for entry in entries]
+    report.wall_seconds = time.perf_counter() - started
+    return report
+
+
+def _unrunnable(entries: list[BatchEntry]) -> dict[int, JobOutcome]:
+    """The outcomes decided before anything runs: invalid jobs, and outputs that exist (skipped)."""
     outcomes: dict[int, JobOutcome] = {}
     for entry in entries:
         if entry.error is not None:
@@ -276,75 +258,92 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
         elif entry.skip:
             outcomes[entry.index] = JobOutcome(entry.index, str(entry.output), "skipped",
                                                error="output exists (use --overwrite to replace it)")
-    runnable = [e for e in entries if e.index not in outcomes]
+    return outcomes
+
+
+def _model_groups(runnable: list[BatchEntry]) -> list[list[BatchEntry]]:
+    """The jobs grouped by their driver's models key (one model set per group), in first-appearance order. Within a
+    group the text encoder is kept while a later job has a prompt not yet encoded."""
     groups: dict[tuple, list[BatchEntry]] = {}
     for entry in runnable:
         groups.setdefault(entry.models_key, []).append(entry)
-    for group in groups.values():  # keep the text encoder while a later job of the group has a prompt not yet encoded
+    for group in groups.values():
         seen: set[tuple[str, str]] = set()
         for position, entry in enumerate(group):
             seen.add((entry.job.prompt, entry.job.negative_prompt))
             entry.job.keep_text_encoder = any((later.job.prompt, later.job.negative_prompt) not in seen
                                               for later in group[position + 1 :])
+    return list(groups.values())
 
-    report = BatchReport(manifest=str(manifest), jobs=[])
-    halted = False
-    previous = None  # (driver, models_key, models) of the last group: a driver may keep part of them
-    for key, group in groups.items():
-        models, load_error = None, None
-        for entry in group:
-            if halted:
-                outcomes[entry.index] = JobOutcome(entry.index, str(entry.output), "not run")
-                continue
-            if on_job:
-                on_job("start", entry, None)
-            tick = time.perf_counter()
+
+class ModelSets:
+    """The one model set a batch holds: loaded for a group's first job, kept for the rest of the group, and offered
+    to the next group's driver to adapt (`reuse`, e.g. only a changed checkpoint reloaded) before it is freed."""
+
+    def __init__(self, report: BatchReport) -> None:
+        self.report = report
+        self.current = None  # (driver, models_key, models) of this group, once loaded
+        self.previous = None  # the same of the last group, until the next group has its models
+        self.error: BaseException | None = None  # this group's load failure: every job of the group fails with it
+
+    def for_job(self, entry: BatchEntry, driver, inputs):
+        if self.error is not None:
+            raise self.error
+        if self.current is None:
             try:
-                if load_error is not None:
-                    raise load_error
-                prepared = prepare(entry.job)
-                if models is None:
-                    driver, inputs = prepared
-                    device = resolve_device(entry.job.device)
-                    dtype = resolve_dtype(entry.job.dtype, device)
-                    earlier, previous = previous, None
-                    try:
-                        if earlier is not None and earlier[0] is driver and hasattr(driver, "reuse"):
-                            models = driver.reuse(earlier[2], earlier[1], entry.job, inputs, device, dtype)
-                            report.partial_loads += models is not None
-                        earlier = None
-                        _free_memory()  # the earlier group's models, unless reused, before the next ones load
-                        if models is None:
-                            models = driver.load(entry.job, inputs, device, dtype)
-                            report.model_loads += 1
-                        models_driver = driver
-                    except Exception as error:
-                        load_error = error
-                        raise
-                result = animate(entry.job, models=models, prepared=prepared, stop=stop)
-                outcome = JobOutcome(entry.index, str(result.output), "ok", frames=result.frames, nfe=result.nfe,
-                                     resumed_from_frame=result.resumed_from_frame)
-            except AnimateInterrupted as error:
-                outcome = JobOutcome(entry.index, str(entry.output), "interrupted", frames=error.frames,
-                                     error=" ".join(str(error).split()), exit_code=130)
-                report.interrupted = halted = True
-            except Exception as error:  # noqa: BLE001 - reported per job; the batch decides whether to go on
-                message = str(error) if isinstance(error, AvatarError) else f"{type(error).__name__}: {error}"
-                outcome = JobOutcome(entry.index, str(entry.output), "failed", error=" ".join(message.split()),
-                                     exit_code=_failure_code(error))
-                if not continue_on_error:
-                    halted = True
-            outcome.seconds = round(time.perf_counter() - tick, 3)
-            outcomes[entry.index] = outcome
-            if on_job:
-                on_job("done", entry, outcome)
-        if models is not None:
-            previous, models = (models_driver, key, models), None
-    previous = None
-    _free_memory()
-    report.jobs = [outcomes[entry.index] for entry in entries]
-    report.wall_seconds = time.perf_counter() - started
-    return report
+                self.current = (driver, entry.models_key, self._load(entry, driver, inputs))
+            except Exception as error:
+                self.error = error
+                raise
+        return self.current[2]
+
+    def _load(self, entry: BatchEntry, driver, inputs):
+        from avatarcli.runtime import resolve_device, resolve_dtype
+
+        device = resolve_device(entry.job.device)
+        dtype = resolve_dtype(entry.job.dtype, device)
+        earlier, self.previous = self.previous, None
+        models = None
+        if earlier is not None and earlier[0] is driver and hasattr(driver, "reuse"):
+            models = driver.reuse(earlier[2], earlier[1], entry.job, inputs, device, dtype)
+            self.report.partial_loads += models is not None
+        earlier = None
+        _free_memory()  # the earlier group's models, unless reused, before the next ones load
+        if models is None:
+            models = driver.load(entry.job, inputs, device, dtype)
+            self.report.model_loads += 1
+        return models
+
+    def end_group(self) -> None:
+        if self.current is not None:
+            self.previous = self.current
+        self.current, self.error = None, None
+
+    def release(self) -> None:
+        self.current = self.previous = None
+        _free_memory()
+
+
+def _run_entry(entry: BatchEntry, models: ModelSets, stop) -> JobOutcome:
+    """One job, its failure (or interruption) turned into its outcome."""
+    from avatarcli.pipeline import animate, prepare
+    from avatarcli.resume import AnimateInterrupted
+
+    tick = time.perf_counter()
+    try:
+        prepared = prepare(entry.job)
+        result = animate(entry.job, models=models.for_job(entry, *prepared), prepared=prepared, stop=stop)
+        outcome = JobOutcome(entry.index, str(result.output), "ok", frames=result.frames, nfe=result.nfe,
+                             resumed_from_frame=result.resumed_from_frame)
+    except AnimateInterrupted as error:
+        outcome = JobOutcome(entry.index, str(entry.output), "interrupted", frames=error.frames,
+                             error=" ".join(str(error).split()), exit_code=130)
+    except Exception as error:  # noqa: BLE001 - reported per job; the batch decides whether to go on
+        message = str(error) if isinstance(error, AvatarError) else f"{type(error).__name__}: {error}"
+        outcome = JobOutcome(entry.index, str(entry.output), "failed", error=" ".join(message.split()),
+                             exit_code=_failure_code(error))
+    outcome.seconds = round(time.perf_counter() - tick, 3)
+    return outcome
 
 
 def write_report(report: BatchReport, path: Path) -> None:

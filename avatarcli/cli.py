@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
+from avatarcli.cli_signals import progress_bar as _progress_bar, stop_on_signals
+
 from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, AvatarError, \
     EnvironmentProblem, Interrupted, as_environment_problem, exit_code_for
 
@@ -52,140 +54,108 @@ def _global_options(
     # --debug is acted on by main(), which also accepts it after the command name.
 
 
+def _opt(name: str, default=None, *short: str, **extra):
+    """A typer option for an `animate` option of avatarcli/options.py, with its help text from there."""
+    from avatarcli.options import HELP, cli_name
+
+    return typer.Option(default, cli_name(name), *short, help=HELP[name], **extra)
+
+
 @app.command()
 def animate(
     portrait: Path = typer.Argument(..., help="Portrait image (any format Pillow reads)."),
-    audio: Optional[Path] = typer.Option(None, "--audio", "-a",
-                                         help="Speech (audio driver): wav, mp3, m4a, flac, ogg or a video's audio track."),
-    driving: Optional[Path] = typer.Option(None, "--driving", "-d",
-                                           help="Driving face video (driving-video driver): expressions and head motion."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output mp4 [default: PORTRAIT name + .mp4]."),
-    preset: str = typer.Option("balanced", "--preset", "-p", help="Preset name or YAML path (see `avatarcli presets`)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt [default: 'The protagonist is talking.']."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: preset's, else 42]."),
-    size: Optional[str] = typer.Option(None, "--size", help="WxH (multiples of 16) or auto."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second [default: 25; a --driving video's own]."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps."),
-    guidance: Optional[str] = typer.Option(None, "--guidance",
-                                           help="--audio: cfg (text/audio CFG) or ang (Audio Native Guidance); "
-                                                "--driving: expression (expression CFG)."),
-    emo_scale: Optional[float] = typer.Option(None, "--emo-scale", help="--driving: expression CFG scale [preset: 4]."),
-    text_scale: Optional[float] = typer.Option(None, "--text-scale", help="Text CFG scale [preset]."),
-    audio_scale: Optional[float] = typer.Option(None, "--audio-scale",
-                                                help="--audio with cfg guidance: audio CFG scale [preset]."),
-    overlap: Optional[int] = typer.Option(None, "--overlap", help="Latent frames shared by neighbouring windows."),
-    blend: Optional[str] = typer.Option(None, "--blend", help="Overlap blend weights: log, uniform or linear."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="auto, square or rec-vec."),
-    weights: Optional[Path] = typer.Option(None, "--weights",
-                                           help="Folder with the model's published files (else the HF cache)."),
-    offload: str = typer.Option("none", "--offload",
-                                help="--driving: none, model, group or sequential CPU offload of the 14B DiT."),
-    weights_dtype: str = typer.Option("auto", "--weights-dtype",
-                                      help="--driving: auto or fp8 (fp8 weight storage, bf16 compute)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-    vae_dtype: str = typer.Option("auto", "--vae-dtype", help="VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
-    decoder: Optional[str] = typer.Option(None, "--decoder",
-                                          help="--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
-    crf: int = typer.Option(18, "--crf", help="H.264 quality (lower is better, 0-51)."),
-    overlap_decode: str = typer.Option("auto", "--overlap-decode",
-                                       help="Decode finished frames while the DiT continues: auto (on a GPU), on, off."),
-    precision: str = typer.Option("auto", "--precision",
-                                  help="--audio: auto (--dtype) or fp8 (fp8 linear layers and self-attention; "
-                                       "GPU of compute capability 8.9+, torchao, nvidia-cudnn-frontend)."),
-    compile_dit: bool = typer.Option(False, "--compile", help="Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
-    no_audio: bool = typer.Option(False, "--no-audio", help="Write a silent video (no audio track muxed in)."),
-    predict: Optional[bool] = typer.Option(None, "--predict/--no-predict",
-                                           help="Step prediction on/off [default: preset]."),
-    predict_order: Optional[int] = typer.Option(None, "--predict-order", help="Prediction: extrapolation order, 1-3."),
-    predict_max: Optional[int] = typer.Option(None, "--predict-max",
-                                              help="Prediction: at most K predicted steps in a row."),
-    predict_tolerance: Optional[float] = typer.Option(None, "--predict-tolerance",
-                                                      help="Prediction: relative latent error budget per jump."),
-    predict_layer_ratio: Optional[float] = typer.Option(None, "--predict-layer-ratio",
-                                                        help="Prediction: layer-signal growth limit (0: off)."),
+    audio: Optional[Path] = _opt("audio", None, "-a"),
+    driving: Optional[Path] = _opt("driving", None, "-d"),
+    output: Optional[Path] = _opt("output", None, "-o"),
+    preset: str = _opt("preset", "balanced", "-p"),
+    prompt: Optional[str] = _opt("prompt"),
+    seed: Optional[int] = _opt("seed"),
+    size: Optional[str] = _opt("size"),
+    fps: Optional[int] = _opt("fps"),
+    steps: Optional[int] = _opt("steps"),
+    guidance: Optional[str] = _opt("guidance"),
+    emo_scale: Optional[float] = _opt("emo_scale"),
+    text_scale: Optional[float] = _opt("text_scale"),
+    audio_scale: Optional[float] = _opt("audio_scale"),
+    overlap: Optional[int] = _opt("overlap"),
+    blend: Optional[str] = _opt("blend"),
+    checkpoint: Optional[str] = _opt("checkpoint"),
+    weights: Optional[Path] = _opt("weights"),
+    offload: str = _opt("offload", "none"),
+    weights_dtype: str = _opt("weights_dtype", "auto"),
+    device: str = _opt("device", "auto"),
+    dtype: str = _opt("dtype", "auto"),
+    vae_dtype: str = _opt("vae_dtype", "auto"),
+    decoder: Optional[str] = _opt("decoder"),
+    crf: int = _opt("crf", 18),
+    overlap_decode: str = _opt("overlap_decode", "auto"),
+    precision: str = _opt("precision", "auto"),
+    compile: bool = _opt("compile", False),
+    no_audio: bool = _opt("no_audio", False),
+    predict: Optional[bool] = typer.Option(None, "--predict/--no-predict", help="Step prediction on/off [default: "
+                                           "preset]."),
+    predict_order: Optional[int] = _opt("predict_order"),
+    predict_max: Optional[int] = _opt("predict_max"),
+    predict_tolerance: Optional[float] = _opt("predict_tolerance"),
+    predict_layer_ratio: Optional[float] = _opt("predict_layer_ratio"),
+    model: str = _opt("model", "stableavatar"),
+    context_parallel: int = _opt("context_parallel", 1),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
-    model: str = typer.Option("stableavatar", "--model", help="stableavatar, or demo: the small embedded model "
-                              "trained on the synthetic world (no download; 128x128 unless --size)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
                                        "(with --device cpu: N CPU processes) [default: 1, or torchrun's]."),
-    context_parallel: int = typer.Option(1, "--context-parallel", help="GPUs that split each transformer forward "
-                                         "(Ulysses); must divide --gpus; the rest split the windows."),
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
+    from avatarcli.options import OPTIONS, build_job
     from avatarcli.parallel import rank, world_size
-    from avatarcli.pipeline import DEFAULT_PROMPT, AnimateJob, animate as run, prepare
-    from avatarcli.presets import load_preset
+    from avatarcli.pipeline import animate as run, prepare
 
-    if not 0 <= crf <= 51:
-        raise UserError(f"--crf must be between 0 and 51, got {crf}")
-    if gpus is not None and gpus < 1:
-        raise UserError(f"--gpus must be at least 1, got {gpus}")
-    if gpus is not None and world_size() > 1 and gpus != world_size():
-        raise UserError(f"--gpus {gpus} inside a launch of {world_size()} processes: drop --gpus under torchrun")
-    processes = max(gpus or 1, world_size())
-    if context_parallel < 1 or processes % context_parallel:
-        raise UserError(f"--context-parallel {context_parallel} must divide the {processes} processes (--gpus)")
-    if context_parallel > 1 and device == "cpu":
-        raise UserError("--context-parallel runs on GPUs (diffusers' context parallelism needs an accelerator)")
-    if resume and processes > 1:
-        raise UserError("--resume works with one process: drop --gpus (or torchrun) to continue a saved run")
-    if offload not in ("none", "model", "group", "sequential"):
-        raise UserError(f"--offload must be none, model, group or sequential, got {offload!r}")
-    if precision not in ("auto", "fp8"):
-        raise UserError(f"--precision must be auto or fp8, got {precision!r}")
-    if overlap_decode not in ("auto", "on", "off"):
-        raise UserError(f"--overlap-decode must be auto, on or off, got {overlap_decode!r}")
-    if weights_dtype not in ("auto", "fp8"):
-        raise UserError(f"--weights-dtype must be auto or fp8, got {weights_dtype!r}")
-    if model not in ("stableavatar", "demo"):
-        raise UserError(f"--model must be stableavatar or demo, got {model!r}")
-    if model == "demo":
-        if driving is not None:
-            raise UserError("--model demo is an audio-driven model: use it with --audio")
-        from avatarcli.demo.model import demo_size
-
-        size = demo_size(size)
-    if driving is not None and fps is not None:
-        raise UserError("--fps does not apply to --driving: the video keeps the driving video's frame rate")
-    chosen = load_preset(preset).for_driver("driving" if driving is not None else "audio")
-    chosen = chosen.with_overrides(size=size, fps=fps, steps=steps, guidance=guidance, overlap=overlap, blend=blend,
-                                   checkpoint=checkpoint, seed=seed, emo_scale=emo_scale, text_scale=text_scale,
-                                   audio_scale=audio_scale, decoder=decoder)
-    chosen = chosen.with_prediction(predict, order=predict_order, max_predicted=predict_max,
-                                    tolerance=predict_tolerance, layer_ratio=predict_layer_ratio)
-    job = AnimateJob(portrait=portrait, audio=audio, driving=driving, output=output or Path(portrait.stem + ".mp4"),
-                     preset=chosen, prompt=prompt or DEFAULT_PROMPT,
-                     seed=chosen.seed if chosen.seed is not None else 42, weights=weights, device=device,
-                     dtype=dtype, crf=crf, vae_dtype=vae_dtype, compile=compile_dit, mux_audio=not no_audio,
-                     resume=resume, offload=offload, weights_dtype=weights_dtype, model=model,
-                     context_parallel=context_parallel, overlap_decode=overlap_decode, precision=precision)
+    values = {name: value for name, value in locals().items() if name in OPTIONS}
+    processes = _processes(gpus)
+    job = build_job(values, resume=resume, processes=processes)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)
     if weights is not None and not weights.expanduser().is_dir():
         raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
                                  f"use (and fill) the Hub cache")
-    if (gpus or 1) > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
+    if processes > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
         _check_gpus(gpus, device)
         from avatarcli.parallel.launch import launch
 
         raise typer.Exit(launch(gpus, _ARGV))
     quiet = quiet or rank() != 0  # one progress bar and one summary: rank 0's
     as_json = as_json and rank() == 0
+    result = _run_job(run, job, prepared, quiet or as_json)
+    if rank() == 0:
+        _report(result, as_json, quiet)
+
+
+def _processes(gpus: int | None) -> int:
+    """The processes that will share the job: --gpus, or the launch this process is part of."""
+    from avatarcli.parallel import world_size
+
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {gpus}")
+    if gpus is not None and world_size() > 1 and gpus != world_size():
+        raise UserError(f"--gpus {gpus} inside a launch of {world_size()} processes: drop --gpus under torchrun")
+    return max(gpus or 1, world_size())
+
+
+def _run_job(run, job, prepared, silent: bool):
+    """`animate` with Ctrl-C / SIGTERM turned into a saved stop, and a progress bar unless `silent`."""
     try:
         with stop_on_signals() as stop:
-            if quiet or as_json:
-                result = run(job, prepared=prepared, stop=stop)
-            else:
-                with _progress_bar(prepared[1].fps) as update:
-                    result = run(job, on_progress=update, prepared=prepared, stop=stop)
+            if silent:
+                return run(job, prepared=prepared, stop=stop)
+            with _progress_bar(prepared[1].fps) as update:
+                return run(job, on_progress=update, prepared=prepared, stop=stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the sink removed its partial file
         raise Interrupted(f"interrupted: nothing written to {job.output}") from None
-    if rank() != 0:
-        return
+
+
+def _report(result, as_json: bool, quiet: bool) -> None:
     summary = {
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
@@ -214,71 +184,6 @@ def _check_gpus(gpus: int, device: str) -> None:
                                  f"for CPU processes")
     if device not in ("auto", "cuda"):
         raise UserError(f"--device {device} picks one GPU; with --gpus use --device cuda (or auto)")
-
-
-class stop_on_signals:
-    """SIGINT / SIGTERM ask the running job to stop after its current window-step (it saves its resume state);
-    a second signal stops at once. On a requested stop: one line on stderr, exit 130."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        from avatarcli.resume import StopFlag
-
-        self.stop = StopFlag()
-
-        def handler(signum, frame):
-            if self.stop.requested:
-                raise KeyboardInterrupt
-            self.stop.request(f"interrupted by {signal.Signals(signum).name}")
-
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self.stop
-
-    def __exit__(self, exc_type, exc, traceback):
-        import signal
-
-        from avatarcli.resume import AnimateInterrupted
-
-        for number, previous in self.previous.items():
-            signal.signal(number, previous)
-        if isinstance(exc, AnimateInterrupted):
-            raise Interrupted(str(exc)) from None  # one line on stderr, exit 130 (main)
-        return False
-
-
-class _progress_bar:
-    """Windows done/total, window-steps done/total (windows x steps), ETA, and seconds of video per wall second.
-
-    Shown from the first progress event on, so input errors print nothing but their one line."""
-
-    def __init__(self, fps: float):
-        self.fps, self.bar = fps, None
-
-    def __enter__(self):
-        return self.update
-
-    def update(self, p):
-        if self.bar is None:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]animate"), BarColumn(), TextColumn("{task.fields[windows]}"),
-                                TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[speed]}"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=err)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("animate", total=p.window_steps_total, windows="", steps="", speed="")
-        speed = p.frames_written / self.fps / p.elapsed_seconds if p.elapsed_seconds else 0.0
-        self.bar.update(self.task, total=p.window_steps_total, completed=p.window_steps_done,
-                        windows=f"windows {p.windows_done}/{p.windows_total} ({p.steps_per_window} steps each)",
-                        steps=f"window-steps {p.window_steps_done}/{p.window_steps_total}",
-                        speed=f"{speed:.3f} s video/s")
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 class _DownloadCommand(TyperCommand):

@@ -23,57 +23,79 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-job lines and no table."),
     ) -> None:
         """Run many animate jobs from MANIFEST; models load once for the jobs that share them."""
-        from rich.console import Console
-
         from avatarcli.errors import AvatarError
         from avatarcli.parallel import world_size
 
         if world_size() > 1:
             raise AvatarError("avatarcli batch runs in one process: start it without torchrun (animate takes --gpus)")
 
-        from avatarcli.batch import BatchReport, JobOutcome, run_batch, validate, write_report
-        from avatarcli.cli import stop_on_signals
+        from avatarcli.batch import run_batch, validate
+        from avatarcli.cli_signals import stop_on_signals
 
-        err = Console(stderr=True)
         entries = validate(manifest, overwrite=overwrite, resume=resume)
-        invalid = [entry for entry in entries if entry.error is not None]
-        if invalid and not continue_on_error:
-            for entry in invalid:
-                print(f"error: {manifest}: {entry.where}: {entry.error}", file=sys.stderr)
-            if report is not None:
-                write_report(BatchReport(str(manifest), [
-                    JobOutcome(e.index, str(e.output) if e.output else None, "invalid" if e.error else "not run",
-                               error=f"{e.where}: {e.error}" if e.error else None, exit_code=2 if e.error else 0)
-                    for e in entries]), report)
-            print(f"error: {len(invalid)} of {len(entries)} jobs are invalid; nothing was run "
-                  "(--continue-on-error runs the valid ones)", file=sys.stderr)
-            raise typer.Exit(2)
-
-        def on_job(event, entry, outcome):
-            if quiet or as_json:
-                return
-            if event == "start":
-                err.print(f"[bold]job {entry.index}/{len(entries)}[/bold] {entry.output}")
-            elif outcome.status != "ok":
-                err.print(f"  {outcome.status}: {outcome.error}")
-
+        if any(entry.error is not None for entry in entries) and not continue_on_error:
+            refuse_invalid(manifest, entries, report)
         with stop_on_signals() as stop:
-            result = run_batch(manifest, entries, continue_on_error=continue_on_error, stop=stop, on_job=on_job)
-        if report is not None:
-            write_report(result, report)
-        if not quiet:
-            err.print(summary_table(result))
-        if as_json:
-            print(json.dumps(result.as_dict()), flush=True)
-        if result.interrupted:
-            from avatarcli.errors import Interrupted
+            result = run_batch(manifest, entries, continue_on_error=continue_on_error, stop=stop,
+                               on_job=JobLines(len(entries), silent=quiet or as_json))
+        finish(result, report, as_json, quiet)
 
-            stopped = next(job for job in result.jobs if job.status == "interrupted")
-            raise Interrupted(f"batch interrupted at job {stopped.index}: {stopped.error}")  # one line, exit 130
-        if result.exit_code and not quiet:
-            failed = sum(job.status in ("failed", "invalid") for job in result.jobs)
-            print(f"error: {failed} of {len(result.jobs)} jobs failed", file=sys.stderr)
-        raise typer.Exit(result.exit_code)
+
+def refuse_invalid(manifest: Path, entries, report: Path | None) -> None:
+    """Every invalid job on its own line, the report if asked for, exit 2: nothing runs."""
+    from avatarcli.batch import BatchReport, JobOutcome, write_report
+
+    invalid = [entry for entry in entries if entry.error is not None]
+    for entry in invalid:
+        print(f"error: {manifest}: {entry.where}: {entry.error}", file=sys.stderr)
+    if report is not None:
+        write_report(BatchReport(str(manifest), [
+            JobOutcome(e.index, str(e.output) if e.output else None, "invalid" if e.error else "not run",
+                       error=f"{e.where}: {e.error}" if e.error else None, exit_code=2 if e.error else 0)
+            for e in entries]), report)
+    print(f"error: {len(invalid)} of {len(entries)} jobs are invalid; nothing was run "
+          "(--continue-on-error runs the valid ones)", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+class JobLines:
+    """A line per job started, and one per job that did not succeed (on stderr)."""
+
+    def __init__(self, total: int, silent: bool) -> None:
+        from rich.console import Console
+
+        self.total, self.silent, self.err = total, silent, Console(stderr=True)
+
+    def __call__(self, event, entry, outcome) -> None:
+        if self.silent:
+            return
+        if event == "start":
+            self.err.print(f"[bold]job {entry.index}/{self.total}[/bold] {entry.output}")
+        elif outcome.status != "ok":
+            self.err.print(f"  {outcome.status}: {outcome.error}")
+
+
+def finish(result, report: Path | None, as_json: bool, quiet: bool) -> None:
+    """The report, the summary table and the exit code of a batch that ran."""
+    from rich.console import Console
+
+    from avatarcli.batch import write_report
+
+    if report is not None:
+        write_report(result, report)
+    if not quiet:
+        Console(stderr=True).print(summary_table(result))
+    if as_json:
+        print(json.dumps(result.as_dict()), flush=True)
+    if result.interrupted:
+        from avatarcli.errors import Interrupted
+
+        stopped = next(job for job in result.jobs if job.status == "interrupted")
+        raise Interrupted(f"batch interrupted at job {stopped.index}: {stopped.error}")  # one line, exit 130
+    if result.exit_code and not quiet:
+        failed = sum(job.status in ("failed", "invalid") for job in result.jobs)
+        print(f"error: {failed} of {len(result.jobs)} jobs failed", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
 
 
 def summary_table(result):

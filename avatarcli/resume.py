@@ -27,13 +27,14 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avatarcli.errors import AvatarError
 
 if TYPE_CHECKING:
-    from avatarcli.pipeline import AnimateJob
+    from avatarcli.job import AnimateJob
 
 STATE_VERSION = 2  # 2: the decoder's state is its last latent frames (replayed), no longer its cache
 # Job fields that do not change the frames: where they go, and how the models are held.
@@ -84,9 +85,9 @@ def fingerprint(job: AnimateJob) -> dict[str, str]:
 
     Generic over drivers: the portrait and whichever driving input the job names are hashed; every other job
     field (including ones other drivers add) enters by its value."""
-    from avatarcli.drivers import DRIVER_MODULES
+    from avatarcli.job import DRIVING_INPUTS
 
-    inputs = {"portrait", *DRIVER_MODULES}
+    inputs = {"portrait", *DRIVING_INPUTS}
     facts: dict[str, str] = {}
     for field in dataclasses.fields(job):
         name, value = field.name, getattr(job, field.name)
@@ -210,6 +211,57 @@ class ResumeFolder:
     def discard_if_unsaved(self) -> None:
         if not self.exists():
             self.remove()
+
+
+class Checkpointer:
+    """The resume folder of one run, as the sampler sees it: the saved run to continue from (`begin`), a save every
+    `job.save_every` seconds of work or when the run stops (`due`, `save`), and the folder's removal once the video
+    is complete (`finish`) or, when nothing was saved, after a failure (`abandon`)."""
+
+    def __init__(self, job: AnimateJob, clock: Any = None) -> None:
+        self.job, self.clock = job, clock
+        self.folder = ResumeFolder(job.output)
+        self.job_fingerprint: dict[str, str] | None = None
+        self.state: dict[str, Any] | None = None  # the saved run's state, once `begin` loaded it
+        self.last_save = time.perf_counter()
+
+    def begin(self) -> dict[str, Any] | None:
+        """The saved state (sampler, decoder, segments, frames) when the job resumes one; else None, after clearing
+        what a run killed before its first save left behind."""
+        saved = self.folder.check(self.job)
+        self.job_fingerprint = fingerprint(self.job)
+        if saved is None:
+            self.folder.start_fresh()
+        else:
+            self.state = self.folder.load()
+        self.last_save = time.perf_counter()
+        return self.state
+
+    @property
+    def frames(self) -> int:
+        return self.state["frames"] if self.state is not None else 0
+
+    def sink(self, width: int, height: int, fps: float, audio_path: Path | None, crf: int) -> SegmentedSink:
+        segments = self.state["segments"] if self.state is not None else []
+        return SegmentedSink(self.folder.path, self.job.output, width, height, fps, audio_path, crf,
+                             segments=segments, frames_written=self.frames)
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last_save >= self.job.save_every
+
+    def save(self, frames: int, frames_total: int, segments: list[str], sampler: dict[str, Any],
+             decoder: dict[str, Any]) -> None:
+        from contextlib import nullcontext
+
+        with self.clock("save") if self.clock is not None else nullcontext():
+            self.folder.save(self.job_fingerprint, frames, frames_total, segments, sampler, decoder)
+        self.last_save = time.perf_counter()
+
+    def finish(self) -> None:
+        self.folder.remove()
+
+    def abandon(self) -> None:
+        self.folder.discard_if_unsaved()
 
 
 class SegmentedSink:

@@ -14,7 +14,7 @@ import pytest
 
 from avatarcli.cli import main
 from avatarcli.media.audio import ffmpeg_exe
-from avatarcli.sink.ffmpeg import probe_video
+from avatarcli.media.video import probe_video
 from avatarcli.testing import make_tiny_weights
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

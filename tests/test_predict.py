@@ -200,12 +200,16 @@ def test_layer_probe_whose_change_ratio_grows_shortens_the_jumps():
             state["last"] *= 1 + 0.001 * (jump if state["n"] % 2 else 1.0)
             return denoise(window, step, x)
 
-        probed.layer_probe = lambda: (torch.full((4,), state["first"]), torch.full((4,), state["last"]))
-        return probed
+        def probe():
+            return torch.full((4,), state["first"]), torch.full((4,), state["last"])
+
+        return probed, probe
 
     settings = Prediction(order=2, max_predicted=8, tolerance=1e-4, layer_ratio=2.0)
-    steady = settings.bind(CountedDenoiser(probe_for(1.0)), sigmas)
-    growing = settings.bind(CountedDenoiser(probe_for(10.0)), sigmas)
+    steady_denoise, steady_probe = probe_for(1.0)
+    growing_denoise, growing_probe = probe_for(10.0)
+    steady = settings.bind(CountedDenoiser(steady_denoise), sigmas, probe=steady_probe)
+    growing = settings.bind(CountedDenoiser(growing_denoise), sigmas, probe=growing_probe)
     unprobed = settings.bind(CountedDenoiser(denoise), sigmas)
     for bound in (steady, growing, unprobed):
         sample_joint(plan, sigmas, noise_for(plan), bound)

@@ -9,9 +9,9 @@ from avatarcli.errors import AvatarError
 
 if TYPE_CHECKING:
     from avatarcli.drivers.base import Driver
-    from avatarcli.pipeline import AnimateJob
+    from avatarcli.job import AnimateJob
 
-# job field that names the driving input -> the module holding that driver's DRIVER object
+# job field that names the driving input (avatarcli.job.DRIVING_INPUTS) -> the module holding its DRIVER object
 DRIVER_MODULES = {
     "audio": "avatarcli.drivers.stableavatar",
     "driving": "avatarcli.drivers.flashportrait",
@@ -19,11 +19,12 @@ DRIVER_MODULES = {
 
 
 def driver_name(job: AnimateJob) -> str:
-    given = [name for name in DRIVER_MODULES if getattr(job, name, None) is not None]
-    if len(given) != 1:
-        options = " or ".join(f"--{name}" for name in DRIVER_MODULES)
+    name = job.driving_input
+    if name is None:
+        given = [key for key in DRIVER_MODULES if getattr(job, key, None) is not None]
+        options = " or ".join(f"--{key}" for key in DRIVER_MODULES)
         raise AvatarError(f"give exactly one of {options} (got {'both' if given else 'neither'})")
-    return given[0]
+    return name
 
 
 def select_driver(job: AnimateJob) -> Driver:

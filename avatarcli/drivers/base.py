@@ -6,7 +6,8 @@ A driver turns its inputs (speech audio, a driving face video, ...) into
   * `Generation`: the window plan, the sigma schedule, the latent shape, the window denoiser
     (`(window, step, latents) -> guided velocity`) and the VAE that decodes the result.
 Everything else (device and dtype, the wavefront sampler, streaming decode, the sink, progress, timings, the
-summary) is shared by `avatarcli.pipeline` and knows no driver.
+summary) is shared by `avatarcli.pipeline` and knows no driver. The window denoiser is a
+`avatarcli.sampling.denoiser.WindowDenoiser`: a driver supplies a window's conditioning and the model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from avatarcli.pipeline import AnimateJob, StageClock
+    from avatarcli.job import AnimateJob
+    from avatarcli.runtime import StageClock
     from avatarcli.sampling.windows import WindowPlan
 
 

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from avatarcli.drivers.base import Generation, Inputs
 from avatarcli.errors import AvatarError
+from avatarcli.models.windows import FLASHPORTRAIT_WINDOW as WINDOW_LATENT_FRAMES
 
 if TYPE_CHECKING:
     import torch
 
-    from avatarcli.pipeline import AnimateJob
+    from avatarcli.job import AnimateJob
     from avatarcli.runtime import StageClock
     from avatarcli.sampling.windows import Window
 
 FLASHPORTRAIT_FOLDER = "FlashPortrait"  # the files of FrancisRing/FlashPortrait inside the weights folder
-WINDOW_LATENT_FRAMES = 51  # 201 video frames per window, as FlashPortrait runs
 
 
 @dataclass
@@ -33,6 +33,9 @@ class FlashPortraitModels:
     tiny_decoder: Any = None  # models.taehv decoder (fast_vae.pth) when the preset or --decoder asks for it
     weights_dir: Any = None  # the weights folder they were loaded from (umT5 comes from there when a prompt needs it)
     disk_prompts: Any = None  # features.prompt_cache.PromptCache for this umT5 file
+
+    def weights_folder(self):
+        return self.weights_dir
 
 
 def _explicit_size(size: str) -> tuple[int, int] | None:
@@ -121,70 +124,91 @@ class FlashPortraitDriver:
 
     def build(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, device: torch.device,
               dtype: torch.dtype, clock: StageClock) -> Generation:
-        import copy
-
         import torch
 
+        from avatarcli.loading.memory import decode_copy
+        from avatarcli.runtime import resolve_dtype
+        from avatarcli.sampling.flashportrait import (
+            ExpressionGuidance,
+            FlashPortraitDenoiser,
+            latent_frames_for_driving,
+            plan_flashportrait_windows,
+        )
+
+        preset, parts = job.preset, models.components
+        latent_frames = latent_frames_for_driving(inputs.frames)
+        with clock("features"), torch.no_grad():
+            pixel_features, text, image_tokens, condition = self.conditioning(job, inputs, models, latent_frames,
+                                                                              device)
+        # a cast copy when needed: the loaded VAE keeps encoding in float32 for later jobs
+        decode_vae = decode_copy(parts.vae, resolve_dtype(job.vae_dtype, device))
+        plan = plan_flashportrait_windows(latent_frames, WINDOW_LATENT_FRAMES, preset.overlap)
+        sigmas, update = _schedule(preset)
+        guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
+        denoiser = FlashPortraitDenoiser(parts.transformer, guidance, positive_text=text[1:2],
+                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
+                                         window_tokens=WindowTokens(parts.portrait_encoder, pixel_features, clock),
+                                         sigmas=sigmas, device=models.placement.device, dtype=models.placement.dtype,
+                                         clock=clock)
+        blocks = parts.transformer.blocks
+        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
+                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae,
+                          decoder=_tiny_decoder(preset, models), update=update, skip_frames=1,
+                          probe_blocks=(blocks[0], blocks[-1]), transformer=parts.transformer)
+
+    def conditioning(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, latent_frames: int, device):
+        """(per-pixel-frame expression features, negative and positive prompt embeddings, CLIP tokens, the reference
+        condition of one window)."""
         from avatarcli.features.image import clip_features, reference_condition
         from avatarcli.features.prompt_cache import prompt_embeddings
         from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
         from avatarcli.media.video import iter_video_frames
         from avatarcli.models.flashportrait import pixel_frames_for
-        from avatarcli.runtime import quiet_diffusers, resolve_dtype
-        from avatarcli.sampling.flashportrait import (
-            ExpressionGuidance,
-            FlashPortraitDenoiser,
-            latent_frames_for_driving,
-            pixel_features_for_driving,
-            plan_flashportrait_windows,
-            resize_portrait,
-            window_expression_tokens,
-        )
-        from avatarcli.sampling.step_distill import schedule_for
+        from avatarcli.sampling.flashportrait import pixel_features_for_driving, resize_portrait
 
         preset, parts = job.preset, models.components
-        with clock("features"), torch.no_grad():
-            features = models.extractor.extract(iter_video_frames(job.driving, inputs.signal), source=job.driving)
-            pixel_features = pixel_features_for_driving(features)[None]  # [1, 4(L-1)+1, 554]
-            guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
-            text = prompt_embeddings(parts, (job.negative_prompt, job.prompt), models.disk_prompts,
-                                     lambda: models.weights_dir, T5_FILE, TOKENIZER_FOLDER, device,
-                                     job.keep_text_encoder)
-            portrait = resize_portrait(inputs.portrait, preset.max_size, _explicit_size(preset.size))
-            image_tokens = clip_features(parts.image_encoder, portrait, inputs.width, inputs.height)
-            latent_frames = latent_frames_for_driving(inputs.frames)
-            window_frames = min(WINDOW_LATENT_FRAMES, latent_frames)
-            condition = reference_condition(parts.vae, portrait, inputs.width, inputs.height,
-                                            num_frames=pixel_frames_for(window_frames))
-        decode_vae = parts.vae
-        decode_dtype = resolve_dtype(job.vae_dtype, device)
-        if decode_dtype != next(parts.vae.parameters()).dtype:
-            with quiet_diffusers():  # a cast copy: the loaded VAE keeps encoding in float32 for later jobs
-                decode_vae = copy.deepcopy(parts.vae).to(decode_dtype)
+        features = models.extractor.extract(iter_video_frames(job.driving, inputs.signal), source=job.driving)
+        pixel_features = pixel_features_for_driving(features)[None]  # [1, 4(L-1)+1, 554]
+        text = prompt_embeddings(parts, (job.negative_prompt, job.prompt), models.disk_prompts,
+                                 models.weights_folder, T5_FILE, TOKENIZER_FOLDER, device, job.keep_text_encoder)
+        portrait = resize_portrait(inputs.portrait, preset.max_size, _explicit_size(preset.size))
+        image_tokens = clip_features(parts.image_encoder, portrait, inputs.width, inputs.height)
+        window_frames = min(WINDOW_LATENT_FRAMES, latent_frames)
+        condition = reference_condition(parts.vae, portrait, inputs.width, inputs.height,
+                                        num_frames=pixel_frames_for(window_frames))
+        return pixel_features, text, image_tokens, condition
 
-        plan = plan_flashportrait_windows(latent_frames, WINDOW_LATENT_FRAMES, preset.overlap)
-        try:
-            sigmas, update = schedule_for(preset.schedule, preset.steps, preset.shift)
-        except ValueError as error:
-            raise AvatarError(str(error)) from error
 
-        def window_tokens(window: Window) -> torch.Tensor:
-            with clock("features"), torch.no_grad():
-                return window_expression_tokens(parts.portrait_encoder, pixel_features, window)
+def _schedule(preset):
+    from avatarcli.sampling.step_distill import schedule_for
 
-        denoiser = FlashPortraitDenoiser(parts.transformer, guidance, positive_text=text[1:2],
-                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
-                                         window_tokens=window_tokens, sigmas=sigmas,
-                                         device=models.placement.device, dtype=models.placement.dtype)
-        decoder = None
-        if preset.decoder == "tiny":
-            from avatarcli.decode.decoders import streaming_decoder
+    try:
+        return schedule_for(preset.schedule, preset.steps, preset.shift)
+    except ValueError as error:
+        raise AvatarError(str(error)) from error
 
-            decoder = streaming_decoder("tiny", tiny_vae=models.tiny_decoder)  # takes the normalised latents
-        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
-                          latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae, decoder=decoder,
-                          update=update, skip_frames=1,
-                          probe_blocks=(parts.transformer.blocks[0], parts.transformer.blocks[-1]), transformer=parts.transformer)
+
+def _tiny_decoder(preset, models: FlashPortraitModels):
+    if preset.decoder != "tiny":
+        return None
+    from avatarcli.decode.decoders import streaming_decoder
+
+    return streaming_decoder("tiny", tiny_vae=models.tiny_decoder)  # takes the normalised latents
+
+
+class WindowTokens:
+    """A window's grouped expression tokens, charged to the clock's "features" stage."""
+
+    def __init__(self, encoder, pixel_features, clock: StageClock) -> None:
+        self.encoder, self.pixel_features, self.clock = encoder, pixel_features, clock
+
+    def __call__(self, window: Window) -> torch.Tensor:
+        import torch
+
+        from avatarcli.sampling.flashportrait import window_expression_tokens
+
+        with self.clock("features"), torch.no_grad():
+            return window_expression_tokens(self.encoder, self.pixel_features, window)
 
 
 DRIVER = FlashPortraitDriver()

@@ -12,16 +12,16 @@ import numpy as np
 
 from avatarcli.drivers.base import Generation, Inputs
 from avatarcli.errors import AvatarError
+from avatarcli.media.audio import SAMPLE_RATE
+from avatarcli.models.windows import STABLEAVATAR_WINDOW as WINDOW_LATENT_FRAMES
 
 if TYPE_CHECKING:
     import torch
 
-    from avatarcli.pipeline import AnimateJob
+    from avatarcli.job import AnimateJob
     from avatarcli.runtime import StageClock
     from avatarcli.sampling.windows import Window
 
-WINDOW_LATENT_FRAMES = 21  # 81 video frames per window, as StableAvatar was trained
-SAMPLE_RATE = 16_000  # wav2vec2's input rate
 
 
 def window_samples(samples: np.ndarray, window: Window, fps: float) -> np.ndarray:
@@ -135,12 +135,8 @@ class StableAvatarDriver:
               clock: StageClock) -> Generation:
         import torch
 
-        from avatarcli.features.audio import wav2vec_features
-        from avatarcli.features.image import clip_features, reference_condition
-        from avatarcli.features.prompt_cache import prompt_embeddings
-        from avatarcli.loading.memory import park_on_host
-        from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
-        from avatarcli.runtime import quiet_diffusers, resolve_dtype
+        from avatarcli.loading.memory import decode_copy, park_on_host
+        from avatarcli.runtime import resolve_dtype
         from avatarcli.sampling.denoiser import StableAvatarDenoiser
         from avatarcli.sampling.guidance import Guidance
         from avatarcli.sampling.schedule import flow_sigmas
@@ -148,38 +144,61 @@ class StableAvatarDriver:
 
         preset = job.preset
         with clock("features"), torch.no_grad():
-            text = prompt_embeddings(components, (job.negative_prompt, job.prompt), components.disk_prompts,
-                                     lambda: components.weights_dir or self.weights_dir(job), T5_FILE, TOKENIZER_FOLDER,
-                                     device, job.keep_text_encoder)
-            # .to(device): a no-op unless an earlier job of a batch parked them on the host (below)
-            image_tokens = clip_features(components.image_encoder.to(device), inputs.portrait, inputs.width,
-                                         inputs.height)
-            condition = reference_condition(components.vae.to(device), inputs.portrait, inputs.width, inputs.height,
-                                            num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
-        vae = components.vae  # stays float32: the next job sharing these models encodes its reference with it
-        if resolve_dtype(job.vae_dtype, device) != vae.dtype:
-            import copy
-
-            with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
-                vae = copy.deepcopy(vae).to(resolve_dtype(job.vae_dtype, device))  # the decode copy
+            text, image_tokens, condition = self.portrait_conditioning(job, inputs, components, device)
+        # the loaded VAE stays float32: the next job sharing these models encodes its reference with it
+        vae = decode_copy(components.vae, resolve_dtype(job.vae_dtype, device))
         if device.type == "cuda":  # not needed until the next job: off the GPU while the DiT runs (2.8 GB at full size)
             park_on_host(components.image_encoder, components.vae if vae is not components.vae else None)
-
         plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
         sigmas = flow_sigmas(preset.steps, preset.shift)
         guidance = Guidance(preset.guidance, preset.text_scale, preset.audio_scale, preset.ang_alpha, preset.ang_beta)
-
-        def window_audio(window: Window) -> torch.Tensor:
-            with clock("features"):
-                return wav2vec_features(components.audio_encoder, components.feature_extractor,
-                                        window_samples(inputs.signal, window, inputs.fps))
-
         denoiser = StableAvatarDenoiser(components.transformer, guidance, positive_text=text[1:2],
                                         negative_text=text[0:1], image_tokens=image_tokens, condition=condition,
-                                        window_audio=window_audio, sigmas=sigmas)
-        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
+                                        window_audio=WindowAudio(components, inputs, clock), sigmas=sigmas,
+                                        clock=clock)
+        blocks = components.transformer.blocks
+        return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser, vae=vae, transformer=components.transformer,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8),
-                          probe_blocks=(components.transformer.blocks[0], components.transformer.blocks[-1]), vae=vae, transformer=components.transformer)
+                          probe_blocks=(blocks[0], blocks[-1]))
+
+    def portrait_conditioning(self, job: AnimateJob, inputs: Inputs, components, device: torch.device):
+        """(negative and positive prompt embeddings, CLIP tokens, the reference condition of one window)."""
+        from avatarcli.features.image import clip_features, reference_condition
+        from avatarcli.features.prompt_cache import prompt_embeddings
+        from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
+
+        text = prompt_embeddings(components, (job.negative_prompt, job.prompt), components.disk_prompts,
+                                 WeightsFolder(self, components, job), T5_FILE, TOKENIZER_FOLDER, device,
+                                 job.keep_text_encoder)
+        # .to(device): a no-op unless an earlier job of a batch parked them on the host (build)
+        image_tokens = clip_features(components.image_encoder.to(device), inputs.portrait, inputs.width, inputs.height)
+        condition = reference_condition(components.vae.to(device), inputs.portrait, inputs.width, inputs.height,
+                                        num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+        return text, image_tokens, condition
+
+
+class WeightsFolder:
+    """() -> the weights folder the models came from (umT5 is loaded from there when a prompt is not cached)."""
+
+    def __init__(self, driver: StableAvatarDriver, components, job: AnimateJob) -> None:
+        self.driver, self.components, self.job = driver, components, job
+
+    def __call__(self):
+        return self.components.weights_dir or self.driver.weights_dir(self.job)
+
+
+class WindowAudio:
+    """A window's wav2vec2 features, charged to the clock's "features" stage."""
+
+    def __init__(self, components, inputs: Inputs, clock: StageClock) -> None:
+        self.components, self.samples, self.fps, self.clock = components, inputs.signal, inputs.fps, clock
+
+    def __call__(self, window: Window) -> torch.Tensor:
+        from avatarcli.features.audio import wav2vec_features
+
+        with self.clock("features"):
+            return wav2vec_features(self.components.audio_encoder, self.components.feature_extractor,
+                                    window_samples(self.samples, window, self.fps))
 
 
 DRIVER = StableAvatarDriver()

@@ -83,3 +83,16 @@ def park_on_host(*modules: torch.nn.Module | None) -> None:
 def has_offload_hooks(model: torch.nn.Module) -> bool:
     """Whether diffusers (group offloading / layerwise casting) or accelerate hooks are attached anywhere."""
     return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def decode_copy(vae, dtype: torch.dtype):
+    """The VAE to decode with in `dtype`: the loaded one when it already has that dtype, else a cast copy, so the
+    loaded VAE keeps encoding references in its own dtype (float32) for the later jobs of a batch."""
+    if next(vae.parameters()).dtype == dtype:
+        return vae
+    import copy
+
+    from avatarcli.runtime import quiet_diffusers
+
+    with quiet_diffusers():  # diffusers warns on casting a VAE with .to(); nothing in the Wan VAE needs float32
+        return copy.deepcopy(vae).to(dtype)

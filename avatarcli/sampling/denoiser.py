@@ -1,13 +1,24 @@
-"""The StableAvatar window denoiser: one batched guided forward per window-step.
+"""The window denoiser: (window, step, latents) -> guided velocity, one batched forward of all guidance branches.
 
-Conditioning that does not depend on the step (text, CLIP tokens, the reference-image latents, each window's
-wav2vec2 features) is prepared once; audio features are computed once per window and dropped when the window
-has taken its last step.
+`WindowDenoiser` is shared by every driver. It owns what does not depend on the conditioning signal:
+  * the timesteps (sigma * 1000 of the schedule) and the step count;
+  * the branch batching: text, CLIP tokens and the reference condition are cast, padded and batched once per job,
+    the window's latents are repeated per branch and concatenated with the condition;
+  * a bounded per-window cache of the window's own conditioning (audio features, expression tokens), computed at
+    the window's first call and dropped after its last step. A window whose last steps are predicted never reaches
+    that drop; since at most `steps + 2` windows are live in the wavefront, older entries are finished and evicted
+    (recomputing one would give the same conditioning), so the cache stays bounded with step prediction on;
+  * the DiT's time, charged to the clock's "dit" stage when a clock is given (the driver charges its per-window
+    feature work to "features" itself).
+A driver's subclass supplies `window_conditioning(window)` and, where the guidance has its own name for it, the
+branch list. `StableAvatarDenoiser` (audio) lives here; FlashPortrait's is in sampling/flashportrait.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -16,45 +27,91 @@ from avatarcli.sampling.guidance import Guidance
 from avatarcli.sampling.windows import Window
 
 
-class StableAvatarDenoiser:
-    def __init__(self, model: StableAvatarTransformer3DModel, guidance: Guidance, *, positive_text: torch.Tensor,
-                 negative_text: torch.Tensor, image_tokens: torch.Tensor, condition: torch.Tensor,
-                 window_audio: Callable[[Window], torch.Tensor], sigmas: torch.Tensor, steps: int | None = None):
-        """positive/negative_text [1, L, text_dim] (L <= text_len), image_tokens [1, 257, image_dim],
-        condition [1, 20, F_window, h, w] (mask + reference latents), window_audio(window) -> [1, T_a, 768]."""
-        self.model, self.guidance = model, guidance
-        self.window_audio = window_audio
+class WindowCache:
+    """Per-window values, at most `limit` of them (the oldest evicted first)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: dict[int, Any] = {}
+
+    def get(self, index: int, make: Callable[[], Any]) -> Any:
+        if index not in self.entries:
+            self.entries[index] = make()
+            while len(self.entries) > self.limit:
+                del self.entries[next(iter(self.entries))]
+        return self.entries[index]
+
+    def drop(self, index: int) -> None:
+        self.entries.pop(index, None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class WindowDenoiser:
+    """The shared window denoiser; subclasses give `window_conditioning` (see the module docstring).
+
+    `prompts`: per branch, "positive" or "negative"; `texts`: those embeddings [1, L, text_dim] (L <= text_len);
+    `image_tokens` [1, 257, image_dim]; `condition` [1, 20, F_window, h, w] (mask + reference latents);
+    `device`/`dtype`: where the model's inputs go (default: the model's own; give them when it is offloaded).
+    """
+
+    def __init__(self, model: Any, guidance: Any, *, prompts: list[str], texts: dict[str, torch.Tensor | None],
+                 image_tokens: torch.Tensor, condition: torch.Tensor, sigmas: torch.Tensor, steps: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, clock: Any = None):
+        self.model, self.guidance, self.clock = model, guidance, clock
         self.timesteps = sigmas[:-1] * 1000
         self.steps = steps if steps is not None else len(self.timesteps)
-        branches = guidance.branches
-        device, self.dtype = model.device, model.dtype
-        texts = {"positive": model.pad_text(positive_text), "negative": model.pad_text(negative_text)}
-        # Cast and batch the step-independent conditioning once, not per window-step.
-        self.text = torch.cat([texts[b.prompt] for b in branches]).to(device, self.dtype)
-        self.image = image_tokens.to(device, self.dtype).expand(len(branches), -1, -1)
-        self.condition = condition.to(device, self.dtype).expand(len(branches), -1, -1, -1, -1)
-        rows = [a for a in ("real", "silent") if any(b.audio == a for b in branches)]
-        self.audio_rows = rows
-        self.branch_audio = [rows.index(b.audio) if b.audio != "none" else None for b in branches]
-        self._audio: dict[int, torch.Tensor] = {}
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or model.dtype
+        self.branches = len(prompts)
+        self.text = torch.cat([model.pad_text(texts[p]) for p in prompts]).to(self.device, self.dtype)
+        self.image = image_tokens.to(self.device, self.dtype).expand(self.branches, -1, -1)
+        self.condition = condition.to(self.device, self.dtype).expand(self.branches, -1, -1, -1, -1)
+        self.cache = WindowCache(self.steps + 2)
 
-    def audio_for(self, window: Window) -> AudioConditioning:
-        if window.index not in self._audio:
-            self._audio[window.index] = self.window_audio(window)
-            # A window whose last steps are predicted never reaches the drop below; at most steps + 2 windows are
-            # live in the wavefront, so older entries are finished (recomputing one would give the same features).
-            while len(self._audio) > self.steps + 2:
-                del self._audio[next(iter(self._audio))]
-        real = self._audio[window.index]
+    def window_conditioning(self, window: Window) -> Any:
+        """The model's per-window conditioning input for all branches (computed once per window)."""
+        raise NotImplementedError
+
+    def conditioning_for(self, window: Window) -> Any:
+        return self.cache.get(window.index, lambda: self.window_conditioning(window))
+
+    @torch.no_grad()
+    def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        n, frames = self.branches, latents.shape[2]
+        conditioning = self.conditioning_for(window)
+        x = torch.cat([latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
+                       self.condition[:, :, :frames]], dim=1)
+        t = self.timesteps[step].expand(n).to(self.device)
+        with self.clock("dit") if self.clock is not None else nullcontext():
+            pred = self.model(x, t, self.text, self.image, conditioning)
+        if step == self.steps - 1:
+            self.cache.drop(window.index)
+        return self.guidance.combine(pred.float()).to(latents.device)
+
+
+class StableAvatarDenoiser(WindowDenoiser):
+    """The audio driver's window denoiser: each window's wav2vec2 features, one row per distinct audio input of the
+    guidance branches (real, or zeroed for "silent"); "none" branches drop the adapter output."""
+
+    def __init__(self, model: StableAvatarTransformer3DModel, guidance: Guidance, *, positive_text: torch.Tensor,
+                 negative_text: torch.Tensor, image_tokens: torch.Tensor, condition: torch.Tensor,
+                 window_audio: Callable[[Window], torch.Tensor], sigmas: torch.Tensor, steps: int | None = None,
+                 clock: Any = None):
+        """window_audio(window) -> [1, T_a, 768]."""
+        branches = guidance.branches
+        super().__init__(model, guidance, prompts=[b.prompt for b in branches],
+                         texts={"positive": positive_text, "negative": negative_text}, image_tokens=image_tokens,
+                         condition=condition, sigmas=sigmas, steps=steps, clock=clock)
+        self.window_audio = window_audio
+        self.audio_rows = [a for a in ("real", "silent") if any(b.audio == a for b in branches)]
+        self.branch_audio = [self.audio_rows.index(b.audio) if b.audio != "none" else None for b in branches]
+
+    def window_conditioning(self, window: Window) -> AudioConditioning:
+        real = self.window_audio(window)
         features = torch.cat([real if r == "real" else torch.zeros_like(real) for r in self.audio_rows])
         return AudioConditioning(features, self.branch_audio)
 
-    def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
-        n = len(self.branch_audio)
-        frames = latents.shape[2]
-        x = torch.cat([latents.to(self.dtype).expand(n, -1, -1, -1, -1), self.condition[:, :, :frames]], dim=1)
-        t = self.timesteps[step].expand(n).to(latents.device)
-        pred = self.model(x, t, self.text, self.image, self.audio_for(window))
-        if step == self.steps - 1:
-            self._audio.pop(window.index, None)
-        return self.guidance.combine(pred.float())
+    def audio_for(self, window: Window) -> AudioConditioning:
+        return self.conditioning_for(window)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,10 +26,11 @@ from avatarcli.models.flashportrait import (
     group_tokens,
     pixel_frames_for,
 )
+from avatarcli.models.windows import FLASHPORTRAIT_OVERLAP as OVERLAP_LATENT_FRAMES
+from avatarcli.models.windows import FLASHPORTRAIT_WINDOW as WINDOW_LATENT_FRAMES
+from avatarcli.sampling.denoiser import WindowDenoiser
 from avatarcli.sampling.windows import Window, WindowPlan, plan_windows
 
-WINDOW_LATENT_FRAMES = 51
-OVERLAP_LATENT_FRAMES = 30
 STEPS = 30
 SHIFT = 5.0
 MAX_SIZE = 720
@@ -157,48 +159,27 @@ def window_expression_tokens(encoder: PortraitEncoder, pixel_features: torch.Ten
     return group_tokens(tokens, window.latent_frames, encoder.tokens_per_frame)
 
 
-class FlashPortraitDenoiser:
-    """(window, step, latents) -> guided velocity; all guidance branches in one batched forward.
-
-    Step-independent conditioning (text, CLIP tokens, reference latents) is cast and batched once; a window's
-    expression tokens are encoded at its first step and dropped after its last.
-    """
+class FlashPortraitDenoiser(WindowDenoiser):
+    """(window, step, latents) -> guided velocity; all guidance branches in one batched forward (the shared
+    WindowDenoiser). A window's expression tokens are encoded at its first step and kept in the bounded cache."""
 
     def __init__(self, model: FlashPortraitTransformer3DModel, guidance: ExpressionGuidance, *,
                  positive_text: torch.Tensor, negative_text: torch.Tensor | None, image_tokens: torch.Tensor,
                  condition: torch.Tensor, window_tokens: Callable[[Window], torch.Tensor], sigmas: torch.Tensor,
-                 steps: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """positive/negative_text [1, L, text_dim] (L <= text_len), image_tokens [1, 257, image_dim],
-        condition [1, 20, F_window, h, w] (mask + reference latents), window_tokens(window) -> [1, F, 97, C].
-        device/dtype: where the inputs go (default: the model's; give them when the model is offloaded)."""
-        self.model, self.guidance = model, guidance
-        self.window_tokens = window_tokens
-        self.timesteps = sigmas[:-1] * 1000
-        self.steps = steps if steps is not None else len(self.timesteps)
+                 steps: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 clock: Any = None):
+        """window_tokens(window) -> [1, F, 97, C]; the rest as WindowDenoiser."""
         branches = guidance.branches
-        self.device = torch.device(device) if device is not None else model.device
-        self.dtype = dtype or model.dtype
         if any(b.prompt == "negative" for b in branches) and negative_text is None:
             raise ValueError("text guidance needs a negative prompt embedding")
-        texts = {"positive": positive_text, "negative": negative_text}
-        self.text = torch.cat([model.pad_text(texts[b.prompt]) for b in branches]).to(self.device, self.dtype)
-        self.image = image_tokens.to(self.device, self.dtype).expand(len(branches), -1, -1)
-        self.condition = condition.to(self.device, self.dtype).expand(len(branches), -1, -1, -1, -1)
+        super().__init__(model, guidance, prompts=[b.prompt for b in branches],
+                         texts={"positive": positive_text, "negative": negative_text}, image_tokens=image_tokens,
+                         condition=condition, sigmas=sigmas, steps=steps, device=device, dtype=dtype, clock=clock)
+        self.window_tokens = window_tokens
         self.scales = tuple(b.ip_scale for b in branches)
-        self._tokens: dict[int, torch.Tensor] = {}
+
+    def window_conditioning(self, window: Window) -> ExpressionConditioning:
+        return ExpressionConditioning(self.window_tokens(window).to(self.device, self.dtype), self.scales)
 
     def expression_for(self, window: Window) -> ExpressionConditioning:
-        if window.index not in self._tokens:
-            self._tokens[window.index] = self.window_tokens(window).to(self.device, self.dtype)
-        return ExpressionConditioning(self._tokens[window.index], self.scales)
-
-    def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
-        n = len(self.scales)
-        frames = latents.shape[2]
-        x = torch.cat([latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
-                       self.condition[:, :, :frames]], dim=1)
-        t = self.timesteps[step].expand(n).to(self.device)
-        pred = self.model(x, t, self.text, self.image, self.expression_for(window))
-        if step == self.steps - 1:
-            self._tokens.pop(window.index, None)
-        return self.guidance.combine(pred.float()).to(latents.device)
+        return self.conditioning_for(window)

@@ -20,9 +20,9 @@ Design (FlashPortrait's adaptive latent prediction names the signals; its code i
   plans its run of predicted steps: it adds up |sigma_next - sigma| * ||estimated velocity error||, the latent
   change the error would cause, relative to the window's latent norm, and stops before the sum passes `tolerance`.
   Where the velocity bends, this grows quickly and jumps get short; on straight stretches they run to the cap.
-* Whether to trust prediction (the per-layer signal). A denoiser may expose `layer_probe()`, returning a cheap
-  summary of its first and last transformer blocks' outputs from its latest call. Between two full steps the
-  relative change of the last block's output over that of the first block measures how much the network
+* Whether to trust prediction (the per-layer signal). A `probe` given to `bind` (a LayerProbe such as BlockProbe)
+  returns a cheap summary of its first and last transformer blocks' outputs from the latest call. Between two full
+  steps the relative change of the last block's output over that of the first block measures how much the network
   amplifies the change of its input. While that ratio is steady the network is in a smooth regime; when it grows
   by more than `layer_ratio` times from one full step to the next, the planned jump's tolerance shrinks by the
   excess (growth twice the limit: half the tolerance). Comparing the ratio with its own previous value needs no
@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from avatarcli.schema import check_instance, integer, number
+
 if TYPE_CHECKING:  # presets import the settings below; torch is only needed once sampling runs
     import torch
 
@@ -55,29 +57,27 @@ MAX_ORDER = 3
 
 @dataclass(frozen=True)
 class Prediction:
-    """Step-prediction settings (a preset's `prediction` section)."""
+    """Step-prediction settings (a preset's `prediction` section). The limits below are the only ones: presets,
+    command-line flags and direct construction are all checked against them (ValueError)."""
 
-    order: int = 2  # polynomial degree of the velocity extrapolation in sigma (1-3)
-    max_predicted: int = 3  # K: a full step re-anchors after at most this many predicted steps
-    tolerance: float = 0.01  # budget for the estimated relative latent error of one predicted run
-    warmup: int = 2  # the first steps of every window are full
-    layer_ratio: float = 0.0  # trust limit on the growth of the last/first block change ratio; 0: signal off
+    # polynomial degree of the velocity extrapolation in sigma
+    order: int = integer(1, MAX_ORDER, default=2)
+    # K: a full step re-anchors after at most this many predicted steps
+    max_predicted: int = integer(1, 20, default=3)
+    # budget for the estimated relative latent error of one predicted run (large: only K limits the run)
+    tolerance: float = number(0, 1000, above=True, default=0.01)
+    # the first steps of every window are full (two full steps give the first derivative)
+    warmup: int = integer(2, 20, default=2)
+    # trust limit on the growth of the last/first block change ratio; 0: signal off
+    layer_ratio: float = number(0, 1000, default=0.0)
 
     def __post_init__(self):
-        if not 1 <= self.order <= MAX_ORDER:
-            raise ValueError(f"order must be from 1 to {MAX_ORDER}, got {self.order}")
-        if self.max_predicted < 1:
-            raise ValueError(f"max_predicted must be >= 1, got {self.max_predicted}")
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.warmup < 2:
-            raise ValueError(f"warmup must be >= 2 (two full steps give the first derivative), got {self.warmup}")
-        if self.layer_ratio < 0:
-            raise ValueError(f"layer_ratio must be >= 0, got {self.layer_ratio}")
+        check_instance(self)
 
-    def bind(self, denoise: Denoiser, sigmas: torch.Tensor) -> PredictingDenoiser:
-        """The denoiser as the sampler sees it: same signature, the transformer runs only on full steps."""
-        return PredictingDenoiser(self, denoise, sigmas)
+    def bind(self, denoise: Denoiser, sigmas: torch.Tensor, probe: LayerProbe | None = None) -> PredictingDenoiser:
+        """The denoiser as the sampler sees it: same signature, the transformer runs only on full steps.
+        `probe`: the per-layer signal of `denoise`'s latest call (e.g. a BlockProbe), if any."""
+        return PredictingDenoiser(self, denoise, sigmas, probe)
 
 
 def lagrange_weights(nodes: list[float], x: float) -> list[float]:
@@ -117,11 +117,11 @@ class _WindowState:
 class PredictingDenoiser:
     """Wraps a Denoiser; per window it computes full steps and predicts the others (see the module notes)."""
 
-    def __init__(self, settings: Prediction, denoise: Denoiser, sigmas: torch.Tensor):
+    def __init__(self, settings: Prediction, denoise: Denoiser, sigmas: torch.Tensor, probe: LayerProbe | None = None):
         self.settings, self.denoise = settings, denoise
         self.sigmas = [float(s) for s in sigmas]
         self.steps = len(self.sigmas) - 1
-        self.probe: LayerProbe | None = getattr(denoise, "layer_probe", None)
+        self.probe = probe
         self.windows: dict[int, _WindowState] = {}
         self.full_steps = 0  # window-steps that called the denoiser
         self.predicted_steps = 0
@@ -218,13 +218,10 @@ class PredictingDenoiser:
 
 class CountedDenoiser:
     """Counts denoiser calls: the NFE, one per transformer forward (a batched call of all guidance branches
-    counts once). Passes the layer probe through."""
+    counts once)."""
 
     def __init__(self, denoise: Denoiser):
         self.denoise, self.calls = denoise, 0
-        probe = getattr(denoise, "layer_probe", None)
-        if probe is not None:
-            self.layer_probe = probe
 
     def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -136,69 +136,95 @@ def sample_streaming(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[in
     """
     if predictor is not None:
         denoise = predictor.bind(denoise, sigmas)
-    steps, windows = len(sigmas) - 1, plan.windows
-    owner = [plan.owner(f) for f in range(plan.latent_frames)]
-    writers = [plan.writers(w) for w in windows]
-    readers = [[r for r in range(len(windows)) if k in writers[r]] for k in range(len(windows))]
-    live = state if state is not None else StreamState.fresh(plan)
-    done = live.done  # steps completed per window
-    outputs = live.outputs  # (window, step) -> its written latents
-    emitted = live.emitted
+    front = Wavefront(plan, len(sigmas) - 1, state if state is not None else StreamState.fresh(plan))
+    while front.live.emitted < plan.latent_frames:
+        k = front.next_window()
+        window, s = plan.windows[k], front.done[k]
+        latents = noise(window.start, window.end) if s == 0 else front.gather(window.start, window.end, s - 1)
+        front.outputs[(k, s)] = window_step(plan, window, s, latents, sigmas, denoise, front.previous(k, s),
+                                            state_dtype, update)
+        front.done[k] += 1
+        chunk = front.finished()
+        if chunk is not None:
+            yield chunk
+        front.forget()
+        if after_step is not None:
+            after_step(front.live)
 
-    def ready(k: int) -> bool:
-        s = done[k]
-        if s == steps:
+
+class Wavefront:
+    """The bookkeeping of `sample_streaming` over a `StreamState`: which window steps next, which stored outputs
+    are still needed, and which frames are final."""
+
+    def __init__(self, plan: WindowPlan, steps: int, live: StreamState) -> None:
+        self.plan, self.steps, self.windows, self.live = plan, steps, plan.windows, live
+        self.done, self.outputs = live.done, live.outputs  # steps completed per window; (window, step) -> latents
+        self.owner = [plan.owner(f) for f in range(plan.latent_frames)]
+        self.writers = [plan.writers(w) for w in self.windows]
+        self.readers = [[r for r in range(len(self.windows)) if k in self.writers[r]]
+                        for k in range(len(self.windows))]
+        self.first_open = 0  # windows before it have taken every step
+
+    def ready(self, k: int) -> bool:
+        s = self.done[k]
+        if s == self.steps:
             return False
         if s == 0:
             return True
-        return all(done[w] >= s for w in writers[k]) and (not windows[k].overlap or done[k - 1] > s)
+        return all(self.done[w] >= s for w in self.writers[k]) and (not self.windows[k].overlap
+                                                                    or self.done[k - 1] > s)
 
-    def gather(start: int, end: int, step: int) -> torch.Tensor:
+    def next_window(self) -> int:
+        """The ready window with the smallest wavefront key (step + index, later windows first)."""
+        while self.done[self.first_open] == self.steps:
+            self.first_open += 1
+        # Only the next `steps + 2` windows can hold the smallest key (the fallback: overlaps above half a window).
+        span = range(self.first_open, min(len(self.windows), self.first_open + self.steps + 2))
+        ready = [i for i in span if self.ready(i)] or [i for i in range(self.first_open, len(self.windows))
+                                                        if self.ready(i)]
+        return min(ready, key=lambda i: (self.done[i] + i, -i))
+
+    def gather(self, start: int, end: int, step: int) -> torch.Tensor:
         """Frames [start, end) as written at `step` by their owners (the last window covering each frame)."""
         parts, f = [], start
         while f < end:
-            o, run = owner[f], f
-            while run < end and owner[run] == o:
+            o, run = self.owner[f], f
+            while run < end and self.owner[run] == o:
                 run += 1
-            parts.append(outputs[(o, step)][:, :, f - windows[o].start : run - windows[o].start])
+            parts.append(self.outputs[(o, step)][:, :, f - self.windows[o].start : run - self.windows[o].start])
             f = run
         return torch.cat(parts, dim=2)
 
-    def needed(k: int, s: int) -> bool:
-        if s + 1 < steps and any(done[r] <= s + 1 for r in readers[k]):
+    def previous(self, k: int, s: int) -> torch.Tensor | None:
+        """Window k-1's output of step s on window k's overlap (what step s of window k blends with)."""
+        window = self.windows[k]
+        if s == 0 or not window.overlap:
+            return None
+        offset = window.start - self.windows[k - 1].start
+        return self.outputs[(k - 1, s)][:, :, offset : offset + window.overlap]
+
+    def finished(self) -> FinalFrames | None:
+        """The frames that became final with the last window-step, if any."""
+        emitted = end = self.live.emitted
+        while end < self.plan.latent_frames and self.done[self.owner[end]] == self.steps:
+            end += 1
+        if end == emitted:
+            return None
+        self.live.emitted = end
+        return FinalFrames(emitted, self.gather(emitted, end, self.steps - 1))
+
+    def needed(self, k: int, s: int) -> bool:
+        if s + 1 < self.steps and any(self.done[r] <= s + 1 for r in self.readers[k]):
             return True  # a window still has to read it as its state for step s+1
-        if k + 1 < len(windows) and windows[k + 1].overlap and done[k + 1] <= s:
+        if k + 1 < len(self.windows) and self.windows[k + 1].overlap and self.done[k + 1] <= s:
             return True  # window k+1 still has to blend with it at step s
-        return s == steps - 1 and any(owner[f] == k for f in range(max(emitted, windows[k].start), windows[k].end))
+        return s == self.steps - 1 and any(self.owner[f] == k for f in range(max(self.live.emitted,
+                                                                                 self.windows[k].start),
+                                                                             self.windows[k].end))
 
-    first_open = 0  # windows before it have taken every step
-    while emitted < plan.latent_frames:
-        while done[first_open] == steps:
-            first_open += 1
-        # Only the next `steps + 2` windows can hold the smallest wavefront key (step + index).
-        span = range(first_open, min(len(windows), first_open + steps + 2))
-        ready_now = [i for i in span if ready(i)] or [i for i in range(first_open, len(windows)) if ready(i)]
-        k = min(ready_now, key=lambda i: (done[i] + i, -i))  # (the fallback: overlaps above half a window)
-        window, s = windows[k], done[k]
-        state = noise(window.start, window.end) if s == 0 else gather(window.start, window.end, s - 1)
-        previous = None
-        if s > 0 and window.overlap:
-            offset = window.start - windows[k - 1].start
-            previous = outputs[(k - 1, s)][:, :, offset : offset + window.overlap]
-        outputs[(k, s)] = window_step(plan, window, s, state, sigmas, denoise, previous, state_dtype, update)
-        done[k] += 1
-
-        final_end = emitted
-        while final_end < plan.latent_frames and done[owner[final_end]] == steps:
-            final_end += 1
-        if final_end > emitted:
-            chunk = gather(emitted, final_end, steps - 1)
-            emitted = live.emitted = final_end
-            yield FinalFrames(final_end - chunk.shape[2], chunk)
-        for key in [key for key in outputs if not needed(*key)]:
-            del outputs[key]
-        if after_step is not None:
-            after_step(live)
+    def forget(self) -> None:
+        for key in [key for key in self.outputs if not self.needed(*key)]:
+            del self.outputs[key]
 
 
 def sample_window_parallel(plan: WindowPlan, sigmas: torch.Tensor, noise: Callable[[int, int], torch.Tensor],
