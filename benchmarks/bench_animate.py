@@ -29,71 +29,17 @@ import json
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from avatarcli.loading.stableavatar import StableAvatarComponents
-from avatarcli.loading.transformer import build_transformer
 from avatarcli.pipeline import AnimateJob, animate
 from avatarcli.presets import load_preset
 from avatarcli.testing.components import write_tiny_umt5_tokenizer
-from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
+from avatarcli.testing.stableavatar import stock_wan_twin
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def synthetic_speech(path: Path, seconds: float) -> Path:
-    sr = 16000
-    t = np.arange(int(seconds * sr)) / sr
-    voice = 0.3 * np.sin(2 * np.pi * 160 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sr)
-        f.writeframes((voice * 32767).astype(np.int16).tobytes())
-    return path
-
-
-def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path, tiny: bool):
-    from diffusers import AutoencoderKLWan
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel, Wav2Vec2Config,
-                              Wav2Vec2FeatureExtractor, Wav2Vec2Model)
-
-    from avatarcli.testing import TINY_STABLEAVATAR
-
-    sizes = TINY_STABLEAVATAR if tiny else FULL_SIZE
-    transformer = build_transformer(random_state_dict(sizes, 0, str(device), dtype), wan_config(sizes), dtype=dtype,
-                                    device=device)
-    with torch.device(device):
-        if tiny:
-            vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-            t5 = UMT5EncoderModel(UMT5Config(vocab_size=256, d_model=sizes["text_dim"], d_kv=8, d_ff=64,
-                                             num_layers=1, num_heads=4))
-            clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=sizes["image_dim"], intermediate_size=64,
-                                                    num_hidden_layers=2, num_attention_heads=2, image_size=224,
-                                                    patch_size=14))
-            wav2vec = Wav2Vec2Model(Wav2Vec2Config(num_hidden_layers=1, intermediate_size=64))
-        else:
-            vae = AutoencoderKLWan()  # the Wan2.1 VAE configuration
-            t5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                             num_heads=64, relative_attention_num_buckets=32,
-                                             feed_forward_proj="gated-gelu")).to(torch.bfloat16)
-            clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                    num_attention_heads=16, image_size=224, patch_size=14,
-                                                    hidden_act="gelu"))
-            wav2vec = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base
-    from transformers import AutoTokenizer
-
-    # .to(device) again: some modules create parameters with legacy constructors that ignore the device context.
-    return StableAvatarComponents(
-        transformer=transformer, vae=vae.to(device).eval(), text_encoder=t5.to(device).eval(),
-        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_encoder=clip.to(device).eval(),
-        audio_encoder=wav2vec.to(device).eval(),
-        feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False))
-
+from common import EXAMPLES, full_size_components, synthetic_speech
 
 def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) -> None:
     from avatarcli.models.stableavatar import AudioConditioning

@@ -7,13 +7,17 @@ Times torch SDPA with each backend forced, to pick the attention backend for the
 
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import timed
+
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     tokens, heads, dim = 32760, 12, 128
     rows = []
     for batch in (1, 3):
@@ -34,17 +38,7 @@ def main() -> None:
                 rows.append((batch, name, float("nan"), float("nan"), str(error).split("\n")[0][:40]))
                 continue
             reference = out if reference is None else reference
-            times = []
-            for _ in range(3):
-                run()
-            for _ in range(10):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                run()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) / 1000)
-            t = statistics.median(times)
+            t = statistics.median(timed(run, warmup=3, repeat=10, device=torch.device("cuda")))
             dev = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             rows.append((batch, name, t, flops / t / 1e12, f"{dev:.1e}"))
     print(f"\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}")

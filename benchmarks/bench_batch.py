@@ -26,25 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def synthetic_speech(path: Path, seconds: float, pitch: float) -> Path:
-    sr = 16000
-    t = np.arange(int(seconds * sr)) / sr
-    voice = 0.3 * np.sin(2 * np.pi * pitch * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sr)
-        f.writeframes((voice * 32767).astype(np.int16).tobytes())
-    return path
+from common import EXAMPLES, synthetic_speech
 
 
 def random_weights(shapes: dict, seed: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT
+
 TARGET_SECONDS = 0.5
 PROBE = ("import runpy, sys, atexit\n"
          "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else '', file=sys.stderr))\n"

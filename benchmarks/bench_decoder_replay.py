@@ -15,16 +15,14 @@ cache (avatarcli/decode/stream.py). This script, with random weights (the horizo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avatarcli.decode.stream import StreamingDecoder
+from avatarcli.runtime import quiet_diffusers
 
-from avatarcli.decode.stream import StreamingDecoder  # noqa: E402
-from avatarcli.runtime import quiet_diffusers  # noqa: E402
+from common import synchronize
 
 
 def caches_equal(a: StreamingDecoder, b: StreamingDecoder) -> bool:
@@ -46,11 +44,6 @@ def smallest_exact_replay(vae, generator: torch.Generator) -> int | None:
         if caches_equal(replay, stream):
             return frames
     return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -83,19 +76,19 @@ def main() -> None:
     latents = latents.to(device, dtype)
     stream = StreamingDecoder(vae)
     stream.push(latents[:, :, : frames - 1])
-    sync(device)
+    synchronize(device)
     tick = time.perf_counter()
     stream.push(latents[:, :, frames - 1 :])
-    sync(device)
+    synchronize(device)
     one_frame = time.perf_counter() - tick
     state = stream.state_dict()
     replay_bytes = state["replay"].numel() * state["replay"].element_size()
     cache_bytes = sum(t.numel() * t.element_size() for t in stream._feat_cache if isinstance(t, torch.Tensor))
     resumed = StreamingDecoder(vae)
-    sync(device)
+    synchronize(device)
     tick = time.perf_counter()
     resumed.load_state_dict(state)
-    sync(device)
+    synchronize(device)
     replay_seconds = time.perf_counter() - tick
     identical = caches_equal(resumed, stream)
 

@@ -19,8 +19,9 @@ import torch
 
 from avatarcli.demo import world
 from avatarcli.demo.model import demo_size
+from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES
 from avatarcli.media.audio import write_wav
-from avatarcli.pipeline import WINDOW_LATENT_FRAMES, AnimateJob, animate
+from avatarcli.pipeline import AnimateJob, animate
 from avatarcli.presets import load_preset
 from avatarcli.sampling.windows import latent_frames_for, plan_windows
 

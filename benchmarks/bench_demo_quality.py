@@ -40,20 +40,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from avatarcli.decode.stream import video_to_uint8
+from avatarcli.demo import world
+from avatarcli.demo.model import demo_size
+from avatarcli.demo.training import round_trip
+from avatarcli.eval import EvalJob, evaluate_frames
+from avatarcli.media.audio import load_audio, write_wav
+from avatarcli.pipeline import AnimateJob, animate, frame_noise, prepare
+from avatarcli.presets import load_preset
+from avatarcli.runtime import StageClock, resolve_device, resolve_dtype
+from avatarcli.sink.memory import MemorySink
 
-from avatarcli.decode.stream import video_to_uint8  # noqa: E402
-from avatarcli.demo import world  # noqa: E402
-from avatarcli.demo.model import demo_size  # noqa: E402
-from avatarcli.demo.train import round_trip  # noqa: E402
-from avatarcli.eval import EvalJob, evaluate_frames  # noqa: E402
-from avatarcli.media.audio import load_audio, write_wav  # noqa: E402
-from avatarcli.pipeline import AnimateJob, animate, frame_noise, prepare  # noqa: E402
-from avatarcli.presets import load_preset  # noqa: E402
-from avatarcli.runtime import StageClock, resolve_device, resolve_dtype  # noqa: E402
-from avatarcli.sink.memory import MemorySink  # noqa: E402
-from bench_predict import run  # noqa: E402  (the joint / streaming runner with NFE counting)
+from common import run  # the joint / streaming runner with NFE counting
 
 
 def measure(name: str, frames: np.ndarray, face: Path, samples: np.ndarray, truth: np.ndarray | None,
@@ -111,8 +109,8 @@ def main() -> None:
     parser.add_argument("--person", type=int, default=7, help="demo-world identity and speech seed")
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--steps", type=int, help="override the preset's steps (quick looks)")
-    parser.add_argument("--audio-scale", type=float, help="override the preset's audio CFG scale (README: the demo "
-                        "model's lip sync is best near 2)")
+    parser.add_argument("--audio-scale", type=float, help="override the preset's audio CFG scale "
+                        "(benchmarks/README.md: the demo model's lip sync is best near 2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--grid", default="uniform:5,uniform:10,log:5,log:10",

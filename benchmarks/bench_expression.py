@@ -27,6 +27,8 @@ from avatarcli.features.face.tracker import TwoPassTracker
 from avatarcli.models.pdfgc import FanEncoder
 from avatarcli.testing.flashportrait_face import synthetic_driving_frames, write_tiny_face_files
 
+from common import synchronize
+
 
 def full_size_pd_fpg(path: Path) -> Path:
     torch.manual_seed(0)
@@ -35,11 +37,6 @@ def full_size_pd_fpg(path: Path) -> Path:
              for k, v in model.state_dict().items()}
     torch.save(state, path)
     return path
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -72,16 +69,16 @@ def main() -> None:
         batch = torch.from_numpy(np.stack([pdfgc_input(c) for c in crops])).to(args.device)
         with torch.no_grad():
             extractor.encoder.features(batch[:2])  # warm-up
-            sync(args.device)
+            synchronize(args.device)
             start = time.perf_counter()
             for i in range(0, len(batch), 16):
                 extractor.encoder.features(batch[i:i + 16])
-            sync(args.device)
+            synchronize(args.device)
         encode_s = time.perf_counter() - start
 
         start = time.perf_counter()
         features = extractor.extract(frames)
-        sync(args.device)
+        synchronize(args.device)
         total_s = time.perf_counter() - start
 
     n = len(frames)

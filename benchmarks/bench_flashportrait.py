@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 
 import torch
-from bench_transformer import timed  # CUDA-event timing, shared by the transformer benchmarks
 
 from avatarcli.loading.flashportrait import build_flashportrait_transformer, is_expression_key, \
     load_flashportrait_transformer
@@ -63,6 +62,8 @@ from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import Window
 from avatarcli.testing.flashportrait import FULL_SIZE, TINY_SIZE, is_fine_tuned, random_state, \
     transformer_key_shapes, wan_config, write_base_shards
+
+from common import build_decoders, random_latents, timed, timed_decode
 
 VARIANTS = {  # name -> (offload, weights dtype)
     "stock": ("none", "bf16"), "full": ("none", "bf16"), "model": ("model", "bf16"), "group": ("group", "bf16"),
@@ -258,9 +259,6 @@ PRESETS = (("30-step (reference)", 30, 30, "full"), ("turbo", 4, 30, "tiny"))  #
 def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torch.device, dtype: torch.dtype,
                tiny: bool, fps: int = 25) -> None:
     """Seconds per video second of a driving clip per preset, from the measured window-step and decode rates."""
-    from bench_taehv import build as build_decoders
-    from bench_taehv import random_latents, timed_decode
-
     vae, tiny_vae = build_decoders(tiny, device, dtype)
     frames = max(1, round(clip_seconds * fps))
     latent_frames = latent_frames_for_driving(frames)

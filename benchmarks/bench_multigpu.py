@@ -2,7 +2,7 @@
 
 For each GPU count N the script starts N processes under torch's launcher (`torch.distributed.run --standalone`,
 what `avatarcli animate --gpus N` does); each builds the full-size StableAvatar components with random weights
-(bench_animate.py's builder) on its GPU and runs the library's `animate` on the same synthetic speech clip, writing
+(common.full_size_components) on its GPU and runs the library's `animate` on the same synthetic speech clip, writing
 nothing (null sink; rank 0 still decodes every frame). Every process reports its stage times, its transformer
 forwards and its peak GPU memory; the table gives, per N:
 
@@ -48,7 +48,7 @@ def worker(args) -> None:
     from avatarcli.pipeline import AnimateJob, animate
     from avatarcli.presets import load_preset
     from avatarcli.testing.components import write_tiny_umt5_tokenizer
-    from bench_animate import full_size_components, synthetic_speech
+    from common import full_size_components, synthetic_speech
 
     if args.tiny:
         torch.set_num_threads(1)

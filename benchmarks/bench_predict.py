@@ -14,16 +14,15 @@ table measures the step schedule and prediction alone. NFE counts transformer fo
 branches are one batched call).
 
 Closed-form flow: the exact flow-matching velocity of a Gaussian mixture, token by token in a latent shaped like a
-16-channel video window (8 components whose means drift smoothly over frames and pixels), with text/audio-style
-guidance between two mixture weightings. Its "layer probe" is the denoiser's input and output (there are no
-layers); PSNR is on the final latents with the reference's range as the peak. Cache hooks need a transformer, so
-their rows only appear with --weights/--tiny, where PSNR is on the decoded frames.
+16-channel video window (64 components, a tree of 3 levels x 4 branches, whose means drift smoothly over frames and
+pixels), with text/audio-style guidance between two mixture weightings. Its "layer probe" is the denoiser's input and
+output (there are no layers); PSNR is on the final latents with the reference's range as the peak. Cache hooks need a
+transformer, so their rows only appear with --weights/--tiny, where PSNR is on the decoded frames.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import tempfile
@@ -32,13 +31,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avatarcli.presets import load_preset
+from avatarcli.sampling.schedule import flow_sigmas
+from avatarcli.sampling.windows import plan_windows
 
-from avatarcli.presets import load_preset  # noqa: E402
-from avatarcli.sampling.predict import CountedDenoiser  # noqa: E402
-from avatarcli.sampling.sampler import sample_joint, sample_streaming  # noqa: E402
-from avatarcli.sampling.schedule import flow_sigmas  # noqa: E402
-from avatarcli.sampling.windows import plan_windows  # noqa: E402
+from common import EXAMPLES, UniPCWindows, model_setup, run
 
 PRESETS = ("quality", "balanced", "fast")
 
@@ -66,8 +63,11 @@ class MixtureFlow:
         self.log_weights = {"uncond": torch.zeros(components, dtype=torch.float64),
                             "cond": torch.log_softmax(2.0 * logits, 0)}
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-        if probe:
-            self.layer_probe = lambda: self.last
+        self.probe = self.latest_layers if probe else None
+
+    def latest_layers(self):
+        """The step predictor's per-layer signal: this flow's summaries of its latest call."""
+        return self.last
 
     def component_means(self, start: int, frames: int, window_index: int) -> torch.Tensor:
         """[K, C, F, h, w]: means drifting smoothly over latent frames and pixels; a small per-window offset stands in
@@ -107,39 +107,6 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-class UniPCWindows:
-    """diffusers' UniPCMultistepScheduler (flow mode) as a window Denoiser: one scheduler per window, and the
-    velocity handed to the sampler's Euler step is the one that lands on UniPC's next sample."""
-
-    def __init__(self, denoise, steps: int, shift: float, order: int = 2):
-        from diffusers import UniPCMultistepScheduler
-
-        self.denoise = denoise
-        self.template = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                flow_shift=shift, solver_order=order, num_train_timesteps=1000)
-        self.template.set_timesteps(steps)
-        self.sigmas = self.template.sigmas.float()
-        self.schedulers: dict[int, object] = {}
-
-    def __call__(self, window, step, latents):
-        sched = self.schedulers.setdefault(window.index, copy.deepcopy(self.template))
-        v = self.denoise(window, step, latents)
-        nxt = sched.step(v, sched.timesteps[step], latents, return_dict=False)[0]
-        if step == len(sched.timesteps) - 1:
-            del self.schedulers[window.index]
-        return (nxt - latents) / (self.sigmas[step + 1] - self.sigmas[step])
-
-
-def run(plan, sigmas, noise, denoise, predictor=None, streaming=False):
-    counted = CountedDenoiser(denoise)
-    if streaming:
-        chunks = sample_streaming(plan, sigmas, lambda s, e: noise[:, :, s:e], counted, predictor=predictor)
-        out = torch.cat([c.latents for c in chunks], dim=2)
-    else:
-        out = sample_joint(plan, sigmas, noise, counted, predictor=predictor)
-    return out, counted.calls / len(plan.windows)
-
-
 def closed_form_table(args) -> list[tuple[str, float, float]]:
     ref = load_preset("reference")
     plan = plan_windows(args.latent_frames, 21, ref.overlap, ref.blend)
@@ -155,7 +122,8 @@ def closed_form_table(args) -> list[tuple[str, float, float]]:
     for name in PRESETS:
         preset = load_preset(name)
         grid = flow_sigmas(preset.steps, ref.shift)
-        out, nfe = run(plan, grid, noise, flow(grid), preset.prediction)
+        flowing = flow(grid)
+        out, nfe = run(plan, grid, noise, flowing, preset.prediction, probe=flowing.probe)
         rows.append((f"{name} (prediction)", nfe, psnr(out, reference)))
         nfes.append(nfe)
         if args.no_probe:
@@ -171,57 +139,6 @@ def closed_form_table(args) -> list[tuple[str, float, float]]:
             out, nfe = run(plan, unipc.sigmas, noise, unipc)
             rows.append((f"UniPC-{order} {steps} steps", nfe, psnr(out, reference)))
     return rows
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def model_setup(weights, portrait, audio, size: str, device, dtype):
-    """A StableAvatar weights folder set up as the pipeline does for one clip, under the `reference` preset: the
-    window plan, the seeded noise, `denoiser(sigmas)` (the pipeline's StableAvatarDenoiser; wav2vec2 features
-    computed once per window) and `frames(latents)` (the decoded uint8 frames)."""
-    from types import SimpleNamespace
-
-    from avatarcli.decode.stream import decode_all
-    from avatarcli.drivers.stableavatar import WINDOW_LATENT_FRAMES, window_samples
-    from avatarcli.features.audio import wav2vec_features
-    from avatarcli.features.image import clip_features, reference_condition
-    from avatarcli.features.text import encode_prompts
-    from avatarcli.loading.stableavatar import load_stableavatar
-    from avatarcli.pipeline import AnimateJob, frame_noise, prepare
-    from avatarcli.sampling.denoiser import StableAvatarDenoiser
-    from avatarcli.sampling.guidance import Guidance
-    from avatarcli.sampling.windows import latent_frames_for
-
-    ref = load_preset("reference").with_overrides(size=size, checkpoint="auto")
-    job = AnimateJob(portrait=portrait, audio=audio, output=Path("unused.mp4"), preset=ref, null_sink=True)
-    _, inputs = prepare(job)
-    c = load_stableavatar(weights, inputs.checkpoint, device, dtype)
-    text = encode_prompts(c.text_encoder, c.tokenizer, [job.negative_prompt, job.prompt], device=device)
-    image_tokens = clip_features(c.image_encoder, inputs.portrait, inputs.width, inputs.height)
-    condition = reference_condition(c.vae, inputs.portrait, inputs.width, inputs.height,
-                                    num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
-    plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, ref.overlap, ref.blend)
-    guidance = Guidance(ref.guidance, ref.text_scale, ref.audio_scale)
-    noise = frame_noise(ref.seed, 0, plan.latent_frames, (16, inputs.height // 8, inputs.width // 8), device)
-    features: dict[int, torch.Tensor] = {}
-
-    def window_audio(window):
-        if window.index not in features:
-            features[window.index] = wav2vec_features(c.audio_encoder, c.feature_extractor,
-                                                      window_samples(inputs.signal, window, ref.fps))
-        return features[window.index]
-
-    def denoiser(sigmas):
-        return StableAvatarDenoiser(c.transformer, guidance, positive_text=text[1:2], negative_text=text[0:1],
-                                    image_tokens=image_tokens, condition=condition, window_audio=window_audio,
-                                    sigmas=sigmas)
-
-    def frames(latents):
-        return torch.from_numpy(decode_all(c.vae, latents.to(c.vae.dtype)))
-
-    return SimpleNamespace(ref=ref, inputs=inputs, components=c, plan=plan, noise=noise, denoiser=denoiser,
-                           frames=frames)
 
 
 def model_rows(args):
@@ -272,8 +189,7 @@ def model_rows(args):
         preset = load_preset(name)
         grid = flow_sigmas(preset.steps, ref.shift)
         inner = denoiser(grid)
-        inner.layer_probe = probe
-        out, nfe = run(plan, grid, noise, inner, preset.prediction)
+        out, nfe = run(plan, grid, noise, inner, preset.prediction, probe=probe)
         rows.append((f"{name} (prediction)", nfe, score(out)))
         note(rows[-1])
         nfes.append(nfe)

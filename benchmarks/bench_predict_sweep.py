@@ -1,5 +1,5 @@
 """Step-prediction settings against Euler and UniPC at equal NFE on a StableAvatar weights folder, scored in latent
-space and on decoded frames (the table behind the `fast` preset's choice in the README).
+space and on decoded frames (the table behind the `fast` preset's choice, benchmarks/README.md).
 
     avatarcli demo-face --seed 7 -o face.png --speech talk.wav --seconds 12
     python benchmarks/bench_predict_sweep.py --portrait face.png --audio talk.wav          # embedded demo, CPU
@@ -27,14 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avatarcli.presets import load_preset
+from avatarcli.sampling.predict import BlockProbe, Prediction
+from avatarcli.sampling.schedule import flow_sigmas
 
-from bench_predict import UniPCWindows, model_setup, run  # noqa: E402
-
-from avatarcli.presets import load_preset  # noqa: E402
-from avatarcli.sampling.predict import BlockProbe, Prediction  # noqa: E402
-from avatarcli.sampling.schedule import flow_sigmas  # noqa: E402
+from common import UniPCWindows, model_setup, run
 
 DEFAULT_METHODS = "euler:8;unipc:8;euler:9;unipc:9;balanced;fast"
 
@@ -98,9 +95,7 @@ def main() -> None:
             preset = load_preset(kind)
             steps, prediction, name = preset.steps, preset.prediction, f"preset {kind}"
         grid = flow_sigmas(steps, ref.shift)
-        inner = denoiser(grid)
-        inner.layer_probe = probe
-        return name, run(plan, grid, noise, inner, prediction)
+        return name, run(plan, grid, noise, denoiser(grid), prediction, probe=probe)
 
     rows = []
     for spec in args.methods.split(";"):

@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from avatarcli.loading.sfd import LatentStats  # noqa: E402
-from avatarcli.models.ldm_vae import SDVAE_F16D32, TextureVAEDecoder  # noqa: E402
-from avatarcli.models.sfd import PRESETS, LightningDiT  # noqa: E402
-from avatarcli.sampling.sfd import Guidance  # noqa: E402
-from avatarcli.sfd import DTYPES, SfdJob, SfdModels, generate  # noqa: E402
-from avatarcli.testing.sfd import TINY_DECODER, TINY_GUIDANCE, TINY_MAIN  # noqa: E402
+from avatarcli.loading.sfd import LatentStats
+from avatarcli.models.ldm_vae import SDVAE_F16D32, TextureVAEDecoder
+from avatarcli.models.sfd import PRESETS, LightningDiT
+from avatarcli.sampling.sfd import Guidance
+from avatarcli.sfd import DTYPES, SfdJob, SfdModels, generate
+from avatarcli.testing.sfd import TINY_DECODER, TINY_GUIDANCE, TINY_MAIN
 
 SOLVERS = {"euler-100": ("euler", 100), "heun-50": ("heun", 50), "dopri5": ("dopri5", 0)}
 TINY_SOLVERS = {"euler-10": ("euler", 10), "heun-5": ("heun", 5), "dopri5": ("dopri5", 0)}

@@ -15,68 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from avatarcli.decode.decoders import streaming_decoder  # noqa: E402
-from avatarcli.loading.taehv import build_tiny_decoder  # noqa: E402
-from avatarcli.models.taehv import TAEHVConfig  # noqa: E402
-from avatarcli.testing.flashportrait_turbo import TINY_TAEHV, tiny_fast_vae_state_dict  # noqa: E402
+from common import build_decoders, random_latents, timed_decode
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TINY_WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                    temperal_downsample=[False, True, True])
-
-
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()  # the default config is Wan2.1's
-    vae = (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
-    config = TINY_TAEHV if tiny else TAEHVConfig()
-    state = tiny_fast_vae_state_dict(config, encoder_width=8 if tiny else 64)
-    tiny_vae = build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
-    return vae, tiny_vae
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def stream(decoder, latents: torch.Tensor, chunk: int, device: torch.device) -> tuple[np.ndarray, float, float]:
-    """Frames, seconds and peak GiB of one streamed decode."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        pieces = [decoder.push(latents[:, :, s : s + chunk]) for s in range(0, latents.shape[2], chunk)]
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    decoder.close()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return np.concatenate(pieces), seconds, peak
-
-
-def random_latents(latent_frames: int, width: int, height: int, device: torch.device) -> torch.Tensor:
-    return torch.randn(1, 16, latent_frames, height // 8, width // 8,
-                       generator=torch.Generator().manual_seed(1)).to(device)
-
-
-def timed_decode(kind: str, vae, tiny_vae, latents: torch.Tensor, chunk: int,
-                 device: torch.device) -> tuple[np.ndarray, float, float]:
-    """Frames, seconds and peak GiB of one streamed decode with the `kind` decoder, after a 2-latent warm-up."""
-    decoder = streaming_decoder(kind, vae=vae, tiny_vae=tiny_vae)
-    stream(decoder, latents[:, :, : min(2, latents.shape[2])], chunk, device)
-    return stream(decoder, latents, chunk, device)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,7 +44,7 @@ def main() -> None:
     dtype_name = args.dtype or ("fp32" if args.tiny else "bf16")
     sizes = args.sizes or (["64x64"] if args.tiny else ["512x512", "720x1280"])
     latent_frames = args.latent_frames or (5 if args.tiny else 21)
-    vae, tiny_vae = build(args.tiny, device, DTYPES[dtype_name])
+    vae, tiny_vae = build_decoders(args.tiny, device, DTYPES[dtype_name])
 
     rows = []
     for size in sizes:

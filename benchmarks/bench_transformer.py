@@ -34,6 +34,8 @@ from avatarcli.models.stableavatar import AudioConditioning, parameter_count
 from avatarcli.sampling.guidance import Guidance
 from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
 
+from common import timed
+
 
 def flops_per_forward(batch: int, tokens: int, frames: int, sizes: dict, context: int = 769, audio: int = 15) -> float:
     """Matmul FLOPs of one forward (2 per multiply-add); the audio adapter and embeddings are negligible."""
@@ -46,25 +48,6 @@ def flops_per_forward(batch: int, tokens: int, frames: int, sizes: dict, context
         + 2 * 2 * tokens * d * f  # feed-forward
     )
     return batch * sizes["num_layers"] * per_block
-
-
-def timed(fn, warmup: int, repeat: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def op_table(ours, stock, device: torch.device, label: str, rows: int = 25) -> None:
