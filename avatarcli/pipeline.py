@@ -74,7 +74,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         writer = open_writer(job, inputs, generation, output, launch.device)
         after = AfterStep(job, inputs, generation, progress, writer, output, stack, stop, launch.group)
         chunks = sample(job, generation, stack, launch, state, after)
-        write_frames(chunks if launch.writes else (), writer, progress)
+        write_frames(chunks, writer, progress, launch.writes)
         with clock("encode"):
             output.sink.close()  # ffmpeg finishes the file, which is then renamed into place
     except BaseException:
@@ -363,10 +363,13 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device):
     return writer
 
 
-def write_frames(chunks: Iterable, writer, progress: ProgressMeter) -> None:
+def write_frames(chunks: Iterable, writer, progress: ProgressMeter, writes: bool = True) -> None:
+    """Decode and write the final frames as the sampler yields them. Every process of a launch runs the sampler
+    to its end (its windows take part in the exchanges); only the one that `writes` gets frames to decode."""
     for chunk in chunks:
-        writer.submit(chunk.latents)
-        progress.update(frames=writer.frames)
+        if writes:
+            writer.submit(chunk.latents)
+            progress.update(frames=writer.frames)
     writer.close()
     progress.update(frames=writer.frames)
 
