@@ -106,3 +106,12 @@ def test_animate_is_a_short_composition():
     lines, _ = inspect.getsourcelines(animate)
     assert len(lines) <= 60
     assert "def " not in "".join(lines[1:]) and "lambda" not in "".join(lines)  # no closures
+
+
+def test_the_readme_stays_a_newcomers_page():
+    """At most 300 lines; measurement tables live in benchmarks/README.md, which indexes every script."""
+    root = PACKAGE.parent
+    assert len((root / "README.md").read_text(encoding="utf-8").splitlines()) <= 300
+    index = (root / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    scripts = sorted(path.name for path in (root / "benchmarks").glob("*.py") if path.name != "common.py")
+    assert [name for name in scripts if name not in index] == []
