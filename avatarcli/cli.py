@@ -294,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_process_group() -> bool:
-    if "torch.distributed" not in sys.modules:  # never imported: not in a group (and torch stays unimported)
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:  # never imported: not in a group (and torch stays unimported)
         return False
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    try:
+        return bool(dist.is_available() and dist.is_initialized())
+    except Exception:  # noqa: BLE001 - a torch whose import a Ctrl-C cut short: not in a group
+        return False
 
 
 def _say(line: str, code: int) -> None:
