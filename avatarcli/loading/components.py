@@ -79,8 +79,13 @@ def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def load_vae(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
 ) -> AutoencoderKLWan:
-    """Wan2.1_VAE.pth as a diffusers AutoencoderKLWan (latents_mean/std in its config are the Wan 2.1 values)."""
+    """Wan2.1_VAE.pth as a diffusers AutoencoderKLWan (latents_mean/std in its config are the Wan 2.1 values).
+    On the CPU its convolutions run through oneDNN (avatarcli.models.cpu_convs)."""
+    from avatarcli.models.cpu_convs import use_onednn_convolutions
+
     vae = vae_from_state_dict(read_original_checkpoint(path), source=str(path), dtype=dtype)
+    if torch.device(device).type == "cpu":
+        use_onednn_convolutions(vae)
     return vae.to(device).eval().requires_grad_(False)
 
 
