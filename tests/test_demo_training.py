@@ -147,3 +147,89 @@ def test_dark_pixels_marks_exactly_the_open_mouth_luma():
     mask = dark_pixels(to_unit(video[None]))
     assert mask.shape == (1, 1, 1, 4, 1)
     assert mask.flatten().tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_every_audio_branch_is_trained_under_both_prompts_alike():
+    """The prompt carries nothing in the demo world: cfg's text term (b2 - b1) has nothing to learn, and its b0 / b1
+    (negative prompt) are trained as often as the positive-prompt branches."""
+    from avatarcli.demo.training.dit import _branch_table
+
+    table = dict(_branch_table())
+    for audio in ("real", "silent", "none"):
+        rates = {b.prompt: rate for b, rate in table.items() if b.audio == audio}
+        assert set(rates) == {"positive", "negative"} and rates["positive"] == rates["negative"], audio
+
+
+def test_a_share_of_dit_windows_starts_at_the_first_latent_frame():
+    from avatarcli.demo.training.data import Pool, latent_windows
+
+    latents = torch.arange(40, dtype=torch.float32).view(1, 1, 40, 1, 1).expand(2, 16, 40, 2, 2)
+    hop = 16000 // 25
+    pool = Pool(videos=None, audio=torch.zeros(2, 40 * 4 * hop), portraits=None, openness=None)
+    for first in (0.0, 0.3, 1.0):
+        x0, _, clips = latent_windows(pool, latents, 4000, torch.Generator().manual_seed(0), first)
+        starts = x0[:, 0, 0, 0, 0]
+        share = float((starts == 0).float().mean())
+        uniform = (1 - first) / (40 - 21 + 1)  # a uniform start is 0 once in 20
+        assert abs(share - (first + uniform)) < 0.03, (first, share)
+        assert x0.shape == (4000, 16, 21, 2, 2) and clips.shape[1] == 81 * hop
+
+
+def test_whole_run_budget_splits_what_is_left_between_vae_and_dit():
+    from avatarcli.demo.training import Budget, TrainConfig, estimate
+
+    config = TrainConfig(minutes=9)
+    plan = estimate(config)
+    assert abs(plan["total"] - (9 * 60 - config.margin_seconds)) < 1e-6
+    assert abs(plan["vae"] / plan["dit"] - config.vae_seconds / config.dit_seconds) < 1e-6
+    unlimited = estimate(TrainConfig(vae_steps=30, dit_steps=70))
+    assert unlimited["vae"] < 30 and unlimited["dit"] < 30  # step counts end these stages first
+    budget = Budget(9, start=__import__("time").perf_counter() - 120)  # 2 minutes spent
+    assert abs(budget.share(200.0, 100.0, reserve=60.0) - (540 - 120 - 60) * 2 / 3) < 1.0
+    assert Budget(None).share(123.0, 1.0, reserve=1e9) == 123.0
+
+
+def test_float16_export_loads_strictly_and_a_new_vae_starts_with_little_posterior_noise():
+    from avatarcli.demo.training import DemoSizes, export_vae, new_vae, posterior_noise
+    from avatarcli.loading.components import vae_from_state_dict
+
+    torch.manual_seed(0)
+    sizes = DemoSizes(vae_base=4)
+    vae = new_vae(sizes).eval()
+    state = export_vae(vae, sizes, torch.float16)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    loaded = vae_from_state_dict(state, dtype=torch.float32)
+    for key, value in vae.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value.half().float(), rtol=0, atol=0, msg=key)
+    video = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    assert float(posterior_noise(vae, video).max()) < 0.5  # not the std-1 posterior a default init starts with
+
+
+def test_a_new_vae_trains_on_stills_first_and_a_continued_one_does_not(one_thread):
+    """vae_still_share > 0: the first phase feeds single frames (each a stream's first frame) at vae_still_batch;
+    a VAE continued from a weights folder (decoder only) keeps to streamed clips."""
+    from dataclasses import replace
+
+    import avatarcli.demo.training.vae as V
+    from avatarcli.demo.training import TrainConfig, make_pool, new_vae, train_vae
+
+    config = replace(TrainConfig.tiny(), vae_still_share=0.5, vae_still_batch=3, vae_steps=2)
+    pool = make_pool(config, lambda line: None)
+    shapes = []
+    original = V.piece_losses
+
+    def spy(stream, x, *args, **kwargs):
+        shapes.append(tuple(x.shape[:3]))
+        return original(stream, x, *args, **kwargs)
+
+    V.piece_losses = spy
+    try:
+        lines: list[str] = []
+        train_vae(pool, config, lines.append)
+        assert shapes[:2] == [(3, 3, 1), (3, 3, 1)] and all(s[0] == config.vae_batch for s in shapes[2:])
+        assert any(line.startswith("vae stills: 2 steps") for line in lines)
+        shapes.clear()
+        train_vae(pool, config, lines.append, vae=new_vae(config.sizes))
+        assert shapes and all(s[0] == config.vae_batch for s in shapes)
+    finally:
+        V.piece_losses = original

@@ -109,13 +109,15 @@ def video_clips(pool: Pool, count: int, frames: int, gen: torch.Generator) -> to
     return torch.stack([pool.videos[i, f : f + frames] for i, f in zip(idx.tolist(), first.tolist())])
 
 
-def latent_windows(pool: Pool, latents: torch.Tensor, count: int, gen: torch.Generator):
+def latent_windows(pool: Pool, latents: torch.Tensor, count: int, gen: torch.Generator, first: float = 0.0):
     """`count` random windows of WINDOW latent frames of the encoded pool `latents` [N, 16, L, h, w] and the speech
-    under each: (x0 [count, 16, WINDOW, h, w], pool index of each [count], samples [count, span])."""
+    under each: (x0 [count, 16, WINDOW, h, w], pool index of each [count], samples [count, span]). A share `first` of
+    them (drawn per window) starts at the video's first latent frame, as inference's first window does."""
     hop = world.SAMPLE_RATE // world.FPS
     span = WINDOW_VIDEO_FRAMES * hop
     idx = torch.randint(0, latents.shape[0], (count,), generator=gen)
     start = torch.randint(0, latents.shape[2] - WINDOW + 1, (count,), generator=gen)
+    start = torch.where(torch.rand(count, generator=gen) < first, torch.zeros_like(start), start)
     where = list(zip(idx.tolist(), start.tolist()))
     x0 = torch.stack([latents[i, :, s : s + WINDOW] for i, s in where])
     clips = torch.stack([pool.audio[i, 4 * s * hop : 4 * s * hop + span] for i, s in where])

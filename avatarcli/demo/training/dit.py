@@ -3,10 +3,25 @@
 x_t = (1-s) x0 + s eps with target eps - x0 (MSE on the velocity), s drawn like the sampling grid (uniform, then
 shifted by SHIFT), on windows of WINDOW latent frames cut from whole encoded videos, with the reference condition and
 CLIP tokens computed by the inference code and the frozen wav2vec2's features of the speech under the window. Each
-element's conditioning is drawn from a table of the branches guidance runs (_branch_table: full 60%, cfg's
-negative+audio and negative+no adapter, ang's silent features and no adapter, 10% each). The loss is weighted up on
-the face and more on the mouth (dit_mouth_weight), the audio path learns faster (dit_audio_lr_scale). EMA weights are
-what the stage returns (and what is exported); dit_check.py checks that they use their conditions.
+element's conditioning is drawn from a table of the branches guidance runs (_branch_table: real audio 70%, adapter
+output dropped 20%, zeroed features 10%, each under either prompt half the time). The loss covers the whole
+frame, weighted up on the face and more on the mouth (dit_mouth_weight; normalised to mean 1, the background keeps
+about half the mean weight), the audio path learns faster (dit_audio_lr_scale). EMA weights are what the stage
+returns (and what is exported); dit_check.py checks that they use their conditions.
+
+Why the video did not look like the portrait, as far as the DiT is concerned:
+
+* It does get what the published model gets: y = [mask | reference latents] (the portrait encoded as the first of
+  81 frames, mask 1 on latent frame 0) concatenated to x_t, and the CLIP image tokens through cross-attention, both
+  computed by the inference code (tests/test_demo_training.py checks the training forward against the driver's
+  denoiser). And it used them: another person's portrait doubled its x0 error (0.20 -> 0.45 at sigma 0.9). What it
+  could not do is hand the decoder latents it would draw a person from: the latents it learnt were the means of a
+  collapsed posterior, which the decoder had learnt to ignore (vae.py). A DiT on such latents also has to predict
+  their jitter, which carries nothing the decoder uses.
+* The first frame. Windows were cut uniformly from the 56 starts of a 76-latent video, so 1 window in 56 held the
+  video's first latent frame (the first video frame alone, encoded and decoded as a chunk of its own); inference's
+  first window always starts there. That frame came out paler and the first second worse than the rest. Now a share
+  dit_first_window of the windows starts at latent frame 0 (data.latent_windows).
 """
 
 from __future__ import annotations
@@ -53,13 +68,17 @@ def _branch_table():
 
     # What one DiT training element is conditioned on, drawn per element from this table: every branch a guidance
     # mode runs at inference (avatarcli.sampling.guidance) is trained on directly, with its own rate, rather than
-    # arising from independent dropouts (which gave cfg's b0 ~1% of the batch).
+    # arising from independent dropouts (which gave cfg's b0 ~1% of the batch). The prompt says nothing in this world
+    # (every video is "talking"), so every audio input is trained under both prompts alike: the text guidance term
+    # (cfg's b2 - b1, times 3) then has nothing to amplify, and cfg's b0 and b1, which it weighs -4 and 2 at the
+    # presets' scales, get as much training as the positive-prompt branches.
     return (
-        (Branch("positive", "real"), 0.6),  # full conditioning: guidance none, cfg b2, ang b0
-        (Branch("negative", "real"), 0.1),  # cfg b1: negative prompt, audio
+        (Branch("positive", "real"), 0.35),  # full conditioning: guidance none, cfg b2, ang b0
+        (Branch("negative", "real"), 0.35),  # cfg b1: negative prompt, audio
         (Branch("negative", "none"), 0.1),  # cfg b0: negative prompt, adapter output dropped
-        (Branch("positive", "silent"), 0.1),  # ang b1: wav2vec2 features zeroed before the adapter
         (Branch("positive", "none"), 0.1),  # ang b2: adapter output dropped
+        (Branch("positive", "silent"), 0.05),  # ang b1: wav2vec2 features zeroed before the adapter
+        (Branch("negative", "silent"), 0.05),  # the same under the other prompt
     )
 
 
@@ -110,11 +129,12 @@ class FlowBatch:
 
 
 def flow_batch(pool: Pool, latents: torch.Tensor, wav2vec, prompts: torch.Tensor, count: int, gen: torch.Generator,
-               device) -> FlowBatch:
-    """`count` random windows, their audio features and conditioning branches, noise levels and noise."""
+               device, first: float = 0.0) -> FlowBatch:
+    """`count` random windows (a share `first` from the video's start), their audio features and conditioning
+    branches, noise levels and noise."""
     from avatarcli.sampling.schedule import shift_sigma
 
-    x0, idx, clips = latent_windows(pool, latents, count, gen)
+    x0, idx, clips = latent_windows(pool, latents, count, gen, first)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         features = wav2vec(normalise_audio(clips)).last_hidden_state.float()
     features, branch_audio, text = branch_inputs(draw_branches(count, gen), features, prompts)
@@ -145,9 +165,10 @@ def ema_update(ema, model, decay: float, step: int) -> None:
 
 
 def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image_tokens: torch.Tensor,
-              prompts: torch.Tensor, wav2vec, config: TrainConfig, log, model=None):
+              prompts: torch.Tensor, wav2vec, config: TrainConfig, log, model=None, seconds: float | None = None):
     """prompts [2, 512, text_dim]: negative, positive (as encode_prompts returns them for the pipeline).
-    From scratch, or from `model`; returns (EMA model, steps)."""
+    From scratch, or from `model`; `seconds`: the stage's time budget (default config.dit_seconds).
+    Returns (EMA model, steps)."""
     device = torch.device(config.device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 300)
     torch.manual_seed(config.seed + 301)
@@ -156,12 +177,12 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit_param_groups(model, config.dit_audio_lr_scale), lr=config.dit_lr, betas=(0.9, 0.99))
     weight = face_weight(latents.shape[3], latents.shape[4], config.dit_mouth_weight, device)
-    deadline = Deadline(config.dit_seconds, config.dit_steps)
+    deadline = Deadline(config.dit_seconds if seconds is None else seconds, config.dit_steps)
     step, losses = 0, []
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.dit_lr * group["scale"] * cosine(int(deadline.progress(step) * 1000), 1000, 20)
-        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device)
+        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device, config.dit_first_window)
         loss = flow_matching_loss(model, batch, conditions, image_tokens, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -51,8 +51,9 @@ def write_fixed_components(folder: Path, sizes: DemoSizes, seed: int) -> None:
     save_file(visual, str((base / CLIP_FILE).with_suffix(".safetensors")))
 
 
-def export_transformer(model, sizes: DemoSizes) -> dict[str, torch.Tensor]:
-    """diffusers names -> the original Wan/StableAvatar names the published .pt uses (inverse of the loader)."""
+def export_transformer(model, sizes: DemoSizes, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """diffusers names -> the original Wan/StableAvatar names the published .pt uses (inverse of the loader), stored
+    in `dtype` (the loader casts to the inference dtype)."""
     from avatarcli.loading.transformer import convert_original_keys
     from avatarcli.testing.stableavatar import original_key_shapes
 
@@ -64,14 +65,15 @@ def export_transformer(model, sizes: DemoSizes) -> dict[str, torch.Tensor]:
     out = {}
     for new_key, value in converted.items():
         original = by_pointer[value.data_ptr()]
-        out[original] = state[new_key].detach().float().cpu().reshape(shapes[original]).contiguous()
+        out[original] = state[new_key].detach().to(dtype).cpu().reshape(shapes[original]).contiguous()
     if set(converted) != set(state):
         raise RuntimeError(f"layout mismatch: {sorted(set(state) ^ set(converted))[:5]}")
     return out
 
 
-def export_vae(vae, sizes: DemoSizes) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKLWan names -> Wan2.1_VAE.pth names (converted key by key, as the loader does)."""
+def export_vae(vae, sizes: DemoSizes, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKLWan names -> Wan2.1_VAE.pth names (converted key by key, as the loader does), stored in
+    `dtype` (the loader casts to float32)."""
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     from avatarcli.testing.components import wan_vae_original_shapes
@@ -80,7 +82,7 @@ def export_vae(vae, sizes: DemoSizes) -> dict[str, torch.Tensor]:
     out = {}
     for key, shape in wan_vae_original_shapes(dim=sizes.vae_base, z_dim=16).items():
         (new_key,) = convert_wan_vae_to_diffusers({key: torch.empty(shape)}).keys()
-        out[key] = state[new_key].detach().float().cpu().reshape(shape).contiguous()
+        out[key] = state[new_key].detach().to(dtype).cpu().reshape(shape).contiguous()
     return out
 
 

@@ -1,8 +1,13 @@
 """The orchestrator: every stage in order, from one seed, into one weights folder in the published layout.
 
-fixed components and prompts -> pool -> audio encoder -> VAE (+ its latent statistics folded in) -> encoded pool and
-portrait conditions -> DiT -> condition check -> export. Continuing from a weights folder (config.init), the audio
-encoder is kept, the VAE's decoder side and the DiT train on, and the latent statistics stay as they were.
+fixed components and prompts -> pool -> audio encoder -> VAE (+ its latent statistics folded in, round-trip checks)
+-> encoded pool and portrait conditions -> DiT -> condition check -> export (VAE and DiT in config.export_dtype).
+Continuing from a weights folder (config.init), the audio encoder is kept, the VAE's decoder side and the DiT train
+on, and the latent statistics stay as they were.
+
+Time: each stage runs to its step count or its time budget; with config.minutes the VAE and the DiT share what the
+stages before them leave of the whole budget (schedule.Budget), so the run ends on time on any GPU. The expected
+H200 seconds of every stage (config.estimate) are logged first.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from avatarcli.demo.training.config import PROMPT, WINDOW_VIDEO_FRAMES, TrainConfig
+from avatarcli.demo.training.config import H200_FIXED_SECONDS, PROMPT, WINDOW_VIDEO_FRAMES, TrainConfig, estimate
 from avatarcli.demo.training.data import Pool, make_pool
 from avatarcli.demo.training.dit import train_dit
 from avatarcli.demo.training.dit_check import condition_check
@@ -22,7 +27,8 @@ from avatarcli.demo.training.latents import (
     encode_pool, fold_latent_statistics, latent_statistics, reference_conditions,
 )
 from avatarcli.demo.training.layout import AVATAR, BASE, WAV2VEC, export_transformer, export_vae, write_fixed_components
-from avatarcli.demo.training.vae import train_vae
+from avatarcli.demo.training.schedule import Budget
+from avatarcli.demo.training.vae import log_round_trips, train_vae
 from avatarcli.demo.training.wav2vec import save_wav2vec, train_audio_encoder
 
 
@@ -40,7 +46,15 @@ def fixed_components(out: Path, config: TrainConfig, device):
     return prompts, load_image_encoder(base / CLIP_FILE, device=device)
 
 
-def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device):
+def reserve(config: TrainConfig, *stages: str) -> float:
+    """Seconds to keep back for the untimed `stages` (config.H200_FIXED_SECONDS, scaled with the pool) and the
+    margin, when a whole-run budget (config.minutes) is split between the trained stages."""
+    pool = config.identities * config.clip_latents / (400 * 76)
+    scaled = {"latents": H200_FIXED_SECONDS["latents"] * pool, "checks": H200_FIXED_SECONDS["checks"]}
+    return config.margin_seconds + sum(scaled[s] for s in stages)
+
+
+def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device, budget: Budget):
     """The audio-encoder and VAE stages, or what config.init gives in their place: (wav2vec2, VAE, DiT to train on
     from, None from scratch)."""
     if config.init:
@@ -49,10 +63,13 @@ def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device):
 
         init = Path(config.init)
         wav2vec, _ = load_audio_encoder(init / WAV2VEC, device=device)
-        vae = train_vae(pool, config, log, vae=load_vae(init / BASE / "Wan2.1_VAE.pth", device=device))
+        vae = train_vae(pool, config, log, vae=load_vae(init / BASE / "Wan2.1_VAE.pth", device=device),
+                        seconds=budget.share(config.vae_seconds, config.dit_seconds,
+                                             reserve=reserve(config, "latents", "checks")))
         return wav2vec, vae, load_stableavatar_transformer(init, "square", dtype=torch.float32, device=device)
     wav2vec = train_audio_encoder(pool, config, log)
-    vae = train_vae(pool, config, log)
+    vae = train_vae(pool, config, log, seconds=budget.share(config.vae_seconds, config.dit_seconds,
+                                                            reserve=reserve(config, "latents", "checks")))
     mean, std = latent_statistics(vae, pool)
     fold_latent_statistics(vae, mean, std)
     return wav2vec, vae, None
@@ -86,29 +103,52 @@ def logged_condition_check(ema, vae, wav2vec, image_encoder, prompts: torch.Tens
     return {str(sigma): errors for sigma, errors in check.items()}
 
 
-def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] = lambda line: None) -> dict:
-    """Run every stage and write the weights folder; returns a summary (steps, losses, seconds)."""
+def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] = lambda line: None,
+          started: float | None = None) -> dict:
+    """Run every stage and write the weights folder; returns a summary (steps, losses, checks, seconds).
+    `started`: the time.perf_counter() the whole run's budget (config.minutes) counts from (default: now)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
+    budget = Budget(config.minutes, started)
+    planned = estimate(config)
+    log("expected on one H200: " + ", ".join(f"{k} {v:.0f} s" for k, v in planned.items()))
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    summary: dict = {"config": asdict(config)}
+    if device.type == "cuda":  # the VAE's 3D convolutions come in a handful of shapes: let cuDNN time its kernels once
+        torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, config.export_dtype)
+    summary: dict = {"config": asdict(config), "expected_h200_seconds": {k: round(v) for k, v in planned.items()}}
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 1)
+
     prompts, image_encoder = fixed_components(out, config, device)
     pool = make_pool(config, log)
-    wav2vec, vae, init_transformer = audio_encoder_and_vae(pool, config, log, device)
+    lap("data")
+    wav2vec, vae, init_transformer = audio_encoder_and_vae(pool, config, log, device, budget)
+    lap("audio+vae")
+    summary.update(log_round_trips(vae, config.vae_check_frames, pool.videos.shape[2], log))
     save_wav2vec(wav2vec, out / WAV2VEC)
-    save_file(export_vae(vae, config.sizes), str(out / BASE / "Wan2.1_VAE.safetensors"))
+    save_file(export_vae(vae, config.sizes, dtype), str(out / BASE / "Wan2.1_VAE.safetensors"))
     latents = encode_pool(vae, pool)
     summary["latent_mean_abs"] = float(latents.mean(dim=(0, 2, 3, 4)).abs().max())
     summary["latent_std"] = [round(float(v), 3) for v in latents.std(dim=(0, 2, 3, 4))]
     log(f"latents {tuple(latents.shape)}, per-channel std {summary['latent_std']}")
     conditions, tokens, summary["condition_batch_error"] = portrait_inputs(vae, image_encoder, pool)
-    ema, steps = train_dit(pool, latents, conditions, tokens, prompts, wav2vec, config, log, init_transformer)
+    lap("latents")
+    ema, steps = train_dit(pool, latents, conditions, tokens, prompts, wav2vec, config, log, init_transformer,
+                           seconds=budget.share(config.dit_seconds, reserve=reserve(config, "checks")))
+    lap("dit")
     summary["condition_check"] = logged_condition_check(ema, vae, wav2vec, image_encoder, prompts, config.size, log)
     avatar = out / AVATAR
     avatar.mkdir(parents=True, exist_ok=True)
-    save_file(export_transformer(ema, config.sizes), str(avatar / "transformer3d-square.safetensors"))
-    summary.update(dit_steps=steps, seconds=round(time.perf_counter() - started, 1))
+    save_file(export_transformer(ema, config.sizes, dtype), str(avatar / "transformer3d-square.safetensors"))
+    lap("checks")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"stage seconds: {seconds}; weights folder {size / 2**20:.1f} MiB")
+    summary.update(dit_steps=steps, stage_seconds=seconds, weights_mib=round(size / 2**20, 2),
+                   seconds=round(time.perf_counter() - started, 1))
     return summary

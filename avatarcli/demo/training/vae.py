@@ -1,4 +1,4 @@
-"""The VAE stage: a small diffusers AutoencoderKLWan (the Wan 2.1 block layout at a narrow base width).
+"""The VAE stage: a small diffusers AutoencoderKLWan (the Wan 2.1 block layout at base_dim config.sizes.vae_base).
 
 It trains in the regime inference runs it: encoder and decoder are causal, carry feature caches from chunk to chunk
 and run over whole videos (latents.encode_pool) and one continuous decode stream (avatarcli.decode.stream). Their
@@ -8,10 +8,25 @@ every step encodes and decodes the next vae_grad_latents latent frames with grad
 (truncated backprop through time: every position of the stream is trained, from the first frame to ~285 frames in, at
 the cost of the frames with gradients alone).
 
-Loss on those frames: L1 of the unclamped decode, weighted up on the face, more on the mouth and most on the open
-mouth's dark interior (vae_dark_weight), plus a small KL (vae_kl). A per-frame round-trip error of 81- and 301-frame
-videos of a held-out face is logged (stability over long videos), and how well the round trip keeps the mouth's
-opening. Given a trained VAE (--init), only its decoder side trains, so its latent space stays.
+Why the earlier weights lost the eyes, brows, hair, shirt and background gradient (round trip 15-17 dB PSNR on
+unseen faces, a beige face on grey-blue; only the mouth survived):
+
+* The KL weight. At vae_kl 1e-4 against a mean L1 of a few hundredths, the posterior collapsed: its standard
+  deviation came out at 0.4-2.8 times the spread of the latent means, channel by channel. The decoder trains on
+  latents drawn from the posterior, so it learnt that a latent says about one bit per element and drew the world's
+  average person; only the mouth, weighted up 8-38x, kept its own information. The encoder's mode latents, which the
+  DiT learns, still move with the picture, but the decoder had learnt to ignore what they say. Now vae_kl is 1e-7: the
+  posterior's noise is a few % of the latents' spread (logged as "posterior noise / spread"), enough to keep the
+  latent space smooth and the decoder tolerant of the DiT's small errors.
+* The loss. L1 weighted 1 + face + 6 x mouth + 30 x dark interior spent half of its weight on the mouth box (6% of
+  the pixels). Now the whole frame counts alike (L1 + vae_mse x squared error, the quantity PSNR measures), the mouth
+  box at 1 + vae_mouth_weight and the open mouth's dark interior vae_dark_weight more: what lip sync is read from,
+  about 1% of the pixels, or the decoder draws a closed mouth whatever the latent says.
+* Capacity: base_dim 12 gave 12 channels at 128 px; now 20 (config.py says why not more).
+
+A per-frame round-trip error of 81- and 301-frame videos of a held-out face is logged (stability over long videos),
+with the whole video's PSNR, and how well the round trip keeps the mouth's opening. Given a trained VAE (--init),
+only its decoder side trains, so its latent space stays.
 """
 
 from __future__ import annotations
@@ -28,12 +43,21 @@ from avatarcli.demo.training.schedule import Deadline, cosine
 from avatarcli.demo.training.vae_stream import CausalStream, vae_piece, video_frames
 
 
+# Initial log-variance of the posterior (quant_conv's log-variance bias): a standard deviation of 0.02, against
+# latent means that spread by ~0.1-1 from the start. At the default 0 (std 1) the noise buries the means at first,
+# and a small KL leaves the reconstruction loss alone to pull it down, which takes far longer than the stage has.
+INITIAL_LOGVAR = -8.0
+
+
 def new_vae(sizes: DemoSizes):
     from diffusers import AutoencoderKLWan
 
     from avatarcli.loading.components import WAN21_VAE
 
-    return AutoencoderKLWan(**dict(WAN21_VAE, base_dim=sizes.vae_base))
+    vae = AutoencoderKLWan(**dict(WAN21_VAE, base_dim=sizes.vae_base))
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.z_dim :] = INITIAL_LOGVAR
+    return vae
 
 
 def dark_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -52,32 +76,44 @@ def trained_parameters(vae, decoder_only: bool) -> list[torch.nn.Parameter]:
     return trained
 
 
+def loss_weights(size: int, config: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-pixel weight 1 + vae_mouth_weight x mouth box, mouth box), both [1, 1, 1, size, size]: the whole frame
+    counts, the mouth box a little more (its dark interior is weighed up on top, per frame, in piece_losses)."""
+    mouth = box_mask(world.MOUTH_BOX, size, size, device).view(1, 1, 1, size, size)
+    return 1 + config.vae_mouth_weight * mouth, mouth
+
+
 def piece_losses(stream: CausalStream, x: torch.Tensor, weight: torch.Tensor, mouth: torch.Tensor,
-                 config: TrainConfig, train_encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted L1 of the reconstruction, KL of the posterior) of the next piece x of the stream."""
+                 config: TrainConfig, train_encoder: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted L1 + vae_mse x squared error of the reconstruction, KL of the posterior, MSE of the frames) of the
+    next piece x of the stream."""
     device = x.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         recon, posterior = vae_piece(stream, x, train_encoder=train_encoder)
     # The open mouth's dark interior is what lip sync is read from, and only ~1% of the pixels: weighed up, or the
     # decoder learns to draw a closed mouth whatever the latent says.
     pixel = weight + config.vae_dark_weight * mouth * dark_pixels(x)
-    rec = ((recon.float() - x).abs() * pixel).mean() / weight.mean()
+    err = recon.float() - x
+    rec = ((err.abs() + config.vae_mse * err**2) * pixel).mean() / weight.mean()
     kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
-    return rec, kl
+    return rec, kl, (err.detach().clamp(-2, 2) ** 2).mean()
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB of a mean squared error of unit-range ([-1, 1]) pixels."""
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
 
 
 def stream_episodes(vae, opt, trained: list, pool: Pool, config: TrainConfig, gen: torch.Generator,
-                    decoder_only: bool, log) -> tuple[int, torch.Tensor]:
-    """The training loop: episodes of clips streamed piece by piece until the step / time budget is spent.
-    Returns (steps, L1 of the last step)."""
+                    decoder_only: bool, log, seconds: float | None = None) -> tuple[int, torch.Tensor]:
+    """The training loop: episodes of clips streamed piece by piece until the step / time budget (`seconds`, else
+    config.vae_seconds) is spent. Returns (steps, loss of the last step)."""
     device = torch.device(config.device)
     size = pool.videos.shape[2]
-    weight = (1 + 1.0 * box_mask(world.FACE_BOX, size, size, device)
-              + 6.0 * box_mask(world.MOUTH_BOX, size, size, device)).view(1, 1, 1, size, size)
-    mouth = box_mask(world.MOUTH_BOX, size, size, device).view(1, 1, 1, size, size)
+    weight, mouth = loss_weights(size, config, device)
     grad, episode = config.vae_grad_latents, config.vae_episode_latents
-    deadline = Deadline(config.vae_seconds, config.vae_steps)
-    step, pos = 0, episode
+    deadline = Deadline(config.vae_seconds if seconds is None else seconds, config.vae_steps)
+    step, pos, mses = 0, episode, []
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.vae_lr * cosine(int(deadline.progress(step) * 1000), 1000, 30)
@@ -86,23 +122,57 @@ def stream_episodes(vae, opt, trained: list, pool: Pool, config: TrainConfig, ge
             stream, pos = CausalStream(vae), 0
         n = min(grad, episode - pos)
         x = to_unit(clips[:, video_frames(pos) : video_frames(pos + n)])
-        rec, kl = piece_losses(stream, x, weight, mouth, config, train_encoder=not decoder_only)
+        rec, kl, mse = piece_losses(stream, x, weight, mouth, config, train_encoder=not decoder_only)
         loss = rec + config.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         stream.detach()  # truncated backprop: the next piece starts from these caches as constants
+        mses.append(mse)
         if step % 100 == 0:
-            log(f"vae step {step} l1 {rec.item():.4f} kl {kl.item():.3f} at latent frame {pos} "
-                f"({time.perf_counter() - deadline.start:.0f} s)")
+            log(f"vae step {step} loss {rec.item():.4f} kl {kl.item():.3f} psnr {psnr(float(torch.stack(mses).mean())):.1f} dB "
+                f"at latent frame {pos} ({time.perf_counter() - deadline.start:.0f} s)")
+            mses = []
         pos += n
         step += 1
     return step, rec
 
 
-def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module:
-    """From scratch, or (given `vae`) only its decoder side, so its latent space and every DiT trained on it stay."""
+def train_stills(vae, opt, trained: list, pool: Pool, config: TrainConfig, gen: torch.Generator, log,
+                 seconds: float) -> int:
+    """The first phase: single frames (each the first frame of a stream of its own, so encoded and decoded as a
+    still, the way the first latent frame of every video is) at batch vae_still_batch and learning rate
+    vae_still_lr, for `seconds`. Stills train the spatial path of every layer at a small cost per sample: in 75 s on
+    an H100 they reach 23.1 dB on a held-out face's stills where streamed clips reach 17.3 (vae_recipe_sweep.py);
+    the streamed phase after them trains the temporal path. Returns the steps."""
+    device = torch.device(config.device)
+    size = pool.videos.shape[2]
+    weight, mouth = loss_weights(size, config, device)
+    deadline = Deadline(seconds, config.vae_steps)
+    step, mses = 0, []
+    while not deadline.done(step):
+        for group in opt.param_groups:
+            group["lr"] = config.vae_still_lr * cosine(int(deadline.progress(step) * 1000), 1000, 30)
+        x = to_unit(video_clips(pool, config.vae_still_batch, 1, gen))
+        rec, kl, mse = piece_losses(CausalStream(vae), x, weight, mouth, config, train_encoder=True)
+        opt.zero_grad(set_to_none=True)
+        (rec + config.vae_kl * kl).backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        mses.append(mse)
+        if step % 100 == 0:
+            log(f"vae stills step {step} loss {rec.item():.4f} psnr {psnr(float(torch.stack(mses).mean())):.1f} dB")
+            mses = []
+        step += 1
+    log(f"vae stills: {step} steps")
+    return step
+
+
+def train_vae(pool: Pool, config: TrainConfig, log, vae=None, seconds: float | None = None) -> torch.nn.Module:
+    """From scratch (a share vae_still_share of the time on stills, then streamed clips), or (given `vae`) only its
+    decoder side on streamed clips, so its latent space and every DiT trained on it stay.
+    `seconds`: the stage's time budget (default config.vae_seconds)."""
     device = torch.device(config.device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 200)
     decoder_only = vae is not None
@@ -111,21 +181,50 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None) -> torch.nn.Module
     opt = torch.optim.AdamW(trained, lr=config.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     if config.vae_episode_latents > config.clip_latents:
         raise ValueError(f"vae_episode_latents {config.vae_episode_latents} > clip_latents {config.clip_latents}")
-    steps, rec = stream_episodes(vae, opt, trained, pool, config, gen, decoder_only, log)
-    log(f"vae: {steps} steps, final l1 {rec.item():.4f}")
-    vae.eval()
-    log_round_trips(vae, config.vae_check_frames, pool.videos.shape[2], log)
+    seconds = config.vae_seconds if seconds is None else seconds
+    stills = 0.0 if decoder_only else seconds * config.vae_still_share
+    if stills > 0:
+        train_stills(vae, opt, trained, pool, config, gen, log, stills)
+    steps, rec = stream_episodes(vae, opt, trained, pool, config, gen, decoder_only, log, seconds - stills)
+    log(f"vae: {steps} steps, final loss {rec.item():.4f}")
     return vae.eval().requires_grad_(False)
 
 
-def log_round_trips(vae, lengths: tuple[int, ...], size: int, log) -> None:
-    """Round-trip error over videos of each length and the mouth opening's round trip, of a held-out identity."""
+def log_round_trips(vae, lengths: tuple[int, ...], size: int, log) -> dict:
+    """Round-trip error over videos of each length, PSNR, the posterior's noise and the mouth opening's round trip,
+    of a held-out identity; returns the numbers for the run's summary."""
     held_out = torch.from_numpy(render_identity((HELD_OUT, max(lengths), size))[0])  # not in the pool
     for length in lengths:
         log(f"vae round trip, {length} frames, MAE (0-255) every 16 frames: "
             f"{round_trip_error(vae, held_out[:length])}")
+    whole, first = round_trip_psnr(vae, held_out)
+    noise = posterior_noise(vae, held_out[: min(len(held_out), 81)])
+    log(f"vae round trip, {len(held_out)} frames: PSNR {whole:.2f} dB (first frame {first:.2f} dB); posterior noise / "
+        f"spread of the latent means per channel: median {float(noise.median()):.3f}, max {float(noise.max()):.3f}")
     truth, got, corr = round_trip_mouth(vae, held_out)
     log(f"vae round trip, mouth openness: mean {truth:.3f} original, {got:.3f} round trip, correlation {corr:.2f}")
+    return dict(vae_psnr=round(whole, 2), vae_psnr_first_frame=round(first, 2),
+                vae_posterior_noise=round(float(noise.median()), 4), vae_mouth_correlation=round(corr, 3))
+
+
+@torch.no_grad()
+def posterior_noise(vae, video_uint8: torch.Tensor) -> torch.Tensor:
+    """Per latent channel: the posterior's mean standard deviation over the spread (std) of its means, on one video.
+    Near 1 the latents carry about one bit per element to a decoder trained on samples (a collapsed posterior)."""
+    x = to_unit(video_uint8[None]).to(next(vae.parameters()).device)
+    dist = vae.encode(x).latent_dist
+    return (dist.std.float().mean(dim=(0, 2, 3, 4)) / dist.mean.float().std(dim=(0, 2, 3, 4)).clamp_min(1e-8)).cpu()
+
+
+def round_trip_psnr(vae, video_uint8: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB) of the uint8 round trip (as `avatarcli eval` reads a written video) over the whole video and over its
+    first frame (decoded alone from the first latent frame)."""
+    from avatarcli.decode.stream import video_to_uint8
+
+    got = video_to_uint8(round_trip(vae, video_uint8)).astype(np.float64)
+    truth = video_uint8.numpy()[: len(got)].astype(np.float64)
+    err = (got - truth) ** 2
+    return float(10 * np.log10(255**2 / max(err.mean(), 1e-12))), float(10 * np.log10(255**2 / max(err[0].mean(), 1e-12)))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from avatarcli.demo import world
 from avatarcli.demo.training.config import DemoSizes, TrainConfig
 from avatarcli.demo.training.data import Pool, normalise_audio, openness_targets, speech_windows
-from avatarcli.demo.training.schedule import cosine
+from avatarcli.demo.training.schedule import Deadline, cosine
 
 
 def new_wav2vec(sizes: DemoSizes):
@@ -52,21 +52,26 @@ def openness_loss(model, probe, pool: Pool, batch: int, gen: torch.Generator, de
 
 
 def train_audio_encoder(pool: Pool, config: TrainConfig, log) -> torch.nn.Module:
-    """Per-token openness regression (a linear probe on the last hidden state); the probe is thrown away."""
+    """Per-token openness regression (a linear probe on the last hidden state) for audio_steps steps or
+    audio_seconds, whichever ends first; the probe is thrown away."""
     device = torch.device(config.device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 100)
     model = new_wav2vec(config.sizes).to(device).train()
     probe = torch.nn.Linear(config.sizes.audio_dim, 1).to(device)
     params = list(model.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=config.audio_lr, weight_decay=0.01)
-    for step in range(config.audio_steps):
+    deadline = Deadline(config.audio_seconds, config.audio_steps)
+    step = 0
+    while not deadline.done(step):
         for group in opt.param_groups:
-            group["lr"] = config.audio_lr * cosine(step, config.audio_steps, 50)
+            group["lr"] = config.audio_lr * cosine(int(deadline.progress(step) * 1000), 1000, 80)
         loss = openness_loss(model, probe, pool, config.audio_batch, gen, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 100 == 0 or step == config.audio_steps - 1:
+        if step % 100 == 0:
             log(f"audio step {step} loss {loss.item():.4f}")
+        step += 1
+    log(f"audio: {step} steps, final loss {loss.item():.4f}")
     return model.eval().requires_grad_(False)
