@@ -117,7 +117,7 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     return defaults, jobs
 
 
-def _normalise(raw: Any, what: str) -> dict[str, Any]:
+def _normalise(raw: Any) -> dict[str, Any]:
     """A job's (or the defaults') options by underscored name, each of the type avatarcli/options.py declares."""
     from avatarcli.options import OPTIONS
 
@@ -129,8 +129,7 @@ def _normalise(raw: Any, what: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in OPTIONS:
-            allowed = ", ".join(n.replace("_", "-") for n in OPTIONS)
-            raise AvatarError(f"unknown option '{key}' in {what} (allowed: {allowed})")
+            raise AvatarError(f"unknown option '{key}' ({_suggest(str(key))})")
         expected = OPTIONS[name].kind
         if value is None and name != "portrait":
             continue
@@ -138,6 +137,19 @@ def _normalise(raw: Any, what: str) -> dict[str, Any]:
             raise AvatarError(f"'{key}' must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
         options[name] = value
     return options
+
+
+def _suggest(key: str) -> str:
+    """"did you mean 'seed'?" for a near miss, else the allowed keys (the caller names the job or the defaults)."""
+    import difflib
+
+    from avatarcli.options import OPTIONS
+
+    names = [name.replace("_", "-") for name in OPTIONS]
+    close = difflib.get_close_matches(key.replace("_", "-"), names, n=1, cutoff=0.6)
+    if not close:
+        return f"allowed: {', '.join(names)}"
+    return f"did you mean '{close[0].replace('-', '_') if '_' in key else close[0]}'?"
 
 
 def build_job(options: dict[str, Any], base: Path, resume: bool):
@@ -155,13 +167,14 @@ def build_job(options: dict[str, Any], base: Path, resume: bool):
 def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> list[BatchEntry]:
     """Every job of the manifest checked as `animate` checks its input, with no model loaded. Errors are kept per
     entry (`entry.error`), so all of them can be listed at once."""
+    from avatarcli.options import existing_output
     from avatarcli.pipeline import prepare
 
     manifest = Path(manifest)
     base = manifest.resolve().parent
     defaults, raw_jobs = read_manifest(manifest)
     try:
-        shared = _normalise(defaults, "defaults")
+        shared = _normalise(defaults)
     except AvatarError as error:
         raise AvatarError(f"{manifest}: defaults: {error}") from error
     entries, outputs = [], {}
@@ -169,13 +182,13 @@ def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> l
         entry = BatchEntry(index=index, where=where)
         entries.append(entry)
         try:
-            job = build_job({**shared, **_normalise(raw, where)}, base, resume)
+            job = build_job({**shared, **_normalise(raw)}, base, resume)
             entry.output = job.output
             key = job.output.resolve()
             if key in outputs:
                 raise AvatarError(f"writes {job.output}, as {outputs[key]} does; give each job its own 'output'")
             outputs[key] = where
-            if job.output.exists() and not overwrite and not resume_pending(job):
+            if existing_output(job, overwrite):
                 entry.skip, entry.job = True, job
                 continue
             driver, inputs = prepare(job)
@@ -183,12 +196,6 @@ def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> l
         except AvatarError as error:
             entry.error = " ".join(str(error).split())
     return entries
-
-
-def resume_pending(job) -> bool:
-    from avatarcli.resume import ResumeFolder
-
-    return bool(job.resume) and ResumeFolder(job.output).exists()
 
 
 def _failure_code(error: BaseException) -> int:

@@ -12,7 +12,8 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("batch")
     def batch(
-        manifest: Path = typer.Argument(..., help="Jobs: YAML (a list, or defaults + jobs) or JSON Lines."),
+        manifest: Path = typer.Argument(..., metavar="MANIFEST",
+                                        help="Jobs: YAML (a list, or defaults + jobs) or JSON Lines."),
         continue_on_error: bool = typer.Option(False, "--continue-on-error",
                                                help="Run the valid jobs even if others are invalid or fail."),
         report: Path = typer.Option(None, "--report", help="Write the JSON report (per job: status, output, "

@@ -79,7 +79,7 @@ def _region_rows(table, portrait: dict, fmt) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_command(
-        video: Path = typer.Argument(..., help="The generated video."),
+        video: Path = typer.Argument(..., metavar="VIDEO", help="The generated video."),
         reference: Path = typer.Option(..., "--reference", "-r", help="The portrait the video was made from."),
         audio: Optional[Path] = typer.Option(None, "--audio", "-a",
                                              help="Speech it should follow [default: the video's own audio track]."),

@@ -6,7 +6,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,8 +23,14 @@ AUDIO_ENCODER = "aac"
 _GIB = 1024**3
 
 
-def doctor_report(weights_dir: Path | None = None) -> list[Finding]:
-    """(check, status, detail) for each check. A check that crashes is reported as "fail"."""
+DEFAULT_MODELS = ("stableavatar",)  # what `animate` and `download` use by default
+
+
+def doctor_report(weights_dir: Path | None = None, models: Sequence[str] = DEFAULT_MODELS) -> list[Finding]:
+    """(check, status, detail) for each check. A check that crashes is reported as "fail". `models`: the models the
+    disk check compares free space with (those not yet downloaded)."""
+    for name in models:
+        hub.model_spec(name)  # an unknown name is the caller's mistake (AvatarError), not a failed check
     checks: list[tuple[str, Callable[[], list[Finding]]]] = [
         ("python", _python),
         ("torch", _torch),
@@ -33,7 +39,7 @@ def doctor_report(weights_dir: Path | None = None) -> list[Finding]:
         ("memory", _memory),
         ("ffmpeg", _ffmpeg),
         ("weights", lambda: _weights(weights_dir)),
-        ("disk", _disk),
+        ("disk", lambda: _disk(models, weights_dir)),
     ]
     findings: list[Finding] = []
     for name, check in checks:
@@ -152,7 +158,8 @@ def _weights(weights_dir: Path | None) -> list[Finding]:
 def _weights_folder(folder: Path) -> list[Finding]:
     """A --weights folder is meant for one model; it fails only if it is a complete copy of none."""
     if not folder.is_dir():
-        return [("weights folder", "fail", f"{folder} does not exist")]
+        what = "is a file, not a folder of model files" if folder.exists() else "does not exist"
+        return [("weights folder", "fail", f"{folder} {what}")]
     findings: list[Finding] = []
     complete: list[str] = []
     for name in sorted(hub.MODELS):
@@ -170,14 +177,18 @@ def _weights_folder(folder: Path) -> list[Finding]:
     return findings
 
 
-def _disk() -> list[Finding]:
+def _disk(models: Sequence[str], weights_dir: Path | None = None) -> list[Finding]:
+    """Free space in the Hub cache against the selected models that are neither there nor in `weights_dir`."""
     cache = hub.hub_cache_dir()
     existing = cache
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free_gb = shutil.disk_usage(existing).free / _GIB
-    needed_gb = sum(spec.approx_size_gb for name, spec in hub.MODELS.items() if hub.cached_weights(name) is None)
+    local = Path(weights_dir) if weights_dir is not None and Path(weights_dir).is_dir() else None
+    missing = [name for name in models if hub.cached_weights(name) is None
+               and (local is None or hub.missing_files(name, local))]
+    needed_gb = sum(hub.model_spec(name).approx_size_gb for name in missing)
     detail = f"{free_gb:.1f} GiB free in the Hub cache at {cache}"
-    if free_gb < needed_gb:
-        return [("disk", "warn", f"{detail}; the models not yet downloaded need about {needed_gb:.0f} GiB")]
-    return [("disk", "ok", detail)]
+    if missing:
+        detail += f"; {', '.join(missing)}, not downloaded, needs about {needed_gb:.0f} GiB"
+    return [("disk", "warn" if free_gb < needed_gb else "ok", detail)]

@@ -300,6 +300,19 @@ def cached_weights(name: str) -> Path | None:
     return folder if not missing_files(name, folder) else None
 
 
+def check_weights_dir(weights_dir: Path) -> Path:
+    """A --weights path that is a folder (expanded), else an AvatarError for a file (exit 2: the command names the
+    wrong thing) or an EnvironmentProblem for a missing folder (exit 3)."""
+    weights_dir = Path(weights_dir).expanduser()
+    if weights_dir.is_dir():
+        return weights_dir
+    if weights_dir.exists():
+        raise AvatarError(f"--weights {weights_dir} is a file; it takes the folder that holds the model's files "
+                          "(e.g. the one `avatarcli download --dir` filled)")
+    raise EnvironmentProblem(f"--weights folder {weights_dir} does not exist: check the path, or drop --weights to "
+                             "use (and fill) the Hub cache")
+
+
 def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -> Path:
     """The folder to load model `name` from.
 
@@ -307,9 +320,7 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
     and if it lacks files the model is downloaded when `allow_download` is set and the Hub is online.
     """
     if weights_dir is not None:
-        weights_dir = Path(weights_dir).expanduser()
-        if not weights_dir.is_dir():
-            raise EnvironmentProblem(f"--weights folder {weights_dir} does not exist")
+        weights_dir = check_weights_dir(weights_dir)
         missing = missing_files(name, weights_dir)
         if missing:
             raise EnvironmentProblem(

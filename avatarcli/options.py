@@ -15,6 +15,7 @@ from typing import Any
 
 from avatarcli.errors import AvatarError
 from avatarcli.job import DRIVING_INPUTS, OVERLAP_DECODE_MODES, AnimateJob
+from avatarcli.limits import MAX_AUDIO_SECONDS, MAX_DRIVING_FRAMES, MAX_PORTRAIT_PIXELS, check_frame_size, size_help
 
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 PRECISIONS = ("auto", "fp8")
@@ -36,15 +37,19 @@ def _opt(name, kind, sets, help, choices=()) -> Option:  # noqa: A002 - the fiel
 
 NUMBER = (int, float)
 OPTIONS: dict[str, Option] = {o.name: o for o in [
-    _opt("portrait", str, "input", "Portrait image (any format Pillow reads)."),
-    _opt("audio", str, "input", "Speech (audio driver): wav, mp3, m4a, flac, ogg or a video's audio track."),
-    _opt("driving", str, "input", "Driving face video (driving-video driver): expressions and head motion."),
-    _opt("output", str, "input", "Output mp4 [default: PORTRAIT name + .mp4; in a manifest PORTRAIT_SIGNAL.mp4]."),
+    _opt("portrait", str, "input", f"Portrait image (any format Pillow reads; at most "
+                                   f"{MAX_PORTRAIT_PIXELS // 1_000_000} megapixels)."),
+    _opt("audio", str, "input", "Speech (audio driver): wav, mp3, m4a, flac, ogg or a video's audio track; at most "
+                                f"{MAX_AUDIO_SECONDS} s."),
+    _opt("driving", str, "input", "Driving face video (driving-video driver): expressions and head motion; at most "
+                                  f"{MAX_DRIVING_FRAMES:,} frames."),
+    _opt("output", str, "input", "Output mp4 [default: PORTRAIT name + .mp4; in a manifest PORTRAIT_SIGNAL.mp4]; a "
+                                 "name without .mp4 gets it added, another video suffix (.mov, .mkv...) is refused."),
     _opt("weights", str, "input", "Folder with the model's published files (else the HF cache)."),
     _opt("preset", str, "job", "Preset name or YAML path (see `avatarcli presets`)."),
     _opt("prompt", str, "job", "Text prompt [default: 'The protagonist is talking.']."),
     _opt("seed", int, "preset", "Random seed [default: preset's, else 42]."),
-    _opt("size", str, "preset", "WxH (multiples of 16) or auto."),
+    _opt("size", str, "preset", size_help()),
     _opt("fps", int, "preset", "Frames per second [default: 25; a --driving video's own]."),
     _opt("steps", int, "preset", "Denoising steps."),
     _opt("guidance", str, "preset", "--audio: cfg (text/audio CFG) or ang (Audio Native Guidance); "
@@ -62,7 +67,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     _opt("device", str, "job", "auto, cpu, cuda or cuda:N."),
     _opt("dtype", str, "job", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     _opt("vae_dtype", str, "job", "VAE decode precision: auto (bf16 on GPU), bf16, fp32."),
-    _opt("crf", int, "job", "H.264 quality (lower is better, 0-51)."),
+    _opt("crf", int, "job", "H.264 quality (lower is better, 0-51); 0 is lossless, which H.264 has only in its High "
+                            "4:4:4 Predictive profile (colour stays 4:2:0): many players cannot play it."),
     _opt("overlap_decode", str, "job", "Decode finished frames while the DiT continues: auto (on a GPU), on, off.",
          OVERLAP_DECODE_MODES),
     _opt("precision", str, "job", "--audio: auto (--dtype) or fp8 (fp8 linear layers and self-attention; GPU of "
@@ -105,7 +111,7 @@ def build_job(values: dict[str, Any], *, base: Path | None = None, resume: bool 
         raise AvatarError(f"{name('portrait')} is missing")
     preset = _preset(given, paths, base, name)
     job = AnimateJob(portrait=paths["portrait"], audio=paths["audio"], driving=paths["driving"],
-                     output=paths["output"] or Path(paths["portrait"].stem + ".mp4"), preset=preset,
+                     output=mp4_name(paths["output"] or Path(paths["portrait"].stem + ".mp4"), name), preset=preset,
                      seed=preset.seed if preset.seed is not None else 42, weights=paths["weights"], resume=resume,
                      mux_audio=not given.get("no_audio", False),
                      **{key: given[key] for key in JOB_FIELDS if key in given})
@@ -115,6 +121,34 @@ def build_job(values: dict[str, Any], *, base: Path | None = None, resume: bool 
 
 JOB_FIELDS = ("prompt", "device", "dtype", "crf", "vae_dtype", "compile", "offload", "weights_dtype", "model",
               "context_parallel", "overlap_decode", "precision")
+
+
+# Suffixes of other formats: such an output name is refused rather than written as MP4 under a misleading name.
+OTHER_MEDIA = (".mov", ".mkv", ".avi", ".webm", ".gif", ".m4v", ".wmv", ".flv", ".mpg", ".mpeg", ".ts", ".3gp",
+               ".ogv", ".png", ".jpg", ".jpeg", ".wav", ".mp3", ".m4a", ".aac", ".flac")
+
+
+def mp4_name(path: Path, name: Callable[[str], str] = cli_name) -> Path:
+    """The output name as written (an H.264 + AAC MP4): `.mp4` added to a name without it (`take` -> `take.mp4`,
+    `take.2` -> `take.2.mp4`); another media suffix (`.mov`, `.mkv`...) is an AvatarError. A folder is kept as is
+    (the sink's check names it)."""
+    suffix = path.suffix.lower()
+    if suffix == ".mp4" or path.is_dir():
+        return path
+    if suffix in OTHER_MEDIA:
+        raise AvatarError(f"{name('output')} {path}: avatarcli writes MP4 (H.264 + AAC); name it "
+                          f"{path.with_suffix('.mp4')}")
+    return path.with_name(path.name + ".mp4")
+
+
+def existing_output(job: AnimateJob, overwrite: bool) -> bool:
+    """The job's output exists and may not be replaced: not `overwrite`, and not a --resume of the unfinished run
+    saved beside it (its mp4 appears only at the end, so one found then is an older file the run replaces)."""
+    if overwrite or not job.output.exists() or job.output.is_dir():
+        return False
+    from avatarcli.resume import ResumeFolder
+
+    return not (job.resume and ResumeFolder(job.output).exists())
 
 
 def _path(value: Any, base: Path | None) -> Path | None:
@@ -197,6 +231,9 @@ def check_job(job: AnimateJob, processes: int = 1, name: Callable[[str], str] = 
         given = [key for key in DRIVING_INPUTS if getattr(job, key) is not None]
         options = " or ".join(name(key) for key in DRIVING_INPUTS)
         raise AvatarError(f"give exactly one of {options} (got {'both' if given else 'neither'})")
+    if job.preset.size != "auto":  # the limits of avatarcli/limits.py, before any file is read
+        width, height = (int(side) for side in job.preset.size.split("x"))
+        check_frame_size(width, height, job.driving_input, f"{name('size')} {job.preset.size}")
     if job.resume and processes > 1:
         raise AvatarError(f"{name('resume')} works with one process: drop --gpus (or torchrun) to continue a saved "
                           "run")

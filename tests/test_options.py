@@ -13,7 +13,7 @@ from avatarcli.options import OPTIONS, build_job, check_job, manifest_name, mani
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-CLI_ONLY = {"quiet", "as_json", "resume", "gpus"}  # how the command runs, not what the job is
+CLI_ONLY = {"quiet", "as_json", "resume", "gpus", "overwrite"}  # how the command runs, not what the job is
 
 
 def animate_parameters() -> set[str]:

@@ -290,7 +290,8 @@ def animate_json(tmp_path, weights, capsys, *flags):
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     code = main([str(a) for a in ["animate", examples / "portrait.png", "--audio", examples / "speech.wav", "-o",
-                                  tmp_path / "out.mp4", "--weights", weights, "--size", "64x64", "--json", *flags]])
+                                  tmp_path / "out.mp4", "--weights", weights, "--size", "64x64", "--json",
+                                  "--overwrite", *flags]])
     captured = capsys.readouterr()
     return code, (json.loads(captured.out) if code == 0 else None), captured.err
 

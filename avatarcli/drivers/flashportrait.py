@@ -49,6 +49,7 @@ class FlashPortraitDriver:
     name = "driving"
 
     def prepare(self, job: AnimateJob) -> Inputs:
+        from avatarcli.limits import check_driving_frames, check_frame_size
         from avatarcli.media.image import load_portrait
         from avatarcli.media.video import probe_video
         from avatarcli.sampling.flashportrait import reference_size
@@ -65,7 +66,10 @@ class FlashPortraitDriver:
         info = probe_video(job.driving)
         if info.frame_count < 1:
             raise AvatarError(f"{job.driving}: the video has no frames")
+        check_driving_frames(info.frame_count, info.fps, job.driving)
         width, height = reference_size(portrait.width, portrait.height, preset.max_size, _explicit_size(preset.size))
+        auto = f"the output size {width}x{height} (the portrait's longer side at max_size {preset.max_size})"
+        check_frame_size(width, height, self.name, auto if preset.size == "auto" else f"--size {preset.size}")
         return Inputs(portrait=portrait, width=width, height=height, frames=info.frame_count, fps=info.fps,
                       audio_track=job.driving if info.has_audio else None, signal=info)
 

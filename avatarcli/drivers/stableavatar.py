@@ -36,6 +36,7 @@ class StableAvatarDriver:
     name = "audio"
 
     def prepare(self, job: AnimateJob) -> Inputs:
+        from avatarcli.limits import MAX_AUDIO_SECONDS
         from avatarcli.media.audio import is_silent, load_audio
         from avatarcli.media.image import load_portrait
         from avatarcli.presets import resolve_checkpoint, resolve_size
@@ -50,7 +51,7 @@ class StableAvatarDriver:
         if job.offload != "none" or job.weights_dtype != "auto":
             raise AvatarError("--offload and --weights-dtype apply to a --driving video (the 14B model)")
         portrait = load_portrait(job.portrait)
-        samples = load_audio(job.audio, SAMPLE_RATE)
+        samples = load_audio(job.audio, SAMPLE_RATE, max_seconds=MAX_AUDIO_SECONDS)
         width, height = resolve_size(job.preset.size, *portrait.size)
         fps = job.preset.fps
         frames = max(1, round(len(samples) * fps / SAMPLE_RATE))

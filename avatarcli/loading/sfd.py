@@ -60,6 +60,8 @@ def sfd_files(weights_dir: Path, model: str, vae_dir: Path | None = None) -> Sfd
         raise AvatarError(f"unknown SFD model {model!r}; choose one of {', '.join(SFD_MODELS)}")
     spec = SFD_MODELS[model]
     weights_dir = Path(weights_dir)
+    if weights_dir.is_file():
+        raise AvatarError(f"--weights {weights_dir} is a file; it takes the folder that holds the SFD files")
     files = SfdFiles(
         checkpoint=weights_dir / spec.checkpoint,
         guidance_checkpoint=weights_dir / spec.guidance_checkpoint,
@@ -68,9 +70,12 @@ def sfd_files(weights_dir: Path, model: str, vae_dir: Path | None = None) -> Sfd
     )
     for name, path in vars(files).items():
         if not path.is_file():
+            import shlex
+
             download = "sfd-vae" if name == "vae" else f"sfd-{model}"
-            raise EnvironmentProblem(
-                f"missing SFD file {path}; run `avatarcli download {download}` or pass the folder that holds it")
+            folder = shlex.quote(str(Path(vae_dir or weights_dir) if name == "vae" else weights_dir))
+            raise EnvironmentProblem(f"missing SFD file {path}; run `avatarcli download {download} --dir {folder}` "
+                                     "(the layout sfd reads) or pass the folder that holds it")
     return files
 
 

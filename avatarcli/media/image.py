@@ -15,11 +15,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from avatarcli.errors import AvatarError
+from avatarcli.limits import MAX_PORTRAIT_PIXELS
 
 WHITE = (255, 255, 255)
 MIN_SIDE = 64  # px on the short side; smaller portraits would be upscaled from almost nothing
 MAX_SIDE = 2048  # px on the long side after loading; every output size and the image encoders need far less
-MAX_PIXELS = 16384 * 16384  # refused above this (268 megapixels: about 1 GB decoded as 8-bit RGBA)
+MAX_PIXELS = MAX_PORTRAIT_PIXELS  # refused above this (268 megapixels: about 1 GB decoded as 8-bit RGBA)
 
 
 def load_portrait(path: str | Path) -> Image.Image:
