@@ -58,9 +58,8 @@ def as_environment_problem(error: BaseException) -> EnvironmentProblem | None:
     """
     if isinstance(error, EnvironmentProblem):
         return error
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        where = f" while writing {error.filename}" if error.filename else ""
-        return EnvironmentProblem(f"the disk is full{where}: free some space (or write elsewhere with -o) and rerun")
+    if isinstance(error, OSError) and is_disk_full(error):
+        return no_space_left(error.filename)
     text = str(error)
     if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
         return EnvironmentProblem(
@@ -77,6 +76,20 @@ def as_environment_problem(error: BaseException) -> EnvironmentProblem | None:
             f"the installed {package} has no module {error.name}: install the version avatarcli requires "
             f"(pip install --upgrade avatarcli, or see pyproject.toml)")
     return None
+
+
+def is_disk_full(error: BaseException | str) -> bool:
+    """An OSError for a full disk (or quota), or ffmpeg's text for one."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+def no_space_left(output=None) -> EnvironmentProblem:
+    """The one line for a full disk, naming the file the user asked for (not a temp or segment file)."""
+    where = f" writing {output}" if output else ""
+    return EnvironmentProblem(f"no space left on device{where} (the disk is full): free some space, or write "
+                              "elsewhere with -o, and rerun")
 
 
 # Import name -> distribution of each of pyproject.toml's runtime dependencies: an install that lost one of them is

@@ -43,7 +43,7 @@ def streaming_decoder(kind: str, *, vae: AutoencoderKLWan | None = None,
             raise ValueError("the full decoder needs the Wan VAE")
         from avatarcli.decode.stream import StreamingDecoder
 
-        return StreamingDecoder(vae)
+        return StreamingDecoder(vae, cache="auto")
     if kind == "tiny":
         if tiny_vae is None:
             raise ValueError("the tiny decoder needs the TAEHV decoder (fast_vae.pth)")

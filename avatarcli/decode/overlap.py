@@ -39,16 +39,23 @@ class SerialWriter:
         self.write_seconds = 0.0  # time spent handing frames to the sink
         self.wait_seconds = 0.0  # time the caller's thread spent on decoding and writing (all of it, here)
 
-    def _decode_and_write(self, latents: torch.Tensor) -> None:
+    def _decode_and_write(self, latents: torch.Tensor | None) -> None:
+        """Decode `latents` (None: the frames a paused decoder left pending) and write their frames."""
         if self.frames >= self.frames_total:
             return  # the padding frames of a video shorter than one window
+        if latents is None and not getattr(self.decoder, "pending_frames", 0):
+            return
         tick = time.perf_counter()
         skip = 0 if self.decoder.started else self.skip_frames  # leading frames only, once per video
         with torch.no_grad():
-            pixels = self.decoder.push(latents if self.dtype is None else latents.to(self.dtype))[skip:]
+            if latents is None:
+                pixels = self.decoder.flush()[skip:]
+            else:
+                pixels = self.decoder.push(latents if self.dtype is None else latents.to(self.dtype))[skip:]
         pixels = pixels[: self.frames_total - self.frames]
         tock = time.perf_counter()
-        self.sink.write(pixels)
+        if len(pixels):  # a decoder paused by a stop may give none
+            self.sink.write(pixels)
         self.decode_seconds += tock - tick
         self.write_seconds += time.perf_counter() - tock
         self.frames += len(pixels)
@@ -67,7 +74,8 @@ class SerialWriter:
         return None
 
     def close(self) -> None:
-        return None
+        """Every frame decoded and written, the ones a stop left pending included."""
+        self.submit(None)
 
     def abort(self) -> None:
         return None
@@ -87,14 +95,15 @@ class OverlappedWriter(SerialWriter):
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._worker = Worker(self._work, max_pending=max_pending, name="avatarcli-decode")
 
-    def _work(self, item: tuple[torch.Tensor, Any]) -> None:
+    def _work(self, item: tuple[torch.Tensor | None, Any]) -> None:
         latents, ready = item
         if self.stream is None:
             self._decode_and_write(latents)
             return
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)  # the latents are written on the producer's stream
-            latents.record_stream(self.stream)  # and must outlive this stream's use of them
+            if latents is not None:  # None: the frames a stop left pending, after every chunk submitted
+                self.stream.wait_event(ready)  # the latents are written on the producer's stream
+                latents.record_stream(self.stream)  # and must outlive this stream's use of them
             self._decode_and_write(latents)  # ends in a copy to the host: synchronous
 
     def load_decoder_state(self, state: dict) -> None:
@@ -106,9 +115,9 @@ class OverlappedWriter(SerialWriter):
             self.decoder.load_state_dict(state)
         self.stream.synchronize()
 
-    def submit(self, latents: torch.Tensor) -> None:
+    def submit(self, latents: torch.Tensor | None) -> None:
         ready = None
-        if self.stream is not None:
+        if self.stream is not None and latents is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         tick = time.perf_counter()
@@ -124,9 +133,10 @@ class OverlappedWriter(SerialWriter):
             self.wait_seconds += time.perf_counter() - tick
 
     def close(self) -> None:
-        """Finish the submitted work, then stop the worker."""
+        """Finish the submitted work (and the frames a stop left pending), then stop the worker."""
         tick = time.perf_counter()
         try:
+            self._worker.submit((None, None))
             self._worker.close()
         finally:
             self.wait_seconds += time.perf_counter() - tick

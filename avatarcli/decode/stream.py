@@ -6,17 +6,27 @@ the same (each call treats its first latent frame as the start of the video), so
 alive across calls. That lets the sampler hand over finished latent frames and the sink write them to disk
 without ever holding the whole video.
 
-Resuming a stream does not need the cache itself (1.8 GB in bf16 at 480x832: the last two time steps of every
-causal conv, up to full resolution). Every causal conv sees a fixed number of past time steps (its temporal kernel
-minus one) and nothing else in the decoder carries state across frames (attention and norms are per frame), so
-the cache after latent frame t is a function of the latent frames t - R .. t only, R being at most the sum of
-those look-backs. Replaying the last R + 2 frames into an empty cache (the 2 cover the first-frame special case of
-the temporal upsamplers) therefore rebuilds the cache exactly, bit for bit: the same operations on the same inputs.
-`state_dict()` keeps those frames (about 13 MB at 480x832) instead of the cache.
+Resuming a stream needs the cache back, and there are two exact ways to get it; `state_dict()` takes the cheaper.
+  * Store it: the last two time steps of every causal conv, up to full resolution. Small at small sizes (5 MB at
+    64x64, 19 MB at 128x128 in float32), but 1.8 GB in bf16 at 480x832, too much to write at every save.
+  * Replay: every causal conv sees a fixed number of past time steps (its temporal kernel minus one) and nothing
+    else in the decoder carries state across frames (attention and norms are per frame), so the cache after latent
+    frame t is a function of the latent frames t - R .. t only, R being at most the sum of those look-backs.
+    Replaying the last R + 2 frames into an empty cache (the 2 cover the first-frame special case of the temporal
+    upsamplers) rebuilds the cache exactly, bit for bit: the same operations on the same inputs. The frames are
+    small (about 13 MB at 480x832) but the replay decodes up to R + 2 = 66 latent frames again, most of a short
+    video's decode on the CPU.
+The state always holds the frames; it holds the cache too when writing it takes less time than the replay would
+(the decode time per frame is measured while the stream runs) and fits the budget of a save on Ctrl-C.
+
+A stop should not wait for a whole chunk to decode (21 latent frames take seconds on the CPU): with `interrupt` set,
+`push` pauses between latent frames once `interrupt()` is true and keeps the rest (after post_quant_conv, as
+computed for their chunk) as `pending`; the state holds them, and the next push (or `flush`) decodes them first.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -27,6 +37,11 @@ from diffusers import AutoencoderKLWan
 # Private module of diffusers: the causal-conv class and the decoder's (feat_cache, feat_idx, first_chunk)
 # calling convention are internals, which is why pyproject pins diffusers <0.43.
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
+
+# A save writes about this many bytes per second (torch.save and fsync on a local disk, conservatively), and the
+# cache's share of a save may take at most this long (a save on Ctrl-C has to fit in the 2 s an interruption takes).
+CACHE_BYTES_PER_SECOND = 400e6
+CACHE_MAX_SECONDS = 0.25
 
 
 def denormalise_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
@@ -73,8 +88,13 @@ class StreamingDecoder:
     is not used: every chunk is decoded at full size.
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
-        self.vae = vae
+    def __init__(self, vae: AutoencoderKLWan, cache: str = "replay") -> None:
+        """`cache`: what `state_dict()` keeps to rebuild the causal cache: "replay" (the last frames only) or "auto"
+        (the cache too, when that is cheaper; module docstring)."""
+        if cache not in ("replay", "auto"):
+            raise ValueError(f"cache must be 'replay' or 'auto', got {cache!r}")
+        self.vae, self.cache = vae, cache
+        self.interrupt = None  # () -> bool: pause a push between latent frames (a stop was asked for)
         convs = [module for module in vae.decoder.modules() if isinstance(module, WanCausalConv3d)]
         self._cache_size = len(convs)
         # Latent frames of history the cache depends on (an upper bound: every look-back counted at the latent rate,
@@ -93,12 +113,40 @@ class StreamingDecoder:
         _check_latents(self.vae, latents)
         # post_quant_conv is a 1x1x1 conv: no temporal context, safe to run per chunk. (vae.decode runs it on
         # the whole video; backends give the same floats for a chunk except on toy sizes of a few voxels.)
-        hidden = self.vae.post_quant_conv(denormalise_latents(self.vae, latents))
-        video = torch.cat([self._decode_frame(hidden[:, :, index : index + 1]) for index in range(hidden.shape[2])],
-                          dim=2)
+        return self._decode(self.vae.post_quant_conv(denormalise_latents(self.vae, latents)), pause=True)
+
+    @torch.no_grad()
+    def flush(self) -> np.ndarray:
+        """Decode the frames a paused push left pending (none: no frames)."""
+        return self._decode(None, pause=False)
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self._pending is None else self._pending.shape[2]
+
+    def _decode(self, hidden: torch.Tensor | None, pause: bool) -> np.ndarray:
+        """The pending latent frames, then `hidden`'s, through the decoder; with `pause`, stops before a frame once
+        `interrupt()` says so, keeping the rest pending."""
+        tick, pause = time.perf_counter(), pause and self.interrupt is not None
+        parts = [part for part in (self._pending, hidden) if part is not None]
+        if not parts:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        hidden = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        self._pending, pieces = None, []
+        for index in range(hidden.shape[2]):
+            if pause and self.interrupt():
+                self._pending = hidden[:, :, index:]
+                break
+            pieces.append(self._decode_frame(hidden[:, :, index : index + 1]))
+        if not pieces:
+            scale = self.vae.config.scale_factor_spatial
+            return np.zeros((0, hidden.shape[3] * scale, hidden.shape[4] * scale, 3), np.uint8)
+        video = torch.cat(pieces, dim=2)
         if self.vae.config.patch_size is not None:
             video = unpatchify(video, patch_size=self.vae.config.patch_size)
-        return video_to_uint8(video.clamp(-1.0, 1.0))
+        frames = video_to_uint8(video.clamp(-1.0, 1.0))  # ends in a copy to the host: the time is the decode's
+        self._timed = (self._timed[0] + time.perf_counter() - tick, self._timed[1] + len(pieces))
+        return frames
 
     def _decode_frame(self, hidden: torch.Tensor) -> torch.Tensor:
         """One latent frame (after post_quant_conv) through the decoder, advancing the cache; remembered for replay
@@ -118,9 +166,32 @@ class StreamingDecoder:
 
     def state_dict(self) -> dict:
         """Where the stream stands, for resuming it: the last `replay_frames` latent frames it decoded (after
-        post_quant_conv, on the CPU), from which `load_state_dict` rebuilds the causal cache (module docstring)."""
+        post_quant_conv, on the CPU), and the causal cache itself when that is cheaper than replaying the frames
+        (module docstring)."""
         replay = torch.cat(list(self._recent), dim=2).to("cpu") if self._recent else None
-        return {"replay": replay, "pushed": self._pushed, "replay_frames": self.replay_frames}
+        cache = None
+        if self.keeps_cache():
+            cache = [entry.detach().to("cpu", copy=True) if isinstance(entry, torch.Tensor) else entry
+                     for entry in self._feat_cache]
+        pending = None if self._pending is None else self._pending.to("cpu", copy=True)
+        return {"replay": replay, "pushed": self._pushed, "replay_frames": self.replay_frames, "cache": cache,
+                "pending": pending}
+
+    def cache_bytes(self) -> int:
+        tensors = [entry for entry in self._feat_cache if isinstance(entry, torch.Tensor)]
+        return sum(entry.numel() * entry.element_size() for entry in tensors)
+
+    def replay_seconds(self) -> float:
+        """What a replay of the saved frames would take, at the decode speed measured so far (inf: none measured)."""
+        seconds, frames = self._timed
+        return min(self._pushed, self.replay_frames) * (seconds / frames) if frames else float("inf")
+
+    def keeps_cache(self) -> bool:
+        """Whether `state_dict()` stores the cache ("auto"): writing it is quicker than a replay, and than a save's
+        budget."""
+        writing = self.cache_bytes() / CACHE_BYTES_PER_SECOND
+        return (self.cache == "auto" and self.started and writing <= CACHE_MAX_SECONDS
+                and writing < self.replay_seconds())
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -131,10 +202,21 @@ class StreamingDecoder:
         if int(state["replay_frames"]) != self.replay_frames or frames != min(pushed, self.replay_frames):
             raise ValueError(f"decoder state replays {frames} of {pushed} frames with a horizon of "
                              f"{state['replay_frames']}; this VAE needs the last {self.replay_frames}")
-        if replay is not None:
-            replay = replay.to(device=self.vae.device, dtype=self.vae.dtype)
+        pending = state.get("pending")
+        self._pending = None if pending is None else pending.to(device=self.vae.device, dtype=self.vae.dtype)
+        if replay is None:
+            return
+        replay = replay.to(device=self.vae.device, dtype=self.vae.dtype)
+        cache = state.get("cache")
+        if cache is not None and len(cache) != self._cache_size:
+            raise ValueError(f"decoder state has {len(cache)} cached convolutions; this VAE has {self._cache_size}")
+        if cache is None:
             for index in range(frames):  # the outputs were written before the save: only the cache is wanted
                 self._decode_frame(replay[:, :, index : index + 1])
+        else:
+            self._feat_cache = [entry.to(self.vae.device) if isinstance(entry, torch.Tensor) else entry
+                                for entry in cache]
+            self._recent.extend(replay[:, :, index : index + 1] for index in range(frames))
         self._pushed = pushed
 
     def close(self) -> None:
@@ -142,3 +224,5 @@ class StreamingDecoder:
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._cache_size
         self._recent: deque[torch.Tensor] = deque(maxlen=self.replay_frames)
         self._pushed = 0  # latent frames decoded since the video started
+        self._pending: torch.Tensor | None = None  # latent frames (after post_quant_conv) a paused push left
+        self._timed = getattr(self, "_timed", (0.0, 0))  # seconds and latent frames of the pushes (kept across videos)

@@ -1,12 +1,14 @@
 """The mp4 sink: frames are encoded as they arrive (H.264 + the speech as AAC) and the file appears atomically.
 
 ffmpeg writes to a hidden temporary file beside the output; only a clean close renames it to the output name,
-so an interrupted or failed run never leaves a truncated video where the user expects a finished one.
+so an interrupted or failed run never leaves a truncated video where the user expects a finished one. ffmpeg runs
+in a session of its own (a Ctrl-C at the terminal reaches avatarcli, which stops it) and its messages go to a
+temporary file: a failure is one line naming the output ("no space left on device" for a full disk), ffmpeg's own
+lines ride along as the error's cause (shown with --debug).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import tempfile
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from avatarcli.errors import AvatarError, EnvironmentProblem
+from avatarcli.errors import AvatarError, EnvironmentProblem, is_disk_full, no_space_left
 from avatarcli.media.audio import ffmpeg_exe
 from avatarcli.worker import Worker
 
@@ -53,6 +55,7 @@ class Mp4Sink:
 
     The audio keeps its full length (no `-shortest`); the caller makes the frame count match it.
     Use as a context manager: a clean exit publishes the file, an exception or abort() deletes it.
+    `name`: the file named in error messages (default `path`; a segment of a resumable run names the output).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class Mp4Sink:
         audio_path: str | Path | None = None,
         crf: int = 18,
         preset: str = "medium",
+        name: str | Path | None = None,
     ) -> None:
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise ValueError(f"yuv420p needs a positive even frame size, got {width}x{height}")
@@ -74,8 +78,10 @@ class Mp4Sink:
         self.audio_path = None if audio_path is None else Path(audio_path)
         self.crf = crf
         self.preset = preset
+        self.name = Path(name) if name is not None else self.path
         self.frames_written = 0
-        self._writer: Any = None
+        self._process: subprocess.Popen | None = None
+        self._log: Any = None  # ffmpeg's stderr
         self._state = "new"
 
     def __enter__(self) -> Mp4Sink:
@@ -96,25 +102,22 @@ class Mp4Sink:
         check_writable_output(self.path)
         if self.audio_path is not None and not self.audio_path.is_file():
             raise AvatarError(f"audio file not found: {self.audio_path}; check the path")
-        import imageio_ffmpeg
-
-        output_params = ["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart", "-f", "mp4"]
-        self._writer = imageio_ffmpeg.write_frames(
-            str(partial_path(self.path)),
-            (self.width, self.height),
-            fps=self.fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,  # None: imageio adds no -crf of its own; ours is in output_params
-            output_params=output_params,
-            audio_path=None if self.audio_path is None else str(self.audio_path),
-            audio_codec="aac",
-            macro_block_size=1,  # sizes are validated above; never let imageio rescale
-            ffmpeg_log_level="error",
-        )
-        self._writer.send(None)  # starts ffmpeg
+        self._log = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=self._log, start_new_session=True)
         self._state = "open"
+
+    def _command(self) -> list[str]:
+        """imageio-ffmpeg's `write_frames` command for these settings (rgb24 frames on stdin -> H.264 yuv420p)."""
+        fps = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator()
+        command = [ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{self.width}x{self.height}",
+                   "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-"]
+        command += ["-an"] if self.audio_path is None else ["-i", str(self.audio_path)]
+        command += ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-crf", str(self.crf), "-preset",
+                    self.preset, "-movflags", "+faststart", "-f", "mp4"]
+        if self.audio_path is not None:
+            command += ["-acodec", "aac", "-map", "0:v:0", "-map", "1:a:0"]
+        return [*command, str(partial_path(self.path))]
 
     def write(self, frames: np.ndarray) -> None:
         """Append frames [n, H, W, 3] (or one frame [H, W, 3]) of dtype uint8."""
@@ -122,12 +125,12 @@ class Mp4Sink:
             raise RuntimeError(f"sink for {self.path} is {self._state}, not open")
         frames = _as_frame_batch(frames, self.width, self.height)
         try:
-            for frame in frames:
-                self._writer.send(np.ascontiguousarray(frame))
-        except OSError as error:
+            self._process.stdin.write(np.ascontiguousarray(frames).data)
+        except OSError as error:  # ffmpeg has stopped: its messages say why
+            _wait(self._process)
+            problem = self._failure(error)
             self.abort()
-            first_line = str(error).splitlines()[0]
-            raise EnvironmentProblem(f"video encoding failed while writing {self.path}: {first_line}") from error
+            raise problem from problem.__cause__
         self.frames_written += len(frames)
 
     def close(self) -> None:
@@ -137,33 +140,75 @@ class Mp4Sink:
         if self.frames_written == 0:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}")
-        self._stop_ffmpeg()
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass  # ffmpeg has stopped: its exit status and messages tell
+        _wait(self._process)
         partial = partial_path(self.path)
-        problem = _unreadable_reason(partial)
+        problem = self._failure(None) if self._process.returncode != 0 else None
+        reason = None if problem is not None else _unreadable_reason(partial)
+        if reason is not None:
+            problem = self._failure(reason)
         if problem is not None:
             partial.unlink(missing_ok=True)
-            self._state = "aborted"
-            raise EnvironmentProblem(f"video encoding failed for {self.path} ({problem}); check free disk space")
+            self._finish("aborted")
+            raise problem from problem.__cause__
         os.replace(partial, self.path)
-        self._state = "closed"
+        self._finish("closed")
 
     def abort(self) -> None:
-        """Stop ffmpeg and delete the partial file; nothing is left under the output name."""
+        """Stop ffmpeg at once and delete the partial file; nothing is left under the output name."""
         if self._state == "open":
-            quiet = logging.getLogger("imageio_ffmpeg")  # its "no frames written" warning: the file goes anyway
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)
+            self._process.kill()
+            self._process.wait()
             try:
-                self._stop_ffmpeg()
-            finally:
-                quiet.setLevel(level)
+                self._process.stdin.close()
+            except OSError:
+                pass
         partial_path(self.path).unlink(missing_ok=True)
-        self._state = "aborted"
+        self._finish("aborted")
 
-    def _stop_ffmpeg(self) -> None:
-        # Closing the generator closes ffmpeg's stdin and waits for it to exit.
-        writer, self._writer = self._writer, None
-        writer.close()
+    def _finish(self, state: str) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._state = state
+
+    def _failure(self, detail) -> EnvironmentProblem:
+        """One line for a failed encode, with ffmpeg's messages as its cause."""
+        messages = ""
+        if self._log is not None:
+            self._log.seek(0)
+            messages = self._log.read().decode("utf-8", errors="replace").strip()
+        cause = FfmpegMessages(messages or f"ffmpeg exit status {self._process.returncode}")
+        if is_disk_full(messages) or is_disk_full(str(detail)) or _disk_is_full(self.path.parent):
+            problem = no_space_left(self.name)
+        else:
+            last = messages.splitlines()[-1] if messages else str(detail or f"exit status {self._process.returncode}")
+            problem = EnvironmentProblem(f"video encoding failed for {self.name} ({' '.join(last.split())}); "
+                                         "check free disk space")
+        problem.__cause__ = cause
+        return problem
+
+
+def _wait(process: subprocess.Popen, timeout: float = 60.0) -> None:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class FfmpegMessages(Exception):
+    """What ffmpeg printed before it failed: the cause of the one-line error (shown by --debug)."""
+
+
+def _disk_is_full(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class NullSink:
