@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from avatarcli.cli_signals import progress_bar as _progress_bar, stop_on_signals
+from avatarcli.cli_signals import interrupted_line, interrupts_for_command, progress_bar as _progress_bar, \
+    say_interrupted, stop_on_signals
 
 from avatarcli.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INTERRUPTED, EXIT_USAGE, AvatarError, \
     EnvironmentProblem, Interrupted, as_environment_problem, exit_code_for
@@ -61,9 +62,21 @@ def _opt(name: str, default=None, *short: str, **extra):
     return typer.Option(default, cli_name(name), *short, help=HELP[name], **extra)
 
 
-@app.command()
+def _limits() -> str:
+    from avatarcli.limits import limits_help
+
+    return limits_help()
+
+
+def _help(name: str) -> str:
+    from avatarcli.options import HELP
+
+    return HELP[name]
+
+
+@app.command(epilog=_limits())
 def animate(
-    portrait: Path = typer.Argument(..., help="Portrait image (any format Pillow reads)."),
+    portrait: Path = typer.Argument(..., metavar="PORTRAIT", help=_help("portrait")),
     audio: Optional[Path] = _opt("audio", None, "-a"),
     driving: Optional[Path] = _opt("driving", None, "-d"),
     output: Optional[Path] = _opt("output", None, "-o"),
@@ -103,6 +116,7 @@ def animate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (else exit 2)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
                                        "(with --device cpu: N CPU processes) [default: 1, or torchrun's]."),
 ):
@@ -114,12 +128,14 @@ def animate(
     values = {name: value for name, value in locals().items() if name in OPTIONS}
     processes = _processes(gpus)
     job = build_job(values, resume=resume, processes=processes)
+    _check_output(job, overwrite)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)
-    if weights is not None and not weights.expanduser().is_dir():
-        raise EnvironmentProblem(f"--weights folder {weights} does not exist: check the path, or drop --weights to "
-                                 f"use (and fill) the Hub cache")
+    if weights is not None:
+        from avatarcli.hub import check_weights_dir
+
+        check_weights_dir(weights)
     if processes > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
         _check_gpus(gpus, device)
         from avatarcli.parallel.launch import launch
@@ -129,7 +145,7 @@ def animate(
     as_json = as_json and rank() == 0
     result = _run_job(run, job, prepared, quiet or as_json)
     if rank() == 0:
-        _report(result, as_json, quiet)
+        _report(result, as_json, quiet, added_mp4=output is not None and job.output.name != output.name)
 
 
 def _processes(gpus: int | None) -> int:
@@ -144,23 +160,31 @@ def _processes(gpus: int | None) -> int:
 
 
 def _run_job(run, job, prepared, silent: bool):
-    """`animate` with Ctrl-C / SIGTERM turned into a saved stop, and a progress bar unless `silent`."""
+    """`animate` with Ctrl-C / SIGTERM turned into a stop (cli_signals.py: saved at the next window-step, or at
+    once), and the stages shown (a status line, then the progress bar) unless `silent`."""
+    guard = stop_on_signals(job.output, stage="start")
     try:
-        with stop_on_signals() as stop:
-            if silent:
-                return run(job, prepared=prepared, stop=stop)
-            with _progress_bar(prepared[1].fps) as update:
-                return run(job, on_progress=update, prepared=prepared, stop=stop)
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the sink removed its partial file
-        raise Interrupted(f"interrupted: nothing written to {job.output}") from None
+        with guard as stop, _progress_bar(prepared[1].fps, guard, silent) as update:
+            return run(job, on_progress=update, prepared=prepared, stop=stop)
+    except KeyboardInterrupt:  # stopped at once: the sink removed its partial file, a saved run stays
+        raise Interrupted(guard.line()) from None
 
 
-def _report(result, as_json: bool, quiet: bool) -> None:
+def _check_output(job, overwrite: bool) -> None:
+    """An existing output is replaced only with --overwrite (or by a --resume of the run saved beside it)."""
+    from avatarcli.options import existing_output
+
+    if existing_output(job, overwrite):
+        raise UserError(f"{job.output} exists: add --overwrite to replace it, or choose another -o")
+
+
+def _report(result, as_json: bool, quiet: bool, added_mp4: bool = False) -> None:
     summary = {
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
-        "nfe": result.nfe, "world_size": result.world_size, "nfe_per_rank": result.nfe_per_rank,
+        "nfe": result.nfe, "branch_forwards": result.branch_forwards, "world_size": result.world_size,
+        "nfe_per_rank": result.nfe_per_rank,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "resumed_from_frame": result.resumed_from_frame,
@@ -168,8 +192,9 @@ def _report(result, as_json: bool, quiet: bool) -> None:
     if as_json:
         print(json.dumps(summary), flush=True)
     elif not quiet:
-        err.print(f"wrote {result.output}: {result.frames} frames, {result.video_seconds:.2f} s of video "
-                  f"in {result.wall_seconds:.1f} s")
+        added = " (.mp4 added to the name given)" if added_mp4 else ""
+        err.print(f"wrote {result.output}{added}: {result.frames} frames, {result.video_seconds:.2f} s of video "
+                  f"in {result.wall_seconds:.1f} s", markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_gpus(gpus: int, device: str) -> None:
@@ -186,7 +211,15 @@ def _check_gpus(gpus: int, device: str) -> None:
         raise UserError(f"--device {device} picks one GPU; with --gpus use --device cuda (or auto)")
 
 
-class _DownloadCommand(TyperCommand):
+class _Usage(TyperCommand):
+    """The usage line names arguments by their metavar, PORTRAIT or [NAME], not typer's `{portrait}`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+
+class _DownloadCommand(_Usage):
     """`download --help` ends with the downloadable models, read from the hub's registry when help is shown."""
 
     def format_epilog(self, ctx, formatter) -> None:
@@ -199,7 +232,8 @@ class _DownloadCommand(TyperCommand):
 
 @app.command(cls=_DownloadCommand)
 def download(
-    model: str = typer.Argument("stableavatar", help="Model to fetch (one of the models listed below)."),
+    model: str = typer.Argument("stableavatar", metavar="MODEL", help="Model to fetch (one of the models listed "
+                                "below)."),
     directory: Optional[Path] = typer.Option(None, "--dir", help="Put the files here instead of the HF cache."),
 ):
     """Fetch only the files the pipeline uses (resumable; honours HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE)."""
@@ -211,12 +245,19 @@ def download(
 
 
 @app.command()
-def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in full.")):
+def presets(name: Optional[str] = typer.Argument(None, metavar="NAME", help="Show one preset in full."),
+            as_yaml: bool = typer.Option(False, "--yaml", help="Show it as a preset file (loads back with "
+                                                               "--preset FILE.yaml).")):
     """List the presets, or show one."""
     import dataclasses
 
-    from avatarcli.presets import list_presets, load_preset
+    from avatarcli.presets import list_presets, load_preset, preset_yaml
 
+    if name and as_yaml:
+        sys.stdout.write(preset_yaml(load_preset(name)))
+        return
+    if as_yaml:
+        raise UserError("--yaml shows one preset: give its NAME")
     if name:
         for key, value in dataclasses.asdict(load_preset(name)).items():
             if key == "seed" and value is None:
@@ -230,13 +271,16 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
 
 
 @app.command()
-def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A weights folder to check.")):
+def doctor(weights: Optional[Path] = typer.Option(None, "--weights", help="A weights folder to check."),
+           models: list[str] = typer.Option(["stableavatar"], "--model", metavar="NAME",
+                                            help="A model you mean to use (repeatable): the disk check compares "
+                                                 "free space with those not yet downloaded.")):
     """Check torch, the device, ffmpeg, weights and free memory."""
     from avatarcli.doctor import doctor_report
 
     table = Table("check", "status", "detail")
     failed = False
-    for check, status, detail in doctor_report(weights):
+    for check, status, detail in doctor_report(weights, models):
         colour = {"ok": "green", "warn": "yellow", "fail": "red"}.get(status, "white")
         table.add_row(check, f"[{colour}]{status}[/{colour}]", detail)
         failed |= status == "fail"
@@ -265,6 +309,8 @@ _register_optional_commands()
 from avatarcli.cli_eval import register as _register_eval  # noqa: E402
 
 _register_eval(app)
+for _command in app.registered_commands:  # typer's own command class gets the plain usage line
+    _command.cls = _Usage if _command.cls in (None, TyperCommand) else _command.cls
 
 
 _ARGV: list[str] = []  # the arguments of this command line: `--gpus N` starts N processes with them
@@ -283,14 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--debug", *(a for a in args if a != "--debug")]
     global _ARGV
     _ARGV = args
-    joined = _in_process_group()
-    try:
-        return _run(args, debug)
-    finally:
-        if not joined and _in_process_group():  # a process of a launch leaves the group its command joined
-            from avatarcli.parallel.group import leave
+    with interrupts_for_command(console=argv is None) as command:  # SIGTERM during start-up is exit 130 too
+        joined = _in_process_group()
+        try:
+            return command.ended(_run(args, debug))
+        finally:
+            if not joined and _in_process_group():  # a process of a launch leaves the group its command joined
+                from avatarcli.parallel.group import leave
 
-            leave()
+                leave()
 
 
 def _in_process_group() -> bool:
@@ -312,7 +359,10 @@ def _say(line: str, code: int) -> None:
         if code in (EXIT_USAGE, EXIT_INTERRUPTED):
             return
         line = f"rank {rank()}: {line}"
-    print(line, file=sys.stderr)
+    if code == EXIT_INTERRUPTED:
+        say_interrupted(line)  # once: a stop that ends the process itself may have said it already
+    else:
+        print(line, file=sys.stderr)
 
 
 def _run(args: list[str], debug: bool) -> int:
@@ -328,15 +378,15 @@ def _run(args: list[str], debug: bool) -> int:
         _say(_one_line(error), EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        _say("interrupted", EXIT_INTERRUPTED)
+        _say(interrupted_line(), EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except Exception as error:
         # Click's exceptions (typer may vendor its own copy, so they are recognised by shape, not class).
         name = type(error).__name__
         if name == "Exit":
             return error.exit_code
-        if name == "Abort":
-            print("interrupted", file=sys.stderr)
+        if name == "Abort":  # click's form of a KeyboardInterrupt
+            _say(interrupted_line(), EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         if hasattr(error, "format_message") and isinstance(getattr(error, "exit_code", None), int):
             print(f"error: {_one_line(error.format_message())} (see --help)", file=sys.stderr)
@@ -352,5 +402,5 @@ def _run(args: list[str], debug: bool) -> int:
     # Without standalone mode typer returns the code of typer.Exit (and 130 for a Ctrl-C it caught) instead of
     # exiting; a command that finishes normally returns None.
     if code == EXIT_INTERRUPTED:
-        print("interrupted", file=sys.stderr)
+        _say(interrupted_line(), EXIT_INTERRUPTED)
     return code if isinstance(code, int) else 0

@@ -69,6 +69,9 @@ class Progress:
     frames_written: int
     frames_total: int
     elapsed_seconds: float
+    # what the run is doing: load (torch, the models), features (conditioning), resume (restoring a saved run),
+    # sample (window-steps; the counts above), finish (the last frames decoded, the file finished)
+    stage: str = "sample"
 
 
 @dataclass
@@ -90,3 +93,5 @@ class AnimateResult:
     nfe: int = 0  # transformer forwards run by this call (one batched call of all guidance branches counts once)
     world_size: int = 1  # processes that shared the work (window parallelism)
     nfe_per_rank: list[int] = field(default_factory=list)  # forwards each process ran or shared, in rank order
+    # over all forwards, the guidance branches each ran (3 for a cfg forward, 1 for a reused-guidance one)
+    branch_forwards: int = 0

@@ -39,8 +39,9 @@ def prepare(job: AnimateJob):
         check_writable_output(job.output)
     inputs = driver.prepare(job)
     if not job.null_sink:
-        from avatarcli.resume import ResumeFolder
+        from avatarcli.resume import OutputLock, ResumeFolder
 
+        OutputLock(job.output).check()  # another process writing this output: it is named, exit 2
         ResumeFolder(job.output).check(job)  # a state found without --resume, or not matching the job, fails here
     return driver, inputs
 
@@ -51,41 +52,82 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
     `prepare(job)` when the caller already validated the inputs; `stop`: an avatarcli.resume.StopFlag, checked
     after every window-step (when set, the state is saved and AnimateInterrupted is raised); `sink`: where the
     finished frames go instead of `job.output` (an object with open / write(uint8 [n, H, W, 3]) / close / abort,
-    e.g. for measuring in memory; give it with `null_sink=True`, no resume state is kept)."""
-    from avatarcli.runtime import StageClock
-
+    e.g. for measuring in memory; give it with `null_sink=True`, no resume state is kept). `on_progress` gets a
+    `Progress` at every change of stage (load, features, resume, sample, finish) and after every window-step."""
     started = time.perf_counter()
     driver, inputs = prepared if prepared is not None else prepare(job)
-    launch = Launch.for_job(job)
-    clock = StageClock(launch.device)
-    raise_if_stopped(stop, job, inputs)
-    if models is None:
-        with clock("load"):
-            models = driver.load(job, inputs, launch.device, launch.dtype)
-    generation = driver.build(job, inputs, models, launch.device, launch.dtype, clock)
-    launch.join(job, generation)
-    stack = denoiser_stack(job, generation)
-    output = open_output(job, inputs, launch, clock, sink)
-    state = continue_from(output.checkpointer, stack, launch.device)
-    progress = ProgressMeter(generation, inputs.frames, started, on_progress, state, output.frames)
-    writer = None
-    output.sink.open()
-    try:
-        writer = open_writer(job, inputs, generation, output, launch.device)
-        after = AfterStep(job, inputs, generation, progress, writer, output, stack, stop, launch.group)
-        chunks = sample(job, generation, stack, launch, state, after)
-        write_frames(chunks, writer, progress, launch.writes)
-        with clock("encode"):
-            output.sink.close()  # ffmpeg finishes the file, which is then renamed into place
-    except BaseException:
-        output.abort(writer)
-        raise
-    finally:
-        stack.close()
-        close_writer(writer, generation, clock.totals, job, launch.device)
-    output.finish()
+    stage = StageReport(on_progress, inputs.frames, started)
+    with hold_output(job):  # another process writing job.output: AvatarError, before anything loads
+        stage("load")  # torch is imported from here on
+        launch, clock = start_launch(job)
+        raise_if_stopped(stop, job, inputs)
+        if models is None:
+            with clock("load"):
+                models = driver.load(job, inputs, launch.device, launch.dtype)
+        stage("features")
+        generation = driver.build(job, inputs, models, launch.device, launch.dtype, clock)
+        launch.join(job, generation)
+        stack = denoiser_stack(job, generation)
+        output = open_output(job, inputs, launch, clock, sink, stage)
+        state = continue_from(output.checkpointer, stack, launch.device)
+        progress = ProgressMeter(generation, inputs.frames, started, on_progress, state, output.frames)
+        writer = None
+        output.sink.open()
+        try:
+            writer = open_writer(job, inputs, generation, output, launch.device, clock, stop)
+            after = AfterStep(job, inputs, generation, progress, writer, output, stack, stop, launch.group)
+            chunks = sample(job, generation, stack, launch, state, after)
+            progress.update()  # the "sample" stage
+            write_frames(chunks, writer, progress, launch.writes)
+            with clock("encode"):
+                output.sink.close()  # ffmpeg finishes the file, which is then renamed into place
+        except BaseException:
+            output.abort(writer)
+            raise
+        finally:
+            stack.close()
+            close_writer(writer, generation, clock.totals, job, launch.device)
+        output.finish()
     return summarize(job, driver.name, inputs, generation, launch, clock.totals, writer, output.frames, stack,
                      started)
+
+
+class StageReport:
+    """Tells `on_progress` that a stage begins, as a `Progress` with nothing done yet: the library never prints,
+    the caller shows it (the CLI's status line) or acts on it (what a Ctrl-C does there)."""
+
+    def __init__(self, on_progress, frames_total: int, started: float) -> None:
+        self.on_progress, self.frames_total, self.started = on_progress, frames_total, started
+
+    def __call__(self, stage: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(Progress(0, 0, 0, 0, 0, 0, self.frames_total, time.perf_counter() - self.started,
+                                      stage=stage))
+
+
+def start_launch(job: AnimateJob):
+    """The launch and the clock of the job's stages; torch's import and the device's set-up count as "load"."""
+    tick = time.perf_counter()
+    from avatarcli.runtime import StageClock
+
+    launch = Launch.for_job(job)
+    clock = StageClock(launch.device)
+    clock.totals["load"] = time.perf_counter() - tick
+    return launch, clock
+
+
+def hold_output(job: AnimateJob):
+    """The lock of the job's output (avatarcli/resume.py OutputLock) for the process that writes it; nothing to hold
+    for a job that writes no file, or in the other processes of a launch."""
+    from contextlib import nullcontext
+
+    from avatarcli.parallel import rank
+
+    if job.null_sink or rank() != 0:
+        return nullcontext()
+    from avatarcli.resume import OutputLock
+
+    return OutputLock(job.output)
 
 
 # ---- the launch -------------------------------------------------------------------------------------------------
@@ -153,12 +195,36 @@ def raise_if_stopped(stop, job: AnimateJob, inputs) -> None:
 
 @dataclass
 class DenoiserStack:
-    """What the sampler calls (`velocity`), over the counted window denoiser (the NFE) and the step predictor."""
+    """What the sampler calls (`velocity`), over the step predictor, the counted denoiser (the NFE), guidance reuse
+    and the window denoiser (its `branch_forwards`)."""
 
     velocity: Callable
     counter: Any  # sampling.predict.CountedDenoiser: its `calls` are the transformer forwards
     predictor: Any = None  # sampling.predict.PredictingDenoiser when the preset predicts steps
     probe: Any = None  # sampling.predict.BlockProbe: the predictor's per-layer signal
+    reuse: Any = None  # sampling.guidance_reuse.ReusingDenoiser when the preset reuses guidance
+    window: Any = None  # the driver's window denoiser
+
+    @property
+    def branch_forwards(self) -> int:
+        """Over all forwards, the branches each ran."""
+        return getattr(self.window, "branch_forwards", self.counter.calls)
+
+    def extras(self) -> dict:
+        """The per-window state of the predictor and of guidance reuse, for a resumable save."""
+        from avatarcli.sampling.guidance_reuse import merge_extras
+
+        return merge_extras(self.predictor.extras() if self.predictor is not None else {},
+                            self.reuse.extras() if self.reuse is not None else {})
+
+    def load_extras(self, extras: dict) -> None:
+        from avatarcli.sampling.guidance_reuse import split_extras
+
+        predictor, reuse = split_extras(extras)
+        if self.predictor is not None:
+            self.predictor.load_extras(predictor)
+        if self.reuse is not None:
+            self.reuse.load_extras(reuse)
 
     def close(self) -> None:
         if self.probe is not None:
@@ -173,15 +239,18 @@ def denoiser_stack(job: AnimateJob, generation) -> DenoiserStack:
     steps): the latent signal only there."""
     from avatarcli.sampling.predict import BlockProbe, CountedDenoiser
 
-    counter = CountedDenoiser(generation.denoiser)
+    reuse = job.preset.guidance_reuse  # under the counter: a forward of the conditional branch alone counts once
+    reusing = reuse.bind(generation.denoiser, generation.sigmas) if reuse is not None else None
+    counter = CountedDenoiser(reusing if reusing is not None else generation.denoiser)
+    parts = dict(reuse=reusing, window=generation.denoiser)
     prediction = job.preset.prediction
     if prediction is None:
-        return DenoiserStack(counter, counter)
+        return DenoiserStack(counter, counter, **parts)
     probe = None
     if prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile and job.context_parallel == 1:
-        probe = BlockProbe(*generation.probe_blocks)
+        probe = BlockProbe(*generation.probe_blocks, row=reusing.conditional if reusing is not None else None)
     predictor = prediction.bind(counter, generation.sigmas, probe=probe)
-    return DenoiserStack(predictor, counter, predictor, probe)
+    return DenoiserStack(predictor, counter, predictor, probe, **parts)
 
 
 # ---- the output: sink and resume folder --------------------------------------------------------------------------
@@ -209,7 +278,7 @@ class Output:
             self.checkpointer.finish()
 
 
-def open_output(job: AnimateJob, inputs, launch: Launch, clock, sink=None) -> Output:
+def open_output(job: AnimateJob, inputs, launch: Launch, clock, sink=None, stage=None) -> Output:
     """Where the finished frames go. One process writing a file keeps a resume folder (segments + state); a launch
     of several processes writes the file directly from rank 0; `null_sink` jobs write nothing (or to `sink`)."""
     from avatarcli.resume import Checkpointer
@@ -223,6 +292,8 @@ def open_output(job: AnimateJob, inputs, launch: Launch, clock, sink=None) -> Ou
     if launch.group is not None:
         return Output(BackgroundSink(Mp4Sink(job.output, inputs.width, inputs.height, inputs.fps, audio, job.crf)))
     checkpointer = Checkpointer(job, clock)
+    if checkpointer.folder.exists() and stage is not None:
+        stage("resume")
     checkpointer.begin()
     return Output(checkpointer.sink(inputs.width, inputs.height, inputs.fps, audio, job.crf), checkpointer)
 
@@ -234,8 +305,7 @@ def continue_from(checkpointer, stack: DenoiserStack, device):
     from avatarcli.sampling.sampler import StreamState
 
     state = StreamState.from_state_dict(checkpointer.state["sampler"], device)
-    if stack.predictor is not None:
-        stack.predictor.load_extras(state.extras)
+    stack.load_extras(state.extras)
     return state
 
 
@@ -275,10 +345,12 @@ def sample(job: AnimateJob, generation, stack: DenoiserStack, launch: Launch, st
 
 
 class ProgressMeter:
-    """Counts windows, window-steps and written frames, and reports them as a `Progress`."""
+    """Counts windows, window-steps and written frames, and reports them as a `Progress`: stage "sample", then
+    "finish" once every latent frame is final (the last frames are decoded and the file is finished)."""
 
     def __init__(self, generation, frames_total: int, started: float, on_progress=None, state=None, frames: int = 0):
         self.windows_total, self.steps = len(generation.plan.windows), len(generation.sigmas) - 1
+        self.latent_frames, self.stage = generation.plan.latent_frames, "sample"
         self.frames_total, self.started, self.on_progress = frames_total, started, on_progress
         self.window_steps = state.window_steps if state is not None else 0
         self.windows = sum(d == self.steps for d in state.done) if state is not None else 0
@@ -287,12 +359,18 @@ class ProgressMeter:
     def update(self, live=None, frames: int | None = None) -> None:
         if live is not None:
             self.window_steps, self.windows = live.window_steps, sum(d == self.steps for d in live.done)
+            self.stage = "finish" if live.emitted >= self.latent_frames else "sample"
         if frames is not None:
             self.frames = frames
         if self.on_progress is not None:
             self.on_progress(Progress(self.windows, self.windows_total, self.window_steps,
                                       self.windows_total * self.steps, self.steps, self.frames, self.frames_total,
-                                      time.perf_counter() - self.started))
+                                      time.perf_counter() - self.started, self.stage))
+
+    def finish(self, frames: int) -> None:
+        """The sampler is done: the last frames are decoded and the file is finished next."""
+        self.stage = "finish"
+        self.update(frames=frames)
 
 
 class AfterStep:
@@ -322,8 +400,7 @@ class AfterStep:
             raise self.interrupted(checkpointer is not None, self.stop.reason)
 
     def save(self, live, checkpointer) -> None:
-        if self.stack.predictor is not None:
-            live.extras = self.stack.predictor.extras()  # the stored velocities each live window predicts from
+        live.extras = self.stack.extras()  # what each live window predicts from (velocities, guidance corrections)
         self.writer.drain()  # every emitted latent frame decoded and in the sink: cache, segments and count agree
         checkpointer.save(self.writer.frames, self.frames_total, self.output.sink.cut(), live.state_dict(),
                           self.writer.decoder.state_dict())
@@ -345,13 +422,17 @@ def overlap_decode(job: AnimateJob, device) -> bool:
     return job.overlap_decode == "on" and job.offload == "none"
 
 
-def open_writer(job: AnimateJob, inputs, generation, output: Output, device):
+def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clock, stop=None):
     """Finished latents -> the decoder -> the sink, inline or on a worker thread (decode/overlap.py); a resumed
-    run's decoder continues from its saved state."""
+    run's decoder continues from its saved state (its cache loaded, or rebuilt by a replay: the "resume" stage).
+    A stop pauses the decoder between latent frames (the rest is saved with it), so a save need not wait for a
+    whole chunk to decode."""
     from avatarcli.decode.overlap import OverlappedWriter, SerialWriter
     from avatarcli.decode.stream import StreamingDecoder
 
-    decoder = generation.decoder if generation.decoder is not None else StreamingDecoder(generation.vae)
+    decoder = generation.decoder if generation.decoder is not None else StreamingDecoder(generation.vae, cache="auto")
+    if stop is not None and hasattr(decoder, "interrupt"):
+        decoder.interrupt = stop.is_set
     common = (decoder, output.sink, inputs.frames, generation.skip_frames, generation.vae.dtype)
     if overlap_decode(job, device):
         writer = OverlappedWriter(*common, frames=output.frames, device=device)
@@ -359,7 +440,8 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device):
         writer = SerialWriter(*common, frames=output.frames)
     checkpointer = output.checkpointer
     if checkpointer is not None and checkpointer.state is not None:
-        writer.load_decoder_state(checkpointer.state["decoder"])
+        with clock("resume"):
+            writer.load_decoder_state(checkpointer.state["decoder"])
     return writer
 
 
@@ -370,6 +452,7 @@ def write_frames(chunks: Iterable, writer, progress: ProgressMeter, writes: bool
         if writes:
             writer.submit(chunk.latents)
             progress.update(frames=writer.frames)
+    progress.finish(writer.frames)
     writer.close()
     progress.update(frames=writer.frames)
 
@@ -401,6 +484,7 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
 
     group, calls = launch.group, stack.counter.calls
     nfe_per_rank = [calls] if group is None else group.gather_counts(calls)
+    branches = [stack.branch_forwards] if group is None else group.gather_counts(stack.branch_forwards)
     context = 1 if group is None else group.context  # the processes of a context group share each forward
     frames = writer.frames if launch.writes else 0
     device = launch.device
@@ -412,5 +496,5 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),
-        nfe_per_rank=nfe_per_rank,
+        nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
     )

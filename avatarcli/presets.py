@@ -21,6 +21,7 @@ import yaml
 import avatarcli
 from avatarcli.errors import AvatarError
 from avatarcli.sampling.guidance import EXPRESSION_GUIDANCE, PRESET_GUIDANCE
+from avatarcli.sampling.guidance_reuse import GuidanceReuse
 from avatarcli.sampling.predict import Prediction
 from avatarcli.schema import (Reject, SettingError, check_keys, check_value, check_values, choice, integer, number,
                               required, rules, section, setting, text)
@@ -108,6 +109,8 @@ class Preset:
     drivers: tuple = setting(_drivers, default=DRIVERS)  # the drivers this preset is made for
     # step prediction (avatarcli/sampling/predict.py); None: every step full
     prediction: Prediction | None = section(Prediction, per_driver=True)
+    # guidance reuse (avatarcli/sampling/guidance_reuse.py); None: every computed step runs every guidance branch
+    guidance_reuse: GuidanceReuse | None = section(GuidanceReuse, per_driver=True)
 
     def for_driver(self, driver: str) -> Preset:
         """The settings a driver runs with: the driving-video driver takes the preset's `driving` section over the
@@ -198,6 +201,26 @@ def load_preset(name_or_path: str | Path) -> Preset:
         known = ", ".join(path.stem for path in sorted(presets_dir().glob("*.yaml"))) or "none"
         raise AvatarError(f"unknown preset '{text}': choose one of {known}, or give a path to a .yaml file")
     return _load_file(path)
+
+
+def preset_yaml(preset: Preset) -> str:
+    """The preset as a file that `load_preset` reads back to equal settings: every file key but `name` (a file's
+    name is its preset's), a guidance scale only under the guidance it belongs to (the loader rejects the others,
+    which keep their defaults), plain YAML values."""
+    values = {key: _plain(getattr(preset, key)) for key in _FILE_KEYS
+              if preset.guidance in _FIELDS[key].metadata.get("guidance", (preset.guidance,))}
+    header = f"# preset '{preset.name}': save as a .yaml file and pass its path to --preset\n"
+    return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def list_presets() -> list[Preset]:

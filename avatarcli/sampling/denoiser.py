@@ -10,8 +10,10 @@
     (recomputing one would give the same conditioning), so the cache stays bounded with step prediction on;
   * the DiT's time, charged to the clock's "dit" stage when a clock is given (the driver charges its per-window
     feature work to "features" itself).
-A driver's subclass supplies `window_conditioning(window)` and, where the guidance has its own name for it, the
-branch list. `StableAvatarDenoiser` (audio) lives here; FlashPortrait's is in sampling/flashportrait.py.
+A driver's subclass supplies `window_conditioning(window)`, `conditioning_rows` (the same for a subset of the
+branches: guidance reuse runs the conditional branch alone) and, where the guidance has its own name for it, the
+branch list. `branch_forwards` counts the branches of every forward. `StableAvatarDenoiser` (audio) lives here;
+FlashPortrait's is in sampling/flashportrait.py.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class WindowDenoiser:
         self.image = image_tokens.to(self.device, self.dtype).expand(self.branches, -1, -1)
         self.condition = condition.to(self.device, self.dtype).expand(self.branches, -1, -1, -1, -1)
         self.cache = WindowCache(self.steps + 2)
+        self.branch_forwards = 0  # over all forwards, the branches each ran (a full-guidance forward counts all)
 
     def window_conditioning(self, window: Window) -> Any:
         """The model's per-window conditioning input for all branches (computed once per window)."""
@@ -77,18 +80,33 @@ class WindowDenoiser:
     def conditioning_for(self, window: Window) -> Any:
         return self.cache.get(window.index, lambda: self.window_conditioning(window))
 
+    def conditioning_rows(self, conditioning: Any, rows: list[int]) -> Any:
+        """The per-window conditioning of the branches `rows` only (a forward of fewer branches)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def __call__(self, window: Window, step: int, latents: torch.Tensor) -> torch.Tensor:
+        return self.guidance.combine(self.branch_predictions(window, step, latents)).to(latents.device)
+
+    @torch.no_grad()
+    def branch_predictions(self, window: Window, step: int, latents: torch.Tensor,
+                           rows: list[int] | None = None) -> torch.Tensor:
+        """The float32 predictions [len(rows), ...] of the branches `rows` (default: all) in one forward."""
         n, frames = self.branches, latents.shape[2]
         conditioning = self.conditioning_for(window)
+        text, image, condition = self.text, self.image, self.condition
+        if rows is not None:
+            n, conditioning = len(rows), self.conditioning_rows(conditioning, rows)
+            text, image, condition = text[rows], image[rows], condition[rows]
         x = torch.cat([latents.to(self.device, self.dtype).expand(n, -1, -1, -1, -1),
-                       self.condition[:, :, :frames]], dim=1)
+                       condition[:, :, :frames]], dim=1)
         t = self.timesteps[step].expand(n).to(self.device)
         with self.clock("dit") if self.clock is not None else nullcontext():
-            pred = self.model(x, t, self.text, self.image, conditioning)
+            pred = self.model(x, t, text, image, conditioning)
+        self.branch_forwards += n
         if step == self.steps - 1:
             self.cache.drop(window.index)
-        return self.guidance.combine(pred.float()).to(latents.device)
+        return pred.float()
 
 
 class StableAvatarDenoiser(WindowDenoiser):
@@ -115,3 +133,10 @@ class StableAvatarDenoiser(WindowDenoiser):
 
     def audio_for(self, window: Window) -> AudioConditioning:
         return self.conditioning_for(window)
+
+    def conditioning_rows(self, conditioning: AudioConditioning, rows: list[int]) -> AudioConditioning:
+        used = sorted({conditioning.branch_audio[r] for r in rows} - {None})
+        if not used:
+            raise ValueError("a forward of branches without audio context is not supported")
+        audio = [conditioning.branch_audio[r] for r in rows]
+        return AudioConditioning(conditioning.features[used], [None if a is None else used.index(a) for a in audio])

@@ -135,6 +135,11 @@ class ExpressionGuidance:
         on, off = ExpressionBranch("positive", self.ip_scale), ExpressionBranch("positive", 0.0)
         return (on, off) if self.text_scale == 1.0 else (on, off, ExpressionBranch("negative", 0.0))
 
+    @property
+    def conditional(self) -> int:
+        """The branch with the expression on (what guidance reuse runs alone)."""
+        return 0
+
     def combine(self, pred: torch.Tensor) -> torch.Tensor:
         """[branches, ...] -> [1, ...] guided velocity."""
         if self.text_scale == 1.0:
@@ -183,3 +188,7 @@ class FlashPortraitDenoiser(WindowDenoiser):
 
     def expression_for(self, window: Window) -> ExpressionConditioning:
         return self.conditioning_for(window)
+
+    def conditioning_rows(self, conditioning: ExpressionConditioning, rows: list[int]) -> ExpressionConditioning:
+        tokens = conditioning.tokens if conditioning.tokens.shape[0] == 1 else conditioning.tokens[rows]
+        return ExpressionConditioning(tokens, tuple(conditioning.scales[r] for r in rows))

@@ -7,6 +7,8 @@ Both StableAvatar modes cost 3 branches per window-step, run as ONE batched forw
   ang: the paper's Audio Native Guidance (§4.1, Eqs. 5-10), positive prompt in every branch
        b0 = full | b1 = audio features zeroed before the adapter | b2 = adapter output dropped
        v = (1 + a + b) b0 - a b1 - b b2
+Both are affine in the branches with weights summing to 1, so v = b_cond + (a fixed mix of the differences): guidance
+reuse (sampling/guidance_reuse.py) holds or extrapolates that mix and runs the conditional branch alone.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class Guidance:
         if self.mode == "ang":
             return Branch("positive", "real"), Branch("positive", "silent"), Branch("positive", "none")
         return (Branch("positive", "real"),)
+
+    @property
+    def conditional(self) -> int:
+        """The branch index of the fully conditioned prediction (positive prompt, real audio), the one that guidance
+        reuse (sampling/guidance_reuse.py) runs alone."""
+        return 2 if self.mode == "cfg" else 0
 
     def combine(self, pred: torch.Tensor) -> torch.Tensor:
         """[branches, ...] -> [1, ...] guided velocity."""

@@ -232,8 +232,10 @@ class BlockProbe:
     """Forward hooks on a transformer's first and last blocks keeping a strided sample of their outputs
     (every `stride`-th token, float32), so the per-layer signal costs a few MB, not two activations per window."""
 
-    def __init__(self, first: torch.nn.Module, last: torch.nn.Module, tokens: int = 4096):
-        self.tokens = tokens
+    def __init__(self, first: torch.nn.Module, last: torch.nn.Module, tokens: int = 4096, row: int | None = None):
+        """`row`: keep only this batch row of a forward of several branches (with guidance reuse, whose forwards
+        of the conditional branch alone have one row), so every summary compares the same branch."""
+        self.tokens, self.row = tokens, row
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = [first.register_forward_hook(self._keep("first")),
                         last.register_forward_hook(self._keep("last"))]
@@ -241,6 +243,8 @@ class BlockProbe:
     def _keep(self, name: str):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if self.row is not None and hidden.shape[0] > 1:
+                hidden = hidden[self.row : self.row + 1]
             stride = max(1, hidden.shape[1] // self.tokens)
             self.outputs[name] = hidden[:, ::stride].detach().float().clone()
 
