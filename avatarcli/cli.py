@@ -262,6 +262,8 @@ def presets(name: Optional[str] = typer.Argument(None, metavar="NAME", help="Sho
         for key, value in dataclasses.asdict(load_preset(name)).items():
             if key == "seed" and value is None:
                 value = "not set (--seed, else 42)"
+            elif value is None:  # an optional section the preset leaves out (e.g. guidance_reuse)
+                value = "off"
             out.print(f"{key}: {value}", markup=False, highlight=False)
         return
     table = Table("name", "steps", "guidance", "overlap", "blend", "size", "description")

@@ -39,9 +39,11 @@ def prepare(job: AnimateJob):
         check_writable_output(job.output)
     inputs = driver.prepare(job)
     if not job.null_sink:
+        from avatarcli.parallel import rank
         from avatarcli.resume import OutputLock, ResumeFolder
 
-        OutputLock(job.output).check()  # another process writing this output: it is named, exit 2
+        if rank() == 0:  # the writer's lock (hold_output); the other ranks of a launch must not touch it
+            OutputLock(job.output).check()  # another process writing this output: it is named, exit 2
         ResumeFolder(job.output).check(job)  # a state found without --resume, or not matching the job, fails here
     return driver, inputs
 

@@ -84,7 +84,9 @@ def test_vae_matches_diffusers_single_file_loading(checkpoints: dict[str, Path],
     z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         frames = vae.decode(z).sample
-        assert torch.equal(frames, reference.decode(z).sample)
+        # the same weights and layers; loaded for the CPU, its convolutions run through oneDNN (models/cpu_convs.py),
+        # which sums in another order: equal up to float rounding
+        torch.testing.assert_close(frames, reference.decode(z).sample, rtol=1e-5, atol=1e-5)
     assert frames.shape == (1, 3, 5, 32, 32)
 
 
