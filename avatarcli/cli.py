@@ -132,10 +132,7 @@ def animate(
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
     for warning in prepared[1].warnings if rank() == 0 else []:
         err.print(f"warning: {warning}", markup=False, highlight=False)
-    if weights is not None:
-        from avatarcli.hub import check_weights_dir
-
-        check_weights_dir(weights)
+    _check_weights(weights)
     if processes > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
         _check_gpus(gpus, device)
         from avatarcli.parallel.launch import launch
@@ -168,6 +165,14 @@ def _run_job(run, job, prepared, silent: bool):
             return run(job, on_progress=update, prepared=prepared, stop=stop)
     except KeyboardInterrupt:  # stopped at once: the sink removed its partial file, a saved run stays
         raise Interrupted(guard.line()) from None
+
+
+def _check_weights(weights: Path | None) -> None:
+    """A --weights folder that is not there (exit 3) or is a file (exit 2): said before anything loads."""
+    if weights is not None:
+        from avatarcli.hub import check_weights_dir
+
+        check_weights_dir(weights)
 
 
 def _check_output(job, overwrite: bool) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from avatarcli.demo import world
+from avatarcli.eval.metrics import psnr
 from avatarcli.media.audio import write_wav
 from avatarcli.options import build_job
 from avatarcli.pipeline import animate, prepare
@@ -37,10 +38,6 @@ from avatarcli.runtime import resolve_device, resolve_dtype
 from avatarcli.sampling.guidance_reuse import GuidanceReuse
 from avatarcli.sink.memory import MemorySink
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    err = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
-    return float(10 * np.log10(255**2 / max(err, 1e-12)))
 
 
 def methods(presets: str, reuse: str) -> list[tuple[str, str, GuidanceReuse | None | str]]:

@@ -34,6 +34,7 @@ import torch
 from avatarcli.decode.stream import video_to_uint8
 from avatarcli.demo import world
 from avatarcli.demo.training import round_trip
+from avatarcli.eval.metrics import psnr
 from avatarcli.eval import EvalJob, evaluate_frames
 from avatarcli.eval.report import region_span
 from avatarcli.media.audio import load_audio, write_wav
@@ -52,10 +53,6 @@ def measure(frames: np.ndarray, face: Path, samples: np.ndarray, fps: float) -> 
     lip = report.summary()["lip_sync"]
     return dict(psnr_start=whole["psnr_start"], psnr_end=whole["psnr_end"], lip=lip["best_correlation"])
 
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    err = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
-    return float(10 * np.log10(255**2 / max(err, 1e-12)))
 
 
 def save_strip(path: Path, face: Path, frames: np.ndarray) -> None:

@@ -6,9 +6,6 @@ import torch
 
 from avatarcli.models.cpu_convs import OneDNNConvolution, use_onednn_convolutions
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-
-
 @pytest.mark.parametrize("conv", [
     torch.nn.Conv3d(6, 5, 3, padding=1), torch.nn.Conv3d(6, 4, (3, 1, 1), stride=(2, 1, 1)),
     torch.nn.Conv2d(6, 8, 3, padding=1, bias=False), torch.nn.Conv3d(6, 6, 1),
