@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         compare: Optional[Path] = typer.Option(None, "--compare", help="A second video: PSNR/SSIM frame by frame."),
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-frame curves to this PNG."),
         layout: str = typer.Option("auto", "--layout",
-                                   help="demo (the demo world's known face/mouth boxes), detect (OpenCV face "
-                                        "detector) or auto (demo for 128x128 videos)."),
+                                   help="demo (the demo world's known face/mouth boxes), detect (MTCNN face "
+                                        "detector, offline) or auto (demo for 128x128 videos)."),
         face_box: Optional[str] = typer.Option(None, "--face-box", help="x0,y0,x1,y1 fractions: a fixed face box."),
         preset: str = typer.Option("balanced", "--preset", "-p", help="Preset whose overlap placed the windows."),
         overlap: Optional[int] = typer.Option(None, "--overlap", help="Latent frames shared by windows [preset's]."),

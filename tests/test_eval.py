@@ -256,7 +256,7 @@ def test_ssim_and_psnr_on_known_frames():
     assert m.ssim(a, 255 - a) < 0
 
 
-# ---- real videos: OpenCV face detector ------------------------------------------------------------------------------
+# ---- real videos: the face detector ---------------------------------------------------------------------------------
 
 
 def real_video(tmp_path: Path, frames: int = 10) -> Path:
@@ -268,22 +268,10 @@ def real_video(tmp_path: Path, frames: int = 10) -> Path:
     return video
 
 
-def _has_haar_cascade() -> bool:
-    try:
-        lay.FaceDetector()
-    except Exception:
-        return False
-    return True
-
-
 def test_detect_layout_on_a_real_portrait(tmp_path):
-    """With a Haar cascade (OpenCV 4.x) the face is found; without one the error names the fix (exit 2 path)."""
+    """The face detector (MTCNN, tests/test_eval_faces.py) finds the face in the portrait and in the video."""
     video = real_video(tmp_path)
     job = EvalJob(video, EXAMPLES / "portrait.png", **SMALL)
-    if not _has_haar_cascade():
-        with pytest.raises(AvatarError, match="face-box"):
-            evaluate(job)
-        return
     report = evaluate(job)
     assert report.layout == "detect" and not any("no face" in note for note in report.notes)
     fx0, fy0, fx1, fy1 = lay.FaceDetector()(np.asarray(Image.open(EXAMPLES / "portrait.png").convert("RGB")))

@@ -1,4 +1,4 @@
-"""Where the face and the mouth are in a frame: the demo world's fixed layout, or OpenCV's face detector.
+"""Where the face and the mouth are in a frame: the demo world's fixed layout, or a face detector.
 
 The demo world (the synthetic talking faces the demo model is trained on) draws every frame at 128x128 RGB, 25 fps,
 with the face inside FACE_BOX and the mouth inside MOUTH_BOX whatever the head sway. Its open mouth is near-black
@@ -8,8 +8,8 @@ dark, so the fraction of dark pixels in MOUTH_BOX is the mouth's openness.
 The demo world also fixes where hair, skin, shirt and background are (`demo_part_masks`): the pixels that show the
 same part in every frame of every demo-world video, whatever the identity, head sway, blink or mouth opening.
 
-Real videos have no known layout: the face box comes from the frontal-face Haar cascade that ships inside OpenCV
-(`cv2.data.haarcascades`, no download), and the mouth box is the lower-middle part of that face box (MOUTH_IN_FACE).
+Real videos have no known layout: the face box comes from MTCNN (`FaceDetector`, avatarcli/eval/faces.py; its weights
+ship inside a dependency, no download), and the mouth box is the lower-middle part of that face box (MOUTH_IN_FACE).
 Boxes are (x0, y0, x1, y1) as fractions of the width and height, so they do not depend on the frame size.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +40,8 @@ PART_MARGIN = 1  # pixels taken off every mask's edge: sways between the extreme
 # Real videos: the mouth as a part of the detected face box (fractions of the face box), and "dark" relative to the
 # face's median luma, because lighting varies from video to video.
 MOUTH_IN_FACE = (0.25, 0.65, 0.75, 0.95)
+MIN_FACE = 0.1  # the detector looks for faces of at least this fraction of the frame's short side ...
+MIN_FACE_PIXELS = 20  # ... and at least this many pixels
 DARK_FRACTION_OF_FACE = 0.45
 
 LAYOUTS = ("auto", "demo", "detect")
@@ -103,40 +104,22 @@ def parse_box(text: str) -> Box:
 
 
 class FaceDetector:
-    """The largest frontal face in an RGB frame, from the Haar cascade that OpenCV 4.x ships in `cv2.data`.
-
-    OpenCV 5 no longer ships the cascades; the error then says how to get them (avatarcli installs OpenCV 5, whose warps match the reference's face front end).
-    """
-
-    CASCADE = "haarcascade_frontalface_default.xml"
+    """The largest face in an RGB frame, as a fractional box: MTCNN (avatarcli/eval/faces.py), whose weights ship
+    inside a dependency, so it works offline. Faces smaller than MIN_FACE of the frame's short side are not looked
+    for."""
 
     def __init__(self) -> None:
-        hint = "pip install 'opencv-python-headless<5', or give --face-box x0,y0,x1,y1"
-        try:
-            import cv2
-        except ImportError as error:
-            raise AvatarError(f"finding the face in a video that is not a demo-world video needs OpenCV: {hint}"
-                              ) from error
-        folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
-        path = os.path.join(folder, self.CASCADE) if folder else ""
-        if not hasattr(cv2, "CascadeClassifier") or not os.path.isfile(path):
-            raise AvatarError(f"OpenCV {cv2.__version__} has no Haar face cascade (OpenCV 5 dropped them): {hint}")
-        self._cv2 = cv2
-        self._cascade = cv2.CascadeClassifier(path)
-        if self._cascade.empty():
-            raise AvatarError(f"OpenCV's face cascade {self.CASCADE} could not be loaded: {hint}")
+        from avatarcli.eval.faces import Mtcnn
+
+        self._mtcnn = Mtcnn.load()
 
     def __call__(self, frame: np.ndarray) -> Box | None:
-        cv2 = self._cv2
         height, width = frame.shape[:2]
-        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-        side = min(width, height)
-        faces = self._cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                               minSize=(max(24, side // 8), max(24, side // 8)))
+        faces = self._mtcnn.detect(frame, min_face=max(MIN_FACE_PIXELS, MIN_FACE * min(width, height)))
         if len(faces) == 0:
             return None
-        x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-        return (x / width, y / height, (x + w) / width, (y + h) / height)
+        x0, y0, x1, y1 = max(faces[:, :4], key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+        return (max(x0, 0.0) / width, max(y0, 0.0) / height, min(x1 + 1, width) / width, min(y1 + 1, height) / height)
 
 
 def detected_regions(face: Box, frame: np.ndarray) -> Regions:
