@@ -26,6 +26,7 @@ class BatchEntry:
     output: Path | None = None
     job: Any = None  # AnimateJob once it validated
     models_key: tuple | None = None
+    frames: int = 0  # video frames of its output (its share of the group's window-steps, for --compile auto)
     error: str | None = None  # validation error
     skip: bool = False  # output exists and --overwrite was not given
 
@@ -55,12 +56,14 @@ class BatchReport:
     wall_seconds: float = 0.0
     interrupted: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    shard: str | None = None  # "K/N": this report covers shard K of N of the manifest (avatarcli/batch_shards.py)
 
     def as_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for job in self.jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
-        return {"manifest": self.manifest, "jobs": [job.as_dict() for job in self.jobs], "counts": counts,
+        shard = {} if self.shard is None else {"shard": self.shard}
+        return {"manifest": self.manifest, **shard, "jobs": [job.as_dict() for job in self.jobs], "counts": counts,
                 "model_loads": self.model_loads, "partial_loads": self.partial_loads, "wall_seconds": round(self.wall_seconds, 3),
                 "interrupted": self.interrupted}
 
@@ -133,10 +136,19 @@ def _normalise(raw: Any) -> dict[str, Any]:
         expected = OPTIONS[name].kind
         if value is None and name != "portrait":
             continue
-        if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
-            raise AvatarError(f"'{key}' must be {getattr(expected, '__name__', 'a number')}, got {value!r}")
+        kinds = expected if isinstance(expected, tuple) else (expected,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, expected):
+            raise AvatarError(f"'{key}' must be {_kind_name(expected)}, got {value!r}")
         options[name] = value
     return options
+
+
+def _kind_name(expected: type | tuple[type, ...]) -> str:
+    from avatarcli.options import NUMBER
+
+    if expected == NUMBER:
+        return "a number"
+    return getattr(expected, "__name__", None) or " or ".join(kind.__name__ for kind in expected)
 
 
 def _suggest(key: str) -> str:
@@ -164,9 +176,12 @@ def build_job(options: dict[str, Any], base: Path, resume: bool):
     return build(options, base=base, resume=resume, name=manifest_name)
 
 
-def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> list[BatchEntry]:
+def validate(manifest: Path, overwrite: bool = False, resume: bool = False, shard=None,
+             overrides: dict[str, Any] | None = None) -> list[BatchEntry]:
     """Every job of the manifest checked as `animate` checks its input, with no model loaded. Errors are kept per
-    entry (`entry.error`), so all of them can be listed at once."""
+    entry (`entry.error`), so all of them can be listed at once. `shard` (avatarcli/batch_shards.py Shard): only its
+    jobs are checked and returned, the others only claim their outputs; `overrides`: options that replace every
+    job's (e.g. `batch --device`)."""
     from avatarcli.options import existing_output
     from avatarcli.pipeline import prepare
 
@@ -177,22 +192,27 @@ def validate(manifest: Path, overwrite: bool = False, resume: bool = False) -> l
         shared = _normalise(defaults)
     except AvatarError as error:
         raise AvatarError(f"{manifest}: defaults: {error}") from error
+    forced = _normalise(overrides or {})
     entries, outputs = [], {}
     for index, (where, raw) in enumerate(raw_jobs, start=1):
         entry = BatchEntry(index=index, where=where)
-        entries.append(entry)
+        mine = shard is None or shard.takes(index)
+        if mine:
+            entries.append(entry)
         try:
-            job = build_job({**shared, **_normalise(raw)}, base, resume)
+            job = build_job({**shared, **_normalise(raw), **forced}, base, resume)
             entry.output = job.output
             key = job.output.resolve()
             if key in outputs:
                 raise AvatarError(f"writes {job.output}, as {outputs[key]} does; give each job its own 'output'")
             outputs[key] = where
+            if not mine:  # another shard's job: it only claims its output, so a clash is found in either shard
+                continue
             if existing_output(job, overwrite):
                 entry.skip, entry.job = True, job
                 continue
             driver, inputs = prepare(job)
-            entry.job, entry.models_key = job, driver.models_key(job, inputs)
+            entry.job, entry.models_key, entry.frames = job, driver.models_key(job, inputs), inputs.frames
         except AvatarError as error:
             entry.error = " ".join(str(error).split())
     return entries
@@ -237,6 +257,7 @@ def run_batch(manifest: Path, entries: list[BatchEntry], continue_on_error: bool
     models = ModelSets(report)
     halted = False
     for group in _model_groups([e for e in entries if e.index not in outcomes]):
+        models.begin_group(group)
         for entry in group:
             if halted:
                 outcomes[entry.index] = JobOutcome(entry.index, str(entry.output), "not run")
@@ -290,6 +311,7 @@ class ModelSets:
     def __init__(self, report: BatchReport) -> None:
         self.report = report
         self.current = None  # (driver, models_key, models) of this group, once loaded
+        self.group: list[BatchEntry] = []  # the jobs that share this group's models
         self.previous = None  # the same of the last group, until the next group has its models
         self.error: BaseException | None = None  # this group's load failure: every job of the group fails with it
 
@@ -309,17 +331,29 @@ class ModelSets:
 
         device = resolve_device(entry.job.device)
         dtype = resolve_dtype(entry.job.dtype, device)
+        job = self._compile_decided(entry, driver, device)
         earlier, self.previous = self.previous, None
         models = None
         if earlier is not None and earlier[0] is driver and hasattr(driver, "reuse"):
-            models = driver.reuse(earlier[2], earlier[1], entry.job, inputs, device, dtype)
+            models = driver.reuse(earlier[2], earlier[1], job, inputs, device, dtype)
             self.report.partial_loads += models is not None
         earlier = None
         _free_memory()  # the earlier group's models, unless reused, before the next ones load
         if models is None:
-            models = driver.load(entry.job, inputs, device, dtype)
+            models = driver.load(job, inputs, device, dtype)
             self.report.model_loads += 1
         return models
+
+    def _compile_decided(self, entry: BatchEntry, driver, device):
+        """The job the group's models load with, its --compile auto decided once for all the jobs sharing them: over
+        their window-steps together, since one compile serves them all (avatarcli/compilation.py)."""
+        from avatarcli.compilation import decided, planned_window_steps
+
+        group = self.group or [entry]
+        return decided(entry.job, device, sum(planned_window_steps(driver, e.job, e.frames) for e in group))
+
+    def begin_group(self, group: list[BatchEntry]) -> None:
+        self.group = group
 
     def end_group(self) -> None:
         if self.current is not None:

@@ -1,6 +1,7 @@
 """Several processes: the tick schedule, the window-parallel sampler (ranks simulated by threads), and real launches
-of 2 and 3 gloo processes whose videos must equal one process's frame for frame (lossless --crf 0), plus one
-Ulysses-split transformer forward against one process's."""
+of 2 gloo processes as 2 nodes (torchrun --nnodes 2 on localhost) and of 3 on one node (--gpus 3) whose videos must
+equal one process's frame for frame (lossless --crf 0), plus one Ulysses-split transformer forward against one
+process's."""
 
 from __future__ import annotations
 
@@ -265,14 +266,25 @@ def environment() -> dict[str, str]:
 
 
 def launch(world: int, inputs, tmp_path: Path, names: list[str]) -> dict:
+    """`world` nodes of one process each, as `torchrun --nnodes` starts them on as many machines (README,
+    multi-node): one launcher per node, meeting at a c10d rendezvous, here all on localhost."""
+    import socket
+
     jobs = [driving_args(inputs, tmp_path / f"{world}-{name}.mp4") if name == "driving" else
             audio_args(inputs, name, tmp_path / f"{world}-{name}.mp4".replace(" ", "-")) for name in names]
     spec, result = tmp_path / "jobs.json", tmp_path / "result.json"
     spec.write_text(json.dumps({"jobs": jobs, "driving_window": DRIVING_WINDOW}))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(world), str(ROOT / "tests" / "parallel_worker.py"), str(result), str(spec)],
-                          env=environment(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(world), "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "nodes",
+            str(ROOT / "tests" / "parallel_worker.py"), str(result), str(spec)]
+    logs = [tmp_path / f"node{n}.log" for n in range(world)]
+    nodes = [subprocess.Popen(node, env=environment(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for log in logs]
+    codes = [process.wait(timeout=600) for process in nodes]
+    assert codes == [0] * world, [log.read_text()[-3000:] for log in logs]
     return json.loads(result.read_text())
 
 
@@ -288,8 +300,8 @@ def check_summary(name: str, summary: dict, world: int, one: dict) -> None:
 
 
 # Starting processes is the slow part (each imports torch), so one launch runs all the checks of 2 processes: the
-# sampler on its own (1, 2 and 7 windows, with step prediction) and whole videos of both drivers. Three processes
-# are checked by the `--gpus 3` test below.
+# sampler on its own (1, 2 and 7 windows, with step prediction) and whole videos of both drivers. They are 2 nodes
+# (`torchrun --nnodes 2`); three processes of one node are checked by the `--gpus 3` test below.
 LAUNCHES = {2: ["1 window", "2 windows", "7 windows", "driving"]}
 
 
