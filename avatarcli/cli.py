@@ -103,7 +103,7 @@ def animate(
     crf: int = _opt("crf", 18),
     overlap_decode: str = _opt("overlap_decode", "auto"),
     precision: str = _opt("precision", "auto"),
-    compile: bool = _opt("compile", False),
+    compile: str = _opt("compile", "auto", metavar="[auto|on|off]"),
     no_audio: bool = _opt("no_audio", False),
     predict: Optional[bool] = typer.Option(None, "--predict/--no-predict", help="Step prediction on/off [default: "
                                            "preset]."),
@@ -115,6 +115,9 @@ def animate(
     context_parallel: int = _opt("context_parallel", 1),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
+    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE", help="Record the run's DiT forwards "
+                                         "(window, step, guidance branches; predicted steps) to FILE, JSON Lines: "
+                                         "benchmarks/bench_animate.py --replay FILE times them at full size."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (else exit 2)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
@@ -140,7 +143,12 @@ def animate(
         raise typer.Exit(launch(gpus, _ARGV))
     quiet = quiet or rank() != 0  # one progress bar and one summary: rank 0's
     as_json = as_json and rank() == 0
-    result = _run_job(run, job, prepared, quiet or as_json)
+    recorder = _recorder(trace, processes)
+    result = _run_job(run, job, prepared, quiet or as_json, recorder)
+    if recorder is not None:
+        from avatarcli.sampling.trace import write_trace
+
+        write_trace(recorder.trace, trace)
     if rank() == 0:
         _report(result, as_json, quiet, added_mp4=output is not None and job.output.name != output.name)
 
@@ -156,13 +164,26 @@ def _processes(gpus: int | None) -> int:
     return max(gpus or 1, world_size())
 
 
-def _run_job(run, job, prepared, silent: bool):
+def _recorder(trace: Path | None, processes: int):
+    """The recorder of --trace FILE (the forwards of one process); None without it."""
+    if trace is None:
+        return None
+    if processes > 1:
+        raise UserError("--trace records the forwards of one process: drop --gpus (or torchrun)")
+    if trace.is_dir() or not trace.parent.is_dir():
+        raise UserError(f"--trace {trace}: give a file in an existing folder")
+    from avatarcli.sampling.trace import TraceRecorder
+
+    return TraceRecorder()
+
+
+def _run_job(run, job, prepared, silent: bool, trace=None):
     """`animate` with Ctrl-C / SIGTERM turned into a stop (cli_signals.py: saved at the next window-step, or at
     once), and the stages shown (a status line, then the progress bar) unless `silent`."""
     guard = stop_on_signals(job.output, stage="start")
     try:
         with guard as stop, _progress_bar(prepared[1].fps, guard, silent) as update:
-            return run(job, on_progress=update, prepared=prepared, stop=stop)
+            return run(job, on_progress=update, prepared=prepared, stop=stop, trace=trace)
     except KeyboardInterrupt:  # stopped at once: the sink removed its partial file, a saved run stays
         raise Interrupted(guard.line()) from None
 
@@ -188,18 +209,21 @@ def _report(result, as_json: bool, quiet: bool, added_mp4: bool = False) -> None
         "output": str(result.output), "driver": result.driver, "frames": result.frames, "fps": result.fps,
         "size": f"{result.width}x{result.height}", "video_seconds": round(result.video_seconds, 3),
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
-        "nfe": result.nfe, "branch_forwards": result.branch_forwards, "world_size": result.world_size,
+        "nfe": result.nfe, "branch_forwards": result.branch_forwards, "compiled": result.compiled,
+        "world_size": result.world_size,
         "nfe_per_rank": result.nfe_per_rank,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
+        "offload": result.offload, "decode_mode": result.decode_mode,
         "resumed_from_frame": result.resumed_from_frame,
     }
     if as_json:
         print(json.dumps(summary), flush=True)
     elif not quiet:
         added = " (.mp4 added to the name given)" if added_mp4 else ""
+        compiled = ", DiT blocks compiled" if result.compiled else ""
         err.print(f"wrote {result.output}{added}: {result.frames} frames, {result.video_seconds:.2f} s of video "
-                  f"in {result.wall_seconds:.1f} s", markup=False, highlight=False, soft_wrap=True)
+                  f"in {result.wall_seconds:.1f} s{compiled}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_gpus(gpus: int, device: str) -> None:
@@ -314,8 +338,10 @@ _register_batch(app)
 
 _register_optional_commands()
 from avatarcli.cli_eval import register as _register_eval  # noqa: E402
+from avatarcli.cli_ui import register as _register_ui  # noqa: E402
 
 _register_eval(app)
+_register_ui(app)
 for _command in app.registered_commands:  # typer's own command class gets the plain usage line
     _command.cls = _Usage if _command.cls in (None, TyperCommand) else _command.cls
 
@@ -334,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or bool(os.environ.get("AVATARCLI_DEBUG"))
     if "--debug" in args:
         args = ["--debug", *(a for a in args if a != "--debug")]
+    args = _bare_compile(args)
     global _ARGV
     _ARGV = args
     with interrupts_for_command(console=argv is None) as command:  # SIGTERM during start-up is exit 130 too
@@ -345,6 +372,20 @@ def main(argv: list[str] | None = None) -> int:
                 from avatarcli.parallel.group import leave
 
                 leave()
+
+
+def _bare_compile(args: list[str]) -> list[str]:
+    """`animate --compile` without a mode means on: it was a flag before it took auto, on or off."""
+    from avatarcli.compilation import COMPILE_MODES
+
+    if next((a for a in args if not a.startswith("-")), None) != "animate":
+        return args
+    spelled = []
+    for i, arg in enumerate(args):
+        spelled.append(arg)
+        if arg == "--compile" and (i + 1 == len(args) or args[i + 1] not in COMPILE_MODES):
+            spelled.append("on")
+    return spelled
 
 
 def _in_process_group() -> bool:

@@ -37,6 +37,7 @@ def doctor_report(weights_dir: Path | None = None, models: Sequence[str] = DEFAU
         ("device", _device),
         ("bf16", _bf16),
         ("memory", _memory),
+        ("memory plan", _memory_plan),
         ("ffmpeg", _ffmpeg),
         ("weights", lambda: _weights(weights_dir)),
         ("disk", lambda: _disk(models, weights_dir)),
@@ -81,6 +82,26 @@ def _memory() -> list[Finding]:
             free, total_gpu = torch.cuda.mem_get_info(index)
             findings.append((f"gpu memory cuda:{index}", "ok",
                              f"{free / _GIB:.1f} GiB free of {total_gpu / _GIB:.1f} GiB"))
+    return findings
+
+
+def _memory_plan() -> list[Finding]:
+    """Per GPU, what an --audio run at 480x832 would choose from the memory free now: offload, decode mode, where
+    umT5 runs (a forecast from avatarcli/budget.py's estimates; `animate --json` says what a run chose)."""
+    from avatarcli.budget import audio_memory_plan, device_budget
+
+    if not torch.cuda.is_available():
+        return [("memory plan", "ok", "cpu: no GPU memory to budget; the frames decode inline")]
+    findings: list[Finding] = []
+    for index in range(torch.cuda.device_count()):
+        plan = audio_memory_plan(device_budget(torch.device("cuda", index)))
+        offload = "no offload needed" if plan.offload == "none" else f"needs --offload {plan.offload}"
+        umt5 = "umT5 offloaded" if plan.text_encoder_offloaded else "umT5 on the GPU"
+        detail = f"--audio at 480x832: {offload}, decode {plan.decode}, {umt5}"
+        if not plan.fits:
+            detail += "; a window-step does not fit even so: use a smaller --size"
+        status: Status = "ok" if plan.offload == "none" else "warn" if plan.fits else "fail"
+        findings.append((f"memory plan cuda:{index}", status, detail))
     return findings
 
 

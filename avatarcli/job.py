@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatarcli.compilation import compile_mode
 from avatarcli.features.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT
 from avatarcli.presets import Preset
 
@@ -34,8 +35,10 @@ class AnimateJob:
     dtype: str = "auto"
     crf: int = 18
     vae_dtype: str = "auto"  # VAE decode precision: auto = bf16 on GPU (47-48 dB PSNR against fp32), fp32 on CPU
-    compile: bool = False  # fuse q/k/v and torch.compile the DiT blocks (GPU; ~30 s once, ~20% faster per step)
-    offload: str = "none"  # none | model | group | sequential (diffusers' offloading; driving-video driver)
+    # fuse q/k/v and torch.compile the DiT blocks (GPU; a fixed time once, ~20% faster per step): auto | on | off;
+    # auto compiles on CUDA when the job's window-steps repay it (avatarcli/compilation.py)
+    compile: str = "auto"
+    offload: str = "none"  # none | model | group | sequential (diffusers' offloading of the DiT; umT5 too)
     weights_dtype: str = "auto"  # auto | fp8: fp8 weight storage, bf16 compute (driving-video driver)
     mux_audio: bool = True  # mux the driving input's audio track into the output
     keep_text_encoder: bool = False  # keep umT5 loaded after the prompts are encoded (batches with several prompts)
@@ -51,6 +54,9 @@ class AnimateJob:
     # offloading (decode/overlap.py); the frames are the same either way
     overlap_decode: str = "auto"  # auto | on | off
     precision: str = "auto"  # auto (the --dtype) | fp8: fp8 linear layers and self-attention in the DiT blocks (GPU)
+
+    def __post_init__(self) -> None:
+        self.compile = compile_mode(self.compile)  # true/false, from when it was a flag: on/off
 
     @property
     def driving_input(self) -> str | None:
@@ -95,3 +101,6 @@ class AnimateResult:
     nfe_per_rank: list[int] = field(default_factory=list)  # forwards each process ran or shared, in rank order
     # over all forwards, the guidance branches each ran (3 for a cfg forward, 1 for a reused-guidance one)
     branch_forwards: int = 0
+    compiled: bool = False  # the DiT blocks ran compiled (--compile on, or auto deciding so)
+    offload: str = "none"  # where the DiT's weights waited between forwards: none | model | group | sequential
+    decode_mode: str = ""  # how the frames were decoded: overlapped, inline or tiled RxC (avatarcli/budget.py)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avatarcli.compilation import COMPILE_MODES, compile_mode
 from avatarcli.errors import AvatarError
 from avatarcli.job import DRIVING_INPUTS, OVERLAP_DECODE_MODES, AnimateJob
 from avatarcli.limits import MAX_AUDIO_SECONDS, MAX_DRIVING_FRAMES, MAX_PORTRAIT_PIXELS, check_frame_size, size_help
@@ -61,7 +62,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     _opt("blend", str, "preset", "Overlap blend weights: log, uniform or linear."),
     _opt("checkpoint", str, "preset", "auto, square or rec-vec."),
     _opt("decoder", str, "preset", "--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
-    _opt("offload", str, "job", "--driving: none, model, group or sequential CPU offload of the 14B DiT.",
+    _opt("offload", str, "job", "none, model, group or sequential CPU offload of the DiT (and umT5) for small GPUs.",
          OFFLOAD_MODES),
     _opt("weights_dtype", str, "job", "--driving: auto or fp8 (fp8 weight storage, bf16 compute).", WEIGHTS_DTYPES),
     _opt("device", str, "job", "auto, cpu, cuda or cuda:N."),
@@ -73,7 +74,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
          OVERLAP_DECODE_MODES),
     _opt("precision", str, "job", "--audio: auto (--dtype) or fp8 (fp8 linear layers and self-attention; GPU of "
                                   "compute capability 8.9+, torchao, nvidia-cudnn-frontend).", PRECISIONS),
-    _opt("compile", bool, "job", "Compile the DiT blocks (GPU: ~30 s once, ~20% faster)."),
+    _opt("compile", (str, bool), "job", "Compile the DiT blocks (GPU: a fixed time once, then ~20% faster per step): "
+                                        "auto (on a GPU when the job is long enough to repay it), on or off; "
+                                        "--compile alone (true in a manifest) is on.", COMPILE_MODES),
     _opt("no_audio", bool, "job", "Write a silent video (no audio track muxed in)."),
     _opt("predict", bool, "prediction", "Step prediction on/off [default: preset]."),
     _opt("predict_order", int, "prediction", "Prediction: extrapolation order, 1-3."),
@@ -105,6 +108,8 @@ def build_job(values: dict[str, Any], *, base: Path | None = None, resume: bool 
     preset files are resolved against (a manifest's); `processes`: how many processes will share the job; `name`
     spells an option in messages (`--crf` for the CLI, `'crf'` for a manifest). Raises AvatarError (exit 2)."""
     given = {key: value for key, value in values.items() if value is not None}
+    if "compile" in given:
+        given["compile"] = compile_mode(given["compile"])
     check_choices(given, name)
     paths = {key: _path(given.get(key), base) for key in ("portrait", "audio", "driving", "output", "weights")}
     if paths["portrait"] is None:
@@ -226,7 +231,7 @@ def check_choices(given: dict[str, Any], name: Callable[[str], str] = cli_name) 
 def check_job(job: AnimateJob, processes: int = 1, name: Callable[[str], str] = cli_name) -> None:
     """The rules that tie a job's settings together and to the launch (`processes` sharing it); no file is read."""
     check_choices({key: getattr(job, key) for key in ("offload", "weights_dtype", "precision", "overlap_decode",
-                                                       "model", "crf")}, name)
+                                                       "model", "crf", "compile")}, name)
     if job.driving_input is None:
         given = [key for key in DRIVING_INPUTS if getattr(job, key) is not None]
         options = " or ".join(name(key) for key in DRIVING_INPUTS)

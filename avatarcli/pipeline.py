@@ -5,9 +5,10 @@ sampling in wavefront order -> streaming causal VAE decode -> ffmpeg sink. This 
 and knows none of them. Inputs are validated before any weights are loaded, so bad input fails at once.
 
 `animate` reads as a sampling script: prepare -> load -> build -> sample -> write. What is optional plugs in through
-named parts built below it: the denoiser stack (counting, step prediction with its layer probe), the output (the
-sink, and the resume `Checkpointer` the sampler calls back after every window-step), the frame writer (inline or
-overlapped decode) and the launch (one process, or several sharing the windows).
+named parts built below it: the denoiser stack (counting, step prediction with its layer probe, a forward trace
+recorded or replayed: sampling/trace.py), the output (the sink, and the resume `Checkpointer` the sampler calls back
+after every window-step), the frame writer (inline, overlapped or tiled decode, as GPU memory allows: budget.py)
+and the launch (one process, or several sharing the windows).
 
 Under `torchrun` (or `avatarcli animate --gpus N`) every process runs this same function: the windows are spread
 over the processes (sampling/sampler.py `sample_window_parallel`, avatarcli/parallel), and rank 0 decodes and writes.
@@ -49,13 +50,16 @@ def prepare(job: AnimateJob):
 
 
 def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = None, models: Any = None,
-            prepared=None, stop=None, sink=None) -> AnimateResult:
+            prepared=None, stop=None, sink=None, trace=None, replay=None) -> AnimateResult:
     """Run one job. `models`: the driver's loaded models to reuse (else loaded here); `prepared`: the result of
     `prepare(job)` when the caller already validated the inputs; `stop`: an avatarcli.resume.StopFlag, checked
     after every window-step (when set, the state is saved and AnimateInterrupted is raised); `sink`: where the
     finished frames go instead of `job.output` (an object with open / write(uint8 [n, H, W, 3]) / close / abort,
     e.g. for measuring in memory; give it with `null_sink=True`, no resume state is kept). `on_progress` gets a
-    `Progress` at every change of stage (load, features, resume, sample, finish) and after every window-step."""
+    `Progress` at every change of stage (load, features, resume, sample, finish) and after every window-step.
+    `trace`: a sampling.trace.TraceRecorder that records the run's forwards (one process); `replay`: a
+    sampling.trace.ForwardTrace whose forwards the run repeats in place of the preset's step prediction and guidance
+    reuse (benchmarks time a recorded run's work on other weights with it; the frames mean nothing)."""
     started = time.perf_counter()
     driver, inputs = prepared if prepared is not None else prepare(job)
     stage = StageReport(on_progress, inputs.frames, started)
@@ -65,12 +69,14 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
         raise_if_stopped(stop, job, inputs)
         if models is None:
             with clock("load"):
-                models = driver.load(job, inputs, launch.device, launch.dtype)
+                models = driver.load(decide_compile(job, driver, inputs, launch.device), inputs, launch.device,
+                                     launch.dtype)
         stage("features")
         generation = driver.build(job, inputs, models, launch.device, launch.dtype, clock)
         launch.join(job, generation)
-        stack = denoiser_stack(job, generation)
+        stack = denoiser_stack(job, generation, trace, replay)
         output = open_output(job, inputs, launch, clock, sink, stage)
+        start_trace(trace, job, driver.name, inputs, generation, launch, output.frames)
         state = continue_from(output.checkpointer, stack, launch.device)
         progress = ProgressMeter(generation, inputs.frames, started, on_progress, state, output.frames)
         writer = None
@@ -181,6 +187,14 @@ class Launch:
             enable_context_parallel(generation.transformer, self.group.context, self.group.context_mesh)
 
 
+def decide_compile(job: AnimateJob, driver, inputs, device) -> AnimateJob:
+    """The job the models load with: --compile auto decided, on or off, for its planned window-steps on `device`
+    (avatarcli/compilation.py). Models handed in were loaded with their own decision (a batch's, for its group)."""
+    from avatarcli.compilation import decided, planned_window_steps
+
+    return decided(job, device, planned_window_steps(driver, job, inputs.frames))
+
+
 def raise_if_stopped(stop, job: AnimateJob, inputs) -> None:
     """A stop requested before the models load: nothing new to save."""
     if stop is None or not stop.requested:
@@ -233,12 +247,25 @@ class DenoiserStack:
             self.probe.close()
 
 
-def denoiser_stack(job: AnimateJob, generation) -> DenoiserStack:
+def denoiser_stack(job: AnimateJob, generation, trace=None, replay=None) -> DenoiserStack:
+    """The preset's stack (`preset_stack`), or the forwards of a trace to `replay` (`replayed_stack`); with a `trace`
+    recorder, the window denoiser tells it of every forward and the top of the stack of every window-step."""
+    stack = replayed_stack(job, generation, replay) if replay is not None else preset_stack(job, generation)
+    if trace is not None:
+        from avatarcli.sampling.trace import RecordedSteps
+
+        generation.denoiser.recorder = trace
+        stack.velocity = RecordedSteps(stack.velocity, trace)
+    return stack
+
+
+def preset_stack(job: AnimateJob, generation) -> DenoiserStack:
     """Count the driver's window denoiser (which times the DiT itself); predict steps when the preset says so.
 
     The layer probe hooks the driver's first and last blocks; compiled blocks run without it, and so does context
     parallelism (each process sees a part of the tokens, while the processes sharing windows must predict the same
     steps): the latent signal only there."""
+    from avatarcli.compilation import is_compiled
     from avatarcli.sampling.predict import BlockProbe, CountedDenoiser
 
     reuse = job.preset.guidance_reuse  # under the counter: a forward of the conditional branch alone counts once
@@ -249,10 +276,48 @@ def denoiser_stack(job: AnimateJob, generation) -> DenoiserStack:
     if prediction is None:
         return DenoiserStack(counter, counter, **parts)
     probe = None
-    if prediction.layer_ratio > 0 and generation.probe_blocks and not job.compile and job.context_parallel == 1:
+    compiled = is_compiled(generation.transformer)
+    if prediction.layer_ratio > 0 and generation.probe_blocks and not compiled and job.context_parallel == 1:
         probe = BlockProbe(*generation.probe_blocks, row=reusing.conditional if reusing is not None else None)
     predictor = prediction.bind(counter, generation.sigmas, probe=probe)
     return DenoiserStack(predictor, counter, predictor, probe, **parts)
+
+
+def replayed_stack(job: AnimateJob, generation, replay) -> DenoiserStack:
+    """The forwards of `replay` (a sampling.trace.ForwardTrace), forward for forward, in place of the preset's step
+    prediction and guidance reuse (sampling/trace.py); predicted steps extrapolate at the preset's order."""
+    from avatarcli.sampling.predict import CountedDenoiser
+    from avatarcli.sampling.trace import ReplayedGuidance, ReplayedSteps, check_plan
+
+    try:
+        check_plan(replay, len(generation.plan.windows), len(generation.sigmas) - 1)
+    except ValueError as error:
+        raise AvatarError(str(error)) from None
+    counter = CountedDenoiser(ReplayedGuidance(replay, generation.denoiser))
+    order = job.preset.prediction.order if job.preset.prediction is not None else 1
+    return DenoiserStack(ReplayedSteps(replay, counter, generation.sigmas, order), counter,
+                         window=generation.denoiser)
+
+
+def start_trace(trace, job: AnimateJob, driver: str, inputs, generation, launch: Launch, resumed_from: int) -> None:
+    """Give the recorder the facts a replay needs: the size, frames and frame rate, the preset's settings, the window
+    plan. The forwards of one process only: a launch of several is refused."""
+    if trace is None:
+        return
+    if launch.group is not None:
+        raise AvatarError("--trace records the forwards of one process: drop --gpus (or torchrun)")
+    import yaml
+
+    from avatarcli.presets import preset_yaml
+
+    plan = generation.plan
+    trace.start({"driver": driver, "model": job.model, "preset": job.preset.name,
+                 "settings": yaml.safe_load(preset_yaml(job.preset)), "frames": inputs.frames, "fps": inputs.fps,
+                 "width": inputs.width, "height": inputs.height, "steps": len(generation.sigmas) - 1,
+                 "windows": len(plan.windows), "window_frames": plan.window_frames, "overlap": plan.overlap,
+                 "blend": plan.blend, "latent_frames": plan.latent_frames, "guidance": job.preset.guidance,
+                 "branches": generation.denoiser.branches, "seed": job.seed, "device": str(launch.device),
+                 "dtype": str(launch.dtype).removeprefix("torch."), "resumed_from_frame": resumed_from})
 
 
 # ---- the output: sink and resume folder --------------------------------------------------------------------------
@@ -424,22 +489,52 @@ def overlap_decode(job: AnimateJob, device) -> bool:
     return job.overlap_decode == "on" and job.offload == "none"
 
 
+def decode_mode(job: AnimateJob, inputs, generation, device):
+    """How the frames are decoded in the GPU memory left now that the models are in place (avatarcli/budget.py):
+    overlapped with the DiT when that fits beside a window-step, else inline, else in spatial tiles."""
+    from avatarcli.budget import choose_decode_mode, device_budget
+
+    overlap = job.overlap_decode if overlap_decode(job, device) else "off"
+    return choose_decode_mode(device_budget(device), inputs.width, inputs.height, generation.vae.dtype.itemsize,
+                              window_forward_bytes(generation), overlap,
+                              decoder="full" if generation.decoder is None else "tiny")
+
+
+def window_forward_bytes(generation) -> int:
+    """The estimated transient memory of one window-step's forward (all guidance branches batched)."""
+    from avatarcli.budget import dit_forward_bytes
+
+    config = getattr(generation.transformer, "config", None)
+    if config is None:
+        return 0
+    _, height, width = generation.latent_shape
+    patch = config.patch_size
+    tokens = (generation.plan.window_frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+    return dit_forward_bytes(tokens, getattr(generation.denoiser, "branches", 1),
+                             config.num_attention_heads * config.attention_head_dim, config.ffn_dim,
+                             getattr(generation.denoiser, "dtype", generation.vae.dtype).itemsize)
+
+
 def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clock, stop=None):
-    """Finished latents -> the decoder -> the sink, inline or on a worker thread (decode/overlap.py); a resumed
-    run's decoder continues from its saved state (its cache loaded, or rebuilt by a replay: the "resume" stage).
-    A stop pauses the decoder between latent frames (the rest is saved with it), so a save need not wait for a
-    whole chunk to decode."""
+    """Finished latents -> the decoder -> the sink, inline or on a worker thread (decode/overlap.py), in the mode
+    `decode_mode` picks (the writer's `mode`, which the summary reports); a resumed run's decoder continues from its
+    saved state (its cache loaded, or rebuilt by a replay: the "resume" stage). A stop pauses the decoder between
+    latent frames (the rest is saved with it), so a save need not wait for a whole chunk to decode."""
     from avatarcli.decode.overlap import OverlappedWriter, SerialWriter
     from avatarcli.decode.stream import StreamingDecoder
 
-    decoder = generation.decoder if generation.decoder is not None else StreamingDecoder(generation.vae, cache="auto")
+    mode = decode_mode(job, inputs, generation, device)
+    decoder = generation.decoder
+    if decoder is None:
+        decoder = StreamingDecoder(generation.vae, cache="auto", tiles=mode.tiles)
     if stop is not None and hasattr(decoder, "interrupt"):
         decoder.interrupt = stop.is_set
     common = (decoder, output.sink, inputs.frames, generation.skip_frames, generation.vae.dtype)
-    if overlap_decode(job, device):
+    if mode.overlapped:
         writer = OverlappedWriter(*common, frames=output.frames, device=device)
     else:
         writer = SerialWriter(*common, frames=output.frames)
+    writer.mode = mode
     checkpointer = output.checkpointer
     if checkpointer is not None and checkpointer.state is not None:
         with clock("resume"):
@@ -465,7 +560,7 @@ def close_writer(writer, generation, totals: dict[str, float], job: AnimateJob, 
             generation.decoder.close()
         return
     writer.decoder.close()
-    charge_decode(totals, writer, overlap_decode(job, device))
+    charge_decode(totals, writer, writer.mode.overlapped)
 
 
 def charge_decode(totals: dict[str, float], writer, overlap: bool) -> None:
@@ -484,6 +579,8 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
               resumed_from: int, stack: DenoiserStack, started: float) -> AnimateResult:
     import torch
 
+    from avatarcli.compilation import is_compiled
+
     group, calls = launch.group, stack.counter.calls
     nfe_per_rank = [calls] if group is None else group.gather_counts(calls)
     branches = [stack.branch_forwards] if group is None else group.gather_counts(stack.branch_forwards)
@@ -499,4 +596,6 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
+        compiled=is_compiled(generation.transformer), offload=job.offload,
+        decode_mode=str(writer.mode) if writer is not None else "",
     )

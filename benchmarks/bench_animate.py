@@ -13,11 +13,21 @@ when the host peak RSS per length matters):
                                                               # on the same components (one build, one compile),
                                                               # each on its own step grid unless --steps is given
     python benchmarks/bench_animate.py --seconds 30 --steps 10 --compile --null-sink --overlap-decode both
+    python benchmarks/bench_animate.py --replay fast.trace --size 480x832 --compile
+                                                              # the forwards of a recorded run (`avatarcli animate
+                                                              # ... --model demo --preset fast --trace fast.trace`)
+    python benchmarks/bench_animate.py --tiny --replay fast.trace   # CPU smoke test of the replay
 
 `--overlap-decode both` runs the clip twice in one process, decode inline (off) then overlapped with the DiT (on);
 each row shows the DiT's share of the generation time, the decode time the DiT waited for (`decode`) and the decode
 time hidden behind it (`hidden`: worker time minus waits). Unless --no-stock, the first rows are the window-step of
 stock diffusers' WanTransformer3DModel at the same size (eager, and fused+compiled with --compile) next to ours.
+
+`--replay TRACE` runs `animate` once more, repeating the forwards an `animate --trace` file recorded (the same windows,
+steps, guidance branches and predicted steps: avatarcli/sampling/trace.py) at --size, end to end with the decode: on
+random weights the step predictor would see erratic velocities and compute nearly every step, so this is the honest
+wall time of a preset whose skips were decided by a trained model (the demo). The clip length, preset and steps come
+from the trace; it prints a markdown table last (wall s per video s, the stage split, the GPU peak).
 
 Prints a table last (one row per run; --append FILE also accumulates rows across runs).
 """
@@ -39,7 +49,7 @@ from avatarcli.presets import load_preset
 from avatarcli.testing.components import write_tiny_umt5_tokenizer
 from avatarcli.testing.stableavatar import stock_wan_twin
 
-from common import EXAMPLES, full_size_components, synthetic_speech
+from common import EXAMPLES, full_size_components, synchronize, synthetic_speech
 
 def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) -> None:
     from avatarcli.models.stableavatar import AudioConditioning
@@ -126,7 +136,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
                         help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-diffusers window-step comparison")
+    parser.add_argument("--replay", type=Path, default=None, metavar="TRACE", nargs="+",
+                        help="repeat the forwards of `animate --trace` files, one run each on one build (each its "
+                             "clip length, preset and steps; no stock rows)")
     args = parser.parse_args()
+    args.no_stock = args.no_stock or args.replay is not None
     args.size = args.size or ("64x64" if args.tiny else "480x832")
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -151,6 +165,14 @@ def main() -> None:
         warm_up(components.transformer, args.size, device, dtype)  # keep compilation out of the DiT time
     build = time.perf_counter() - build
 
+    if args.replay is not None:
+        print(f"  built (and compiled) in {build:.1f} s", file=sys.stderr, flush=True)
+        rows = []
+        for trace in args.replay:
+            rows.append(replay(args, trace, components, work, device))
+            print(replay_table(rows[-1:], args.size), file=sys.stderr, flush=True)  # each as it finishes
+        print("\n" + replay_table(rows, args.size))
+        return
     stock_rows = [] if stock is None else stock_window_step(args, device, dtype, components.transformer, stock)
     del stock
     for model, variant, seconds in stock_rows:
@@ -196,6 +218,56 @@ def main() -> None:
     print("\n" + table_header())
     for r in rows:
         print(table_row(r))
+
+
+def replay(args, path: Path, components, work: Path, device: torch.device) -> dict:
+    """One `animate` run repeating the trace's forwards at --size; its row (SystemExit when it does not fit)."""
+    import yaml
+
+    from avatarcli.sampling.trace import read_trace
+
+    trace = read_trace(path)
+    head = trace.header
+    if head.get("driver") != "audio":
+        sys.exit(f"{path}: recorded with the {head.get('driver')} driver; this replays the audio driver's")
+    if head.get("resumed_from_frame"):
+        sys.exit(f"{path}: a resumed run's trace covers part of its video; record a whole run")
+    settings = work / "traced.yaml"  # the preset as the trace ran it (the model's own settings included)
+    settings.write_text(yaml.safe_dump(head["settings"]), encoding="utf-8")
+    preset = load_preset(settings).with_overrides(size=args.size)
+    audio = synthetic_speech(work / "talk.wav", head["frames"] / head["fps"])
+    mode = "auto" if args.overlap_decode == "both" else args.overlap_decode
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=audio, output=work / "replay.mp4", preset=preset,
+                     device=str(device), null_sink=args.null_sink, vae_dtype=args.vae_dtype, overlap_decode=mode,
+                     precision=args.precision)
+    synchronize(device)
+    result = animate(job, models=components, replay=trace)
+    if (result.frames, result.nfe, result.branch_forwards) != (head["frames"], trace.forwards, trace.branch_forwards):
+        sys.exit(f"the replay ran {result.frames} frames, {result.nfe} forwards and {result.branch_forwards} branch "
+                 f"forwards; the trace has {head['frames']}, {trace.forwards} and {trace.branch_forwards}")
+    stages = dict(result.timings)
+    return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", trace=path.name,
+                preset=head.get("preset", "?"), model=head.get("model", "?"), video=result.video_seconds,
+                windows=result.windows, steps=result.steps, forwards=result.nfe,
+                branch_forwards=result.branch_forwards, stages=stages, wall=result.wall_seconds,
+                gpu_peak_gib=result.peak_gpu_bytes / 2**30, compiled=result.compiled, overlap=mode)
+
+
+def replay_table(rows: list[dict], size: str) -> str:
+    """The replayed runs as a markdown table: wall s per video s, the stage split (main-thread seconds; with the decode
+    overlapped, `decode` is the time the DiT waited for it and `decode_overlapped` its own time beside the DiT) and
+    the GPU peak."""
+    lines = ["| device | trace (preset, model) | size | video s | windows x steps | forwards | branch forwards | "
+             "stages, s | wall s | wall s per video s | GPU peak GiB | compiled |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in row["stages"].items())
+        lines.append(
+             f"| {row['device']} | {row['trace']} ({row['preset']}, {row['model']}) | {size} | {row['video']:.2f} | "
+             f"{row['windows']} x {row['steps']} | {row['forwards']} | {row['branch_forwards']} | {split} | "
+             f"{row['wall']:.1f} | **{row['wall'] / row['video']:.2f}** | {row['gpu_peak_gib']:.2f} | "
+             f"{'yes' if row['compiled'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def table_header() -> str:

@@ -73,9 +73,12 @@ def synthetic_speech(path: Path, seconds: float, pitch: float = 160.0) -> Path:
     return path
 
 
-def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path, tiny: bool):
+def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path, tiny: bool,
+                         on_host: tuple[str, ...] = ()):
     """StableAvatarComponents with random weights: the DiT through the strict loading code of the published
-    checkpoint, VAE, umT5-XXL, CLIP ViT-H/14 and wav2vec2-base from their real configs (`tiny`: toy sizes)."""
+    checkpoint, VAE, umT5-XXL, CLIP ViT-H/14 and wav2vec2-base from their real configs (`tiny`: toy sizes).
+    `on_host`: "transformer" and/or "text_encoder", built on the CPU instead (where the audio driver loads them
+    before placing them: drivers/stableavatar.py `place_models`)."""
     from diffusers import AutoencoderKLWan
     from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel,
                               Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model)
@@ -86,8 +89,9 @@ def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir
     from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, wan_config
 
     sizes = TINY_STABLEAVATAR if tiny else FULL_SIZE
-    transformer = build_transformer(random_state_dict(sizes, 0, str(device), dtype), wan_config(sizes), dtype=dtype,
-                                    device=device)
+    dit_device = torch.device("cpu") if "transformer" in on_host else device
+    transformer = build_transformer(random_state_dict(sizes, 0, str(dit_device), dtype), wan_config(sizes),
+                                    dtype=dtype, device=dit_device)
     with torch.device(device):
         if tiny:
             vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
@@ -99,20 +103,43 @@ def full_size_components(device: torch.device, dtype: torch.dtype, tokenizer_dir
             wav2vec = Wav2Vec2Model(Wav2Vec2Config(num_hidden_layers=1, intermediate_size=64))
         else:
             vae = AutoencoderKLWan()  # the Wan2.1 VAE configuration
-            t5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                             num_heads=64, relative_attention_num_buckets=32,
-                                             feed_forward_proj="gated-gelu")).to(torch.bfloat16)
+            t5_config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+            t5 = None if "text_encoder" in on_host else UMT5EncoderModel(t5_config).to(torch.bfloat16)
             clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                                     num_attention_heads=16, image_size=224, patch_size=14,
                                                     hidden_act="gelu"))
             wav2vec = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base
 
+    if "text_encoder" in on_host:
+        t5 = host_umt5(t5_config) if not tiny else t5.cpu()
+    else:
+        t5 = t5.to(device)
     # .to(device) again: some modules create parameters with legacy constructors that ignore the device context.
     return StableAvatarComponents(
-        transformer=transformer, vae=vae.to(device).eval(), text_encoder=t5.to(device).eval(),
+        transformer=transformer, vae=vae.to(device).eval(), text_encoder=t5.eval(),
         tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)), image_encoder=clip.to(device).eval(),
         audio_encoder=wav2vec.to(device).eval(),
         feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False))
+
+
+def host_umt5(config) -> torch.nn.Module:
+    """umT5-XXL in bf16 on the CPU, quickly: built without initialising, then filled by repeating one random block
+    (11 GB of normal draws would take minutes on the CPU; the values do not matter for time or memory)."""
+    from transformers import UMT5EncoderModel
+
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    block = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            flat = parameter.view(-1)
+            for start in range(0, flat.numel(), block.numel()):
+                piece = flat[start : start + block.numel()]
+                piece.copy_(block[: piece.numel()])
+    model.tie_weights()
+    return model
 
 
 # --- decoders ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from avatarcli.options import OPTIONS, build_job, check_job, manifest_name, mani
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-CLI_ONLY = {"quiet", "as_json", "resume", "gpus", "overwrite"}  # how the command runs, not what the job is
+CLI_ONLY = {"quiet", "as_json", "resume", "gpus", "overwrite", "trace"}  # how the command runs, not what the job is
 
 
 def animate_parameters() -> set[str]:
@@ -49,7 +49,7 @@ def test_a_manifest_sets_every_job_option(tmp_path):
                "predict_layer_ratio": 2.0, "offload": "none", "crf": 0, "compile": True, "audio_scale": 2.5,
                "model": "demo", "no_audio": True, "vae_dtype": "fp32", "prompt": "hello"}
     job = build_manifest_job(options, EXAMPLES, resume=False)
-    assert (job.precision, job.overlap_decode, job.crf, job.compile, job.model) == ("fp8", "off", 0, True, "demo")
+    assert (job.precision, job.overlap_decode, job.crf, job.compile, job.model) == ("fp8", "off", 0, "on", "demo")
     assert job.preset.prediction.order == 3 and job.preset.prediction.max_predicted == 5
     assert job.preset.audio_scale == 2.5 and job.preset.size == "128x128"  # the demo's own size
     assert job.output == EXAMPLES / "portrait_speech.mp4" and not job.mux_audio and job.prompt == "hello"

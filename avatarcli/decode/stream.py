@@ -19,6 +19,11 @@ Resuming a stream needs the cache back, and there are two exact ways to get it; 
 The state always holds the frames; it holds the cache too when writing it takes less time than the replay would
 (the decode time per frame is measured while the stream runs) and fits the budget of a save on Ctrl-C.
 
+Where memory is short (avatarcli/budget.py), `tiles` decodes every latent frame as overlapping spatial tiles, each
+with its own cache (decode/tiles.py): within a stated tolerance of the full decode, no longer bit-identical, and
+resumed by replay only. Whatever the mode, each latent frame's pixels go to the host as uint8 as soon as they are
+decoded, so a chunk's video is never held on the device in full.
+
 A stop should not wait for a whole chunk to decode (21 latent frames take seconds on the CPU): with `interrupt` set,
 `push` pauses between latent frames once `interrupt()` is true and keeps the rest (after post_quant_conv, as
 computed for their chunk) as `pending`; the state holds them, and the next push (or `flush`) decodes them first.
@@ -84,16 +89,16 @@ class StreamingDecoder:
 
     The first latent frame of the video gives 1 frame, every later latent frame gives 4
     (`vae.config.scale_factor_temporal`). The cache lives in this object, not in the VAE, so encoding or
-    decoding other things with the same VAE between pushes does not disturb the stream. Spatial tiling
-    is not used: every chunk is decoded at full size.
+    decoding other things with the same VAE between pushes does not disturb the stream. Every latent frame is
+    decoded at full size, or as `tiles` (rows, cols) spatial tiles (module docstring).
     """
 
-    def __init__(self, vae: AutoencoderKLWan, cache: str = "replay") -> None:
+    def __init__(self, vae: AutoencoderKLWan, cache: str = "replay", tiles: tuple[int, int] = (1, 1)) -> None:
         """`cache`: what `state_dict()` keeps to rebuild the causal cache: "replay" (the last frames only) or "auto"
         (the cache too, when that is cheaper; module docstring)."""
         if cache not in ("replay", "auto"):
             raise ValueError(f"cache must be 'replay' or 'auto', got {cache!r}")
-        self.vae, self.cache = vae, cache
+        self.vae, self.cache, self.tiles = vae, cache, tuple(tiles)
         self.interrupt = None  # () -> bool: pause a push between latent frames (a stop was asked for)
         convs = [module for module in vae.decoder.modules() if isinstance(module, WanCausalConv3d)]
         self._cache_size = len(convs)
@@ -137,21 +142,34 @@ class StreamingDecoder:
             if pause and self.interrupt():
                 self._pending = hidden[:, :, index:]
                 break
-            pieces.append(self._decode_frame(hidden[:, :, index : index + 1]))
+            pieces.append(self._to_uint8(self._decode_frame(hidden[:, :, index : index + 1])))
         if not pieces:
             scale = self.vae.config.scale_factor_spatial
             return np.zeros((0, hidden.shape[3] * scale, hidden.shape[4] * scale, 3), np.uint8)
-        video = torch.cat(pieces, dim=2)
-        if self.vae.config.patch_size is not None:
-            video = unpatchify(video, patch_size=self.vae.config.patch_size)
-        frames = video_to_uint8(video.clamp(-1.0, 1.0))  # ends in a copy to the host: the time is the decode's
+        frames = np.concatenate(pieces)
         self._timed = (self._timed[0] + time.perf_counter() - tick, self._timed[1] + len(pieces))
         return frames
+
+    def _to_uint8(self, video: torch.Tensor) -> np.ndarray:
+        """One latent frame's decoded video -> uint8 frames on the host (a copy: its time is the decode's). Every
+        step is per pixel, so frame by frame gives what the whole chunk at once would."""
+        if self.vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=self.vae.config.patch_size)
+        return video_to_uint8(video.clamp(-1.0, 1.0))
 
     def _decode_frame(self, hidden: torch.Tensor) -> torch.Tensor:
         """One latent frame (after post_quant_conv) through the decoder, advancing the cache; remembered for replay
         (a view of its chunk, which nothing writes to afterwards)."""
-        video = self.vae.decoder(hidden, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=not self.started)
+        if self.tiles != (1, 1):
+            if self._tiled is None:  # the tile layout needs the frame size
+                from avatarcli.decode.tiles import TiledFrames
+
+                self._tiled = TiledFrames(self.vae.decoder, self._cache_size, self.tiles, hidden.shape[3],
+                                          hidden.shape[4], self.vae.config.scale_factor_spatial)
+            video = self._tiled(hidden, first_chunk=not self.started)
+        else:
+            video = self.vae.decoder(hidden, feat_cache=self._feat_cache, feat_idx=[0],
+                                     first_chunk=not self.started)
         self._recent.append(hidden)
         self._pushed += 1
         return video
@@ -178,7 +196,8 @@ class StreamingDecoder:
                 "pending": pending}
 
     def cache_bytes(self) -> int:
-        tensors = [entry for entry in self._feat_cache if isinstance(entry, torch.Tensor)]
+        caches = self._tiled.caches if self._tiled is not None else [self._feat_cache]
+        tensors = [entry for cache in caches for entry in cache if isinstance(entry, torch.Tensor)]
         return sum(entry.numel() * entry.element_size() for entry in tensors)
 
     def replay_seconds(self) -> float:
@@ -187,10 +206,10 @@ class StreamingDecoder:
         return min(self._pushed, self.replay_frames) * (seconds / frames) if frames else float("inf")
 
     def keeps_cache(self) -> bool:
-        """Whether `state_dict()` stores the cache ("auto"): writing it is quicker than a replay, and than a save's
-        budget."""
+        """Whether `state_dict()` stores the cache ("auto", untiled): writing it is quicker than a replay, and than a
+        save's budget."""
         writing = self.cache_bytes() / CACHE_BYTES_PER_SECOND
-        return (self.cache == "auto" and self.started and writing <= CACHE_MAX_SECONDS
+        return (self.cache == "auto" and self.tiles == (1, 1) and self.started and writing <= CACHE_MAX_SECONDS
                 and writing < self.replay_seconds())
 
     @torch.no_grad()
@@ -210,7 +229,7 @@ class StreamingDecoder:
         cache = state.get("cache")
         if cache is not None and len(cache) != self._cache_size:
             raise ValueError(f"decoder state has {len(cache)} cached convolutions; this VAE has {self._cache_size}")
-        if cache is None:
+        if cache is None or self.tiles != (1, 1):  # a tiled stream's caches are rebuilt by the replay
             for index in range(frames):  # the outputs were written before the save: only the cache is wanted
                 self._decode_frame(replay[:, :, index : index + 1])
         else:
@@ -222,6 +241,7 @@ class StreamingDecoder:
     def close(self) -> None:
         """Drop the feature cache; the next push starts a new video."""
         self._feat_cache: list[torch.Tensor | str | None] = [None] * self._cache_size
+        self._tiled = None  # decode/tiles.py TiledFrames: the tiles' caches, when decoding in tiles
         self._recent: deque[torch.Tensor] = deque(maxlen=self.replay_frames)
         self._pushed = 0  # latent frames decoded since the video started
         self._pending: torch.Tensor | None = None  # latent frames (after post_quant_conv) a paused push left

@@ -61,6 +61,10 @@ class Driver(Protocol):
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> Any:
         """Load the driver's models (called once; a batch reuses the result across jobs that share it)."""
 
+    def window_plan(self, job: AnimateJob, frames: int) -> WindowPlan:
+        """The sliding windows of an output of `frames` frames; pure (`build` uses it, and --compile auto counts the
+        window-steps with it before any model loads)."""
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         """What the loaded models depend on: jobs with the same key can share them."""
 

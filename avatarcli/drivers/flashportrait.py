@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from avatarcli.job import AnimateJob
     from avatarcli.runtime import StageClock
-    from avatarcli.sampling.windows import Window
+    from avatarcli.sampling.windows import Window, WindowPlan
 
 FLASHPORTRAIT_FOLDER = "FlashPortrait"  # the files of FrancisRing/FlashPortrait inside the weights folder
 
@@ -81,6 +81,12 @@ class FlashPortraitDriver:
 
         return PromptCache(encoder_file(weights / T5_FILE), text_dtype_for(device))
 
+    def window_plan(self, job: AnimateJob, frames: int) -> WindowPlan:
+        """The sliding windows of an output of `frames` frames (no model needed)."""
+        from avatarcli.sampling.flashportrait import latent_frames_for_driving, plan_flashportrait_windows
+
+        return plan_flashportrait_windows(latent_frames_for_driving(frames), WINDOW_LATENT_FRAMES, job.preset.overlap)
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile,
                 job.preset.lora_strength, job.preset.decoder)
@@ -120,7 +126,7 @@ class FlashPortraitDriver:
             from avatarcli.loading.memory import Placement
 
             placement = Placement(device, dtype)
-        if job.compile and device.type == "cuda" and job.offload == "none":
+        if job.compile == "on" and device.type == "cuda" and job.offload == "none":  # auto: decided before loading
             with quiet_diffusers():
                 components.transformer.compile_repeated_blocks(fullgraph=True)
         extractor = ExpressionExtractor.from_folder(weights / FLASHPORTRAIT_FOLDER, device=str(device))
@@ -136,7 +142,6 @@ class FlashPortraitDriver:
             ExpressionGuidance,
             FlashPortraitDenoiser,
             latent_frames_for_driving,
-            plan_flashportrait_windows,
         )
 
         preset, parts = job.preset, models.components
@@ -146,7 +151,7 @@ class FlashPortraitDriver:
                                                                               device)
         # a cast copy when needed: the loaded VAE keeps encoding in float32 for later jobs
         decode_vae = decode_copy(parts.vae, resolve_dtype(job.vae_dtype, device))
-        plan = plan_flashportrait_windows(latent_frames, WINDOW_LATENT_FRAMES, preset.overlap)
+        plan = self.window_plan(job, inputs.frames)
         sigmas, update = _schedule(preset)
         guidance = ExpressionGuidance(emo_scale=preset.emo_scale, text_scale=preset.text_scale)
         denoiser = FlashPortraitDenoiser(parts.transformer, guidance, positive_text=text[1:2],

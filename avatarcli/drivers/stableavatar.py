@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from avatarcli.job import AnimateJob
     from avatarcli.runtime import StageClock
-    from avatarcli.sampling.windows import Window
+    from avatarcli.sampling.windows import Window, WindowPlan
 
 
 
@@ -48,8 +48,11 @@ class StableAvatarDriver:
                               f"--audio, got {job.preset.overlap}")
         if job.preset.decoder != "full" or job.preset.schedule != "flow" or job.preset.lora_strength:
             raise AvatarError("--decoder tiny, the step-distill schedule and its LoRA are FlashPortrait's (--driving)")
-        if job.offload != "none" or job.weights_dtype != "auto":
-            raise AvatarError("--offload and --weights-dtype apply to a --driving video (the 14B model)")
+        if job.weights_dtype != "auto":
+            raise AvatarError("--weights-dtype applies to a --driving video (the 14B model); for --audio use "
+                              "--precision fp8")
+        if job.offload != "none" and job.precision == "fp8":
+            raise AvatarError("--offload and --precision fp8 do not combine for --audio: choose one")
         portrait = load_portrait(job.portrait)
         samples = load_audio(job.audio, SAMPLE_RATE, max_seconds=MAX_AUDIO_SECONDS)
         width, height = resolve_size(job.preset.size, *portrait.size)
@@ -82,12 +85,21 @@ class StableAvatarDriver:
 
         return PromptCache(encoder_file(weights / T5_FILE), text_dtype_for(device))
 
+    def window_plan(self, job: AnimateJob, frames: int) -> WindowPlan:
+        """The sliding windows of a video of `frames` frames (no model needed)."""
+        from avatarcli.sampling.windows import latent_frames_for, plan_windows
+
+        return plan_windows(latent_frames_for(frames), WINDOW_LATENT_FRAMES, job.preset.overlap, job.preset.blend)
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model,
-                job.precision)
+                job.precision, job.offload)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
-        from avatarcli.loading.stableavatar import load_stableavatar
+        """The models; the DiT on the host when it is offloaded, umT5 (when a prompt is not cached) loaded last, so
+        whether it fits the GPU whole is judged beside everything else (`place_models`)."""
+        from avatarcli.loading.components import load_text_encoder
+        from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER, load_stableavatar, text_dtype_for
         from avatarcli.runtime import quiet_diffusers
 
         if job.precision == "fp8":
@@ -97,17 +109,25 @@ class StableAvatarDriver:
         weights = self.weights_dir(job)
         disk_prompts = self.prompt_cache(weights, device)
         cached = disk_prompts.get((job.negative_prompt, job.prompt)) is not None
-        components = load_stableavatar(weights, inputs.checkpoint, device, dtype, with_text_encoder=not cached)
+        offloaded = job.offload != "none"
+        components = load_stableavatar(weights, inputs.checkpoint, device, dtype, with_text_encoder=False,
+                                       transformer_device="cpu" if offloaded else device)
         components.weights_dir, components.disk_prompts = weights, disk_prompts
+        # "auto" is decided before loading (compilation.py); offloaded blocks are not compiled
+        compiling = job.compile == "on" and device.type == "cuda" and not offloaded
         with quiet_diffusers():
-            if job.compile and device.type == "cuda":
+            if compiling:
                 components.transformer.fuse_qkv_projections()
             if job.precision == "fp8":
                 from avatarcli.models.fp8 import use_fp8
 
                 use_fp8(components.transformer)  # after fusing (it quantizes the fused layers), before compiling
-            if job.compile and device.type == "cuda":
+            if compiling:
                 components.transformer.compile_repeated_blocks(fullgraph=True)
+        if not cached:
+            components.text_encoder, components.tokenizer = load_text_encoder(
+                weights / T5_FILE, weights / TOKENIZER_FOLDER, dtype=text_dtype_for(device), device="cpu")
+        place_models(components, job.offload, device, dtype)
         return components
 
     def reuse(self, components, previous_key: tuple, job: AnimateJob, inputs: Inputs, device: torch.device,
@@ -122,7 +142,8 @@ class StableAvatarDriver:
         from avatarcli.loading.transformer import load_stableavatar_transformer
 
         key = self.models_key(job, inputs)
-        if previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile or job.precision != "auto":
+        if (previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile == "on" or job.precision != "auto"
+                or job.offload != "none"):
             return None
         components.transformer = None  # free the old DiT before the new one loads
         gc.collect()
@@ -141,16 +162,17 @@ class StableAvatarDriver:
         from avatarcli.sampling.denoiser import StableAvatarDenoiser
         from avatarcli.sampling.guidance import Guidance
         from avatarcli.sampling.schedule import flow_sigmas
-        from avatarcli.sampling.windows import latent_frames_for, plan_windows
 
         preset = job.preset
         with clock("features"), torch.no_grad():
             text, image_tokens, condition = self.portrait_conditioning(job, inputs, components, device)
+        if job.offload == "model":  # off the GPU while the encoders ran; on it from the first window-step on
+            components.transformer.to(device)
         # the loaded VAE stays float32: the next job sharing these models encodes its reference with it
         vae = decode_copy(components.vae, resolve_dtype(job.vae_dtype, device))
         if device.type == "cuda":  # not needed until the next job: off the GPU while the DiT runs (2.8 GB at full size)
             park_on_host(components.image_encoder, components.vae if vae is not components.vae else None)
-        plan = plan_windows(latent_frames_for(inputs.frames), WINDOW_LATENT_FRAMES, preset.overlap, preset.blend)
+        plan = self.window_plan(job, inputs.frames)
         sigmas = flow_sigmas(preset.steps, preset.shift)
         guidance = Guidance(preset.guidance, preset.text_scale, preset.audio_scale, preset.ang_alpha, preset.ang_beta)
         denoiser = StableAvatarDenoiser(components.transformer, guidance, positive_text=text[1:2],
@@ -170,12 +192,30 @@ class StableAvatarDriver:
 
         text = prompt_embeddings(components, (job.negative_prompt, job.prompt), components.disk_prompts,
                                  WeightsFolder(self, components, job), T5_FILE, TOKENIZER_FOLDER, device,
-                                 job.keep_text_encoder)
+                                 job.keep_text_encoder, job.offload)
         # .to(device): a no-op unless an earlier job of a batch parked them on the host (build)
         image_tokens = clip_features(components.image_encoder.to(device), inputs.portrait, inputs.width, inputs.height)
+        if device.type == "cuda":  # CLIP (2.5 GB in float32) off the GPU before the VAE encodes the 81-frame clip
+            from avatarcli.loading.memory import park_on_host
+
+            park_on_host(components.image_encoder)
         condition = reference_condition(components.vae.to(device), inputs.portrait, inputs.width, inputs.height,
                                         num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
         return text, image_tokens, condition
+
+
+def place_models(components, offload: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Put the DiT and umT5, loaded on the host, where they run (loading/memory.py): with `offload` the DiT gets
+    diffusers' offloading hooks (`group`, `sequential`: its weights stream to the GPU block by block, or leaf by leaf,
+    as its forward reaches them; `model`: the whole DiT moves to the GPU once the encoders are done, `build`), else
+    it is already on the device; umT5 runs whole on the device, or offloaded with `offload` or where it does not fit
+    beside the rest. The frames are the same either way."""
+    from avatarcli.loading.memory import place_text_encoder, place_transformer
+
+    if offload != "none":
+        place_transformer(components.transformer, device, offload=offload, compute_dtype=dtype)
+    if components.text_encoder is not None:
+        place_text_encoder(components.text_encoder, device, offload)
 
 
 class WeightsFolder:

@@ -116,12 +116,14 @@ def encoder_file(path: Path) -> Path | None:
 
 def prompt_embeddings(models, prompts: tuple[str, str], on_disk: PromptCache | None,
                       weights: Callable[[], Path], t5_file: str, tokenizer_folder: str, device: torch.device,
-                      keep_encoder: bool) -> torch.Tensor:
+                      keep_encoder: bool, offload: str = "none") -> torch.Tensor:
     """The [2, text_len, dim] embeddings of (negative, positive) prompts, for either driver.
 
     Looked up in `models.prompt_cache` (this process), then on disk; only on a miss is umT5 loaded (when it is not
     loaded already) from `weights() / t5_file` and run (`weights` is only asked then). Unless `keep_encoder`, umT5 is
     freed afterwards (11 GB in bf16) before the DiT runs. `models` holds `prompt_cache`, `text_encoder` and `tokenizer`.
+    A umT5 loaded here runs offloaded with `offload` (the job's --offload) or where it does not fit the GPU memory left
+    (loading/memory.py `place_text_encoder`).
     """
     from avatarcli.features.text import encode_prompts
 
@@ -130,11 +132,13 @@ def prompt_embeddings(models, prompts: tuple[str, str], on_disk: PromptCache | N
         if embeddings is None:
             if models.text_encoder is None:  # not loaded (cached prompts) or freed: load it now
                 from avatarcli.loading.components import load_text_encoder
+                from avatarcli.loading.memory import place_text_encoder
                 from avatarcli.loading.stableavatar import text_dtype_for
 
                 folder = weights()
                 models.text_encoder, models.tokenizer = load_text_encoder(
-                    folder / t5_file, folder / tokenizer_folder, device=device, dtype=text_dtype_for(device))
+                    folder / t5_file, folder / tokenizer_folder, device="cpu", dtype=text_dtype_for(device))
+                place_text_encoder(models.text_encoder, device, offload)
             embeddings = encode_prompts(models.text_encoder, models.tokenizer, list(prompts), device=device)
             if on_disk is not None:
                 on_disk.put(prompts, embeddings)

@@ -4,6 +4,8 @@ Both go through diffusers/accelerate machinery rather than our own:
   * `--weights-dtype fp8`: diffusers' layerwise casting; Linear/Conv weights are stored as float8_e4m3fn and cast to
     the compute dtype (bf16) per layer during the forward. Patch embedding, condition embedder and norms keep their
     dtype (WanTransformer3DModel's skip patterns), as the reference keeps its modulation out of fp8.
+  * umT5 (11.4 GB in bf16), where `place_text_encoder` puts it (the audio driver's load; either driver's reload for a
+    new prompt), runs offloaded leaf module by leaf module with `--offload` or when it does not fit the memory left;
   * `--offload model`: the whole transformer moves to the GPU at its first forward (accelerate's
     cpu_offload_with_hook) — the text and image encoders are never resident beside it;
     `--offload group`: diffusers' group offloading, one block on the GPU at a time (prefetched on a CUDA stream);
@@ -69,6 +71,25 @@ def place_transformer(model: torch.nn.Module, device: str | torch.device, *, off
         apply_fp8_storage(model, compute_dtype)
     hook = apply_offload(model, offload, device)
     return Placement(torch.device(device), compute_dtype, hook)
+
+
+def place_text_encoder(encoder: torch.nn.Module, device: str | torch.device, offload: str = "none") -> bool:
+    """Put umT5, loaded on the CPU, where it runs: whole on `device`, or, with `--offload` or where its weights do not
+    fit the memory left (avatarcli/budget.py), kept on the host and moved to `device` one leaf module at a time as
+    its forward reaches it (diffusers' leaf-level group offloading, prefetched on a CUDA stream): a few GiB on the
+    GPU instead of 11. It encodes the prompts once and is freed. Returns whether it is offloaded."""
+    from avatarcli.budget import device_budget, text_encoder_offloaded
+
+    device = torch.device(device)
+    weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    if not text_encoder_offloaded(device_budget(device), weights, offload):
+        encoder.to(device)
+        return False
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(encoder, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="leaf_level", use_stream=device.type == "cuda")
+    return True
 
 
 def park_on_host(*modules: torch.nn.Module | None) -> None:

@@ -37,9 +37,11 @@ def text_dtype_for(device: str | torch.device) -> torch.dtype:
 
 
 def load_stableavatar(weights_dir: Path, checkpoint: str, device: str | torch.device, dtype: torch.dtype,
-                      with_text_encoder: bool = True) -> StableAvatarComponents:
-    """DiT in `dtype`; the VAE, CLIP and wav2vec2 in float32 and umT5 in bfloat16 (on CPU: float32), as the reference.
-    `with_text_encoder=False` leaves umT5 and its tokenizer out (the prompts' embeddings are cached)."""
+                      with_text_encoder: bool = True,
+                      transformer_device: str | torch.device | None = None) -> StableAvatarComponents:
+    """DiT in `dtype` (on `transformer_device`, default `device`; "cpu" when it will be offloaded); the VAE, CLIP and
+    wav2vec2 in float32 and umT5 in bfloat16 (on CPU: float32), as the reference. `with_text_encoder=False` leaves
+    umT5 and its tokenizer out (the prompts' embeddings are cached, or the caller places umT5 itself)."""
     weights_dir = Path(weights_dir)
     text_encoder = tokenizer = None
     if with_text_encoder:
@@ -47,7 +49,8 @@ def load_stableavatar(weights_dir: Path, checkpoint: str, device: str | torch.de
                                                     dtype=text_dtype_for(device), device=device)
     audio_encoder, feature_extractor = load_audio_encoder(weights_dir / WAV2VEC_FOLDER, device=device)
     return StableAvatarComponents(
-        transformer=load_stableavatar_transformer(weights_dir, checkpoint, dtype=dtype, device=device),
+        transformer=load_stableavatar_transformer(weights_dir, checkpoint, dtype=dtype,
+                                                  device=transformer_device or device),
         vae=load_vae(weights_dir / VAE_FILE, device=device),
         text_encoder=text_encoder,
         tokenizer=tokenizer,

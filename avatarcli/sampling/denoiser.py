@@ -12,8 +12,8 @@
     feature work to "features" itself).
 A driver's subclass supplies `window_conditioning(window)`, `conditioning_rows` (the same for a subset of the
 branches: guidance reuse runs the conditional branch alone) and, where the guidance has its own name for it, the
-branch list. `branch_forwards` counts the branches of every forward. `StableAvatarDenoiser` (audio) lives here;
-FlashPortrait's is in sampling/flashportrait.py.
+branch list. `branch_forwards` counts the branches of every forward; a `recorder` (sampling/trace.py), when set, is
+told of each. `StableAvatarDenoiser` (audio) lives here; FlashPortrait's is in sampling/flashportrait.py.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class WindowDenoiser:
         self.condition = condition.to(self.device, self.dtype).expand(self.branches, -1, -1, -1, -1)
         self.cache = WindowCache(self.steps + 2)
         self.branch_forwards = 0  # over all forwards, the branches each ran (a full-guidance forward counts all)
+        self.recorder = None  # a sampling.trace.ForwardRecorder told of every forward, when the run is traced
 
     def window_conditioning(self, window: Window) -> Any:
         """The model's per-window conditioning input for all branches (computed once per window)."""
@@ -104,6 +105,8 @@ class WindowDenoiser:
         with self.clock("dit") if self.clock is not None else nullcontext():
             pred = self.model(x, t, text, image, conditioning)
         self.branch_forwards += n
+        if self.recorder is not None:
+            self.recorder.forward(window.index, step, rows if rows is not None else list(range(n)))
         if step == self.steps - 1:
             self.cache.drop(window.index)
         return pred.float()
