@@ -44,11 +44,19 @@ def connect(address: str | None):
     """Ray, connected to the cluster at `address` (as `ray.init` takes it: host:port, ray://host:10001, auto) or,
     without one, to RAY_ADDRESS, a cluster started on this machine, else a new local one. A connection made here is
     closed on the way out; one the caller made already (`ray.init` beforehand) is used as it is."""
+    import builtins
     import logging
+    import os
 
-    ray = import_ray()
+    # Ray swaps builtins.print for its progress-bar-safe one the first time a worker's output reaches this process,
+    # and never swaps it back: the rest of the caller's process would print through Ray.
+    os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
+    ray, own_print = import_ray(), builtins.print
     if ray.is_initialized():
-        yield ray
+        try:
+            yield ray
+        finally:
+            builtins.print = own_print
         return
     _check_reachable(address)
     try:
@@ -62,6 +70,7 @@ def connect(address: str | None):
         yield ray
     finally:
         ray.shutdown()
+        builtins.print = own_print
 
 
 @contextlib.contextmanager

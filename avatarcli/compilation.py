@@ -19,11 +19,11 @@ from typing import Any
 COMPILE_MODES = ("auto", "on", "off")
 
 # The window-steps (one forward of every guidance branch at 480x832) after which compiling has paid for itself: the
-# compile time of the first compiled window-steps over the time each later one saves, as benchmarks/bench_compile.py
-# measures it. To be measured: a conservative placeholder until then (about 60 s of compiling against the 0.33 s a
-# compiled cfg window-step saves on an H100, bench_transformer.py: 1.904 s eager, 1.574 s compiled). It is the audio
-# driver's 1.3B DiT's; the driving-video driver's 14B one saves more per window-step, so there it asks for more.
-BREAK_EVEN_WINDOW_STEPS = 180
+# compile time of the first compiled window-steps over the time each later one saves, with a cold compile cache, as
+# benchmarks/bench_compile.py measured it on an H100 (2026-12-06): 14.1 s of compiling against 0.361 s saved per cfg
+# window-step (1.937 s eager, 1.576 s compiled) = 39; with a warm cache 5. It is the audio driver's 1.3B DiT's; the
+# driving-video driver's 14B one saves more per window-step, so there it errs towards not compiling.
+BREAK_EVEN_WINDOW_STEPS = 39
 
 
 def compile_mode(value: Any) -> Any:

@@ -34,7 +34,7 @@ def run_case(args, cap_gib: float, offload: str) -> dict:
     """One capped run in this process (the --case child); returns its row."""
     import torch
 
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu" if args.tiny else "cuda:0")  # an index: the memory-fraction call needs one
     if device.type == "cuda" and cap_gib:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0), device)

@@ -106,11 +106,11 @@ def main() -> None:
           f"{resumed.width}x{resumed.height}, {resumed.frames} frames ({args.seconds:g} s), {args.steps} steps, "
           f"{name}")
     print("| stopped at frame | stopped run s | resume s | of which restore s | restart s | resume / restart "
-          "| timings / wall | max frame diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| timings / wall | forwards resumed / restart | max frame diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {stopped.frames} of {stopped.frames_total} | {first:.1f} | {resume_wall:.1f} | "
           f"{resumed.timings.get('resume', 0.0):.2f} | {restart_wall:.1f} | {resume_wall / restart_wall:.2f} | "
-          f"{account:.3f} | {diff} |")
+          f"{account:.3f} | {resumed.nfe} / {restarted.nfe} | {diff} |")
 
 
 if __name__ == "__main__":

@@ -105,18 +105,21 @@ def single(tmp_path_factory, inputs) -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster of 2 CPU slots for the module (starting one takes seconds)."""
+    import builtins
     import logging
 
     import ray
 
     from avatarcli.batch_ray import keep_sigterm_handler
 
+    own_print = builtins.print
     before = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # no token written to the home folder for a throwaway cluster
     with keep_sigterm_handler():  # the other tests' SIGTERM stays theirs
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
+    assert builtins.print is own_print  # Ray left the process's print alone (avatarcli.batch_ray.connect)
     if before is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
