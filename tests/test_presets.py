@@ -35,10 +35,10 @@ def write_preset(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_shipped_presets_are_the_five_documented_ones() -> None:
+def test_shipped_presets_are_the_six_documented_ones() -> None:
     presets = list_presets()
 
-    assert [preset.name for preset in presets] == ["balanced", "fast", "quality", "reference", "turbo"]
+    assert [preset.name for preset in presets] == ["balanced", "fast", "live", "quality", "reference", "turbo"]
     for preset in presets:
         assert preset.description and "\n" not in preset.description
 
@@ -285,6 +285,53 @@ def test_turbo_is_the_four_step_distilled_path_for_driving_videos_only():
     assert (turbo.steps, turbo.schedule, turbo.lora_strength, turbo.decoder) == (4, "step_distill", 1.0, "tiny")
     with pytest.raises(AvatarError, match="not --audio"):
         load_preset("turbo").for_driver("audio")
+
+
+# ---- live: toward real time ----------------------------------------------------------------------------------------
+
+
+def test_live_is_an_audio_preset_checked_by_the_preset_schema(tmp_path):
+    live = load_preset("live")
+    assert live.for_driver("audio") is live and live.guidance == "cfg" and live.guidance_reuse is None
+    with pytest.raises(AvatarError, match="not --driving"):
+        live.for_driver("driving")
+    text = (Path(__file__).parents[1] / "presets" / "live.yaml").read_text(encoding="utf-8")
+    with pytest.raises(AvatarError, match="prediction.tolerance"):
+        load_preset(write_preset(tmp_path, "broken", text.replace("tolerance: 1000", "tolerance: 1001")))
+
+
+def test_presets_command_lists_live(capsys):
+    from avatarcli.cli import main
+
+    assert main(["presets"]) == 0
+    assert "live" in capsys.readouterr().out
+
+
+def test_live_plans_fewer_forwards_per_window_than_fast():
+    from avatarcli.compilation import computed_steps_per_window
+
+    assert computed_steps_per_window(load_preset("live")) < computed_steps_per_window(load_preset("fast"))
+
+
+def test_live_computes_two_of_its_steps_in_every_window_whatever_the_velocity():
+    import torch
+
+    from avatarcli.sampling.predict import CountedDenoiser
+    from avatarcli.sampling.sampler import sample_joint
+    from avatarcli.sampling.schedule import flow_sigmas
+    from avatarcli.sampling.windows import plan_windows
+
+    live = load_preset("live")
+    plan, sigmas = plan_windows(60, 21, live.overlap, live.blend), flow_sigmas(live.steps, live.shift)
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def bent(window, step, x):  # nonlinear in the latents and erratic in the step: no error budget would pass it
+        return torch.tanh(torch.einsum("bcfhw,cd->bdfhw", x, mix)) * (1 + 7 * step) ** 2
+
+    counted = CountedDenoiser(bent)
+    noise = torch.randn(1, 4, plan.latent_frames, 2, 3, generator=torch.Generator().manual_seed(1))
+    sample_joint(plan, sigmas, noise, live.prediction.bind(counted, sigmas))
+    assert counted.calls == 2 * len(plan.windows)
 
 
 # ---- the schema: declared once on the fields -----------------------------------------------------------------------
