@@ -111,6 +111,15 @@ def dit_forward_bytes(tokens: int, batch: int, dim: int, ffn_dim: int, dtype_byt
     return batch * tokens * (2 * ffn_dim + DIT_WIDTHS_PER_TOKEN * dim) * dtype_bytes
 
 
+def choose_branch_batch(budget: int | None, per_branch: int, branches: int) -> int | None:
+    """How many guidance branches one forward may batch: all (None) when their transients (`per_branch` bytes each,
+    `dit_forward_bytes` of one) fit `budget`, else the most that fit, at least 1. Forwards of fewer branches give the
+    same velocities to rounding, for the same FLOPs in more, smaller kernels."""
+    if fits(budget, branches * per_branch):
+        return None
+    return max((k for k in range(1, branches) if fits(budget, k * per_branch)), default=1)
+
+
 def choose_decode_mode(budget: int | None, width: int, height: int, dtype_bytes: int, dit_bytes: int,
                        overlap: str = "auto", decoder: str = "full") -> DecodeMode:
     """The cheapest decode mode whose estimate fits `budget` (None: no budget, as on the CPU).

@@ -103,6 +103,7 @@ def animate(
     crf: int = _opt("crf", 18),
     overlap_decode: str = _opt("overlap_decode", "auto"),
     precision: str = _opt("precision", "auto"),
+    numerics: Optional[str] = _opt("numerics"),
     compile: str = _opt("compile", "auto", metavar="[auto|on|off]"),
     no_audio: bool = _opt("no_audio", False),
     predict: Optional[bool] = typer.Option(None, "--predict/--no-predict", help="Step prediction on/off [default: "
@@ -215,6 +216,7 @@ def _report(result, as_json: bool, quiet: bool, added_mp4: bool = False) -> None
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "offload": result.offload, "decode_mode": result.decode_mode,
+        "branch_batch": result.branch_batch,
         "resumed_from_frame": result.resumed_from_frame,
     }
     if as_json:

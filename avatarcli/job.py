@@ -104,3 +104,4 @@ class AnimateResult:
     compiled: bool = False  # the DiT blocks ran compiled (--compile on, or auto deciding so)
     offload: str = "none"  # where the DiT's weights waited between forwards: none | model | group | sequential
     decode_mode: str = ""  # how the frames were decoded: overlapped, inline or tiled RxC (avatarcli/budget.py)
+    branch_batch: int = 1  # guidance branches per forward: all, or fewer where memory is short (avatarcli/budget.py)

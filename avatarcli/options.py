@@ -17,6 +17,7 @@ from avatarcli.compilation import COMPILE_MODES, compile_mode
 from avatarcli.errors import AvatarError
 from avatarcli.job import DRIVING_INPUTS, OVERLAP_DECODE_MODES, AnimateJob
 from avatarcli.limits import MAX_AUDIO_SECONDS, MAX_DRIVING_FRAMES, MAX_PORTRAIT_PIXELS, check_frame_size, size_help
+from avatarcli.presets import NUMERICS_MODES
 
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 PRECISIONS = ("auto", "fp8")
@@ -74,6 +75,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
          OVERLAP_DECODE_MODES),
     _opt("precision", str, "job", "--audio: auto (--dtype) or fp8 (fp8 linear layers and self-attention; GPU of "
                                   "compute capability 8.9+, torchao, nvidia-cudnn-frontend).", PRECISIONS),
+    _opt("numerics", str, "preset", "DiT numerics: reference (modulation, norms, residual adds and RoPE in float32, "
+                                    "as the published code) or fast (all in the --dtype) [preset: reference].",
+         NUMERICS_MODES),
     _opt("compile", (str, bool), "job", "Compile the DiT blocks (GPU: a fixed time once, then ~20% faster per step): "
                                         "auto (on a GPU when the job is long enough to repay it), on or off; "
                                         "--compile alone (true in a manifest) is on.", COMPILE_MODES),

@@ -73,6 +73,7 @@ def animate(job: AnimateJob, on_progress: Callable[[Progress], None] | None = No
                                      launch.dtype)
         stage("features")
         generation = driver.build(job, inputs, models, launch.device, launch.dtype, clock)
+        limit_branch_batch(generation, launch.device)
         launch.join(job, generation)
         stack = denoiser_stack(job, generation, trace, replay)
         output = open_output(job, inputs, launch, clock, sink, stage)
@@ -500,8 +501,21 @@ def decode_mode(job: AnimateJob, inputs, generation, device):
                               decoder="full" if generation.decoder is None else "tiny")
 
 
-def window_forward_bytes(generation) -> int:
-    """The estimated transient memory of one window-step's forward (all guidance branches batched)."""
+def limit_branch_batch(generation, device) -> None:
+    """Forwards of fewer guidance branches when a window-step of all of them does not fit the GPU memory left
+    (avatarcli/budget.py `choose_branch_batch`); the denoiser's `branch_batch` stays None where it fits."""
+    from avatarcli.budget import choose_branch_batch, device_budget
+
+    denoiser = generation.denoiser
+    branches = getattr(denoiser, "branches", 1)
+    if branches > 1 and hasattr(denoiser, "branch_batch"):
+        denoiser.branch_batch = choose_branch_batch(device_budget(device), window_forward_bytes(generation, 1),
+                                                    branches)
+
+
+def window_forward_bytes(generation, branches: int | None = None) -> int:
+    """The estimated transient memory of one forward of `branches` guidance branches (default: as many as the
+    denoiser batches: all, or its `branch_batch`)."""
     from avatarcli.budget import dit_forward_bytes
 
     config = getattr(generation.transformer, "config", None)
@@ -510,9 +524,11 @@ def window_forward_bytes(generation) -> int:
     _, height, width = generation.latent_shape
     patch = config.patch_size
     tokens = (generation.plan.window_frames // patch[0]) * (height // patch[1]) * (width // patch[2])
-    return dit_forward_bytes(tokens, getattr(generation.denoiser, "branches", 1),
-                             config.num_attention_heads * config.attention_head_dim, config.ffn_dim,
-                             getattr(generation.denoiser, "dtype", generation.vae.dtype).itemsize)
+    denoiser = generation.denoiser
+    if branches is None:
+        branches = getattr(denoiser, "branch_batch", None) or getattr(denoiser, "branches", 1)
+    return dit_forward_bytes(tokens, branches, config.num_attention_heads * config.attention_head_dim,
+                             config.ffn_dim, getattr(denoiser, "dtype", generation.vae.dtype).itemsize)
 
 
 def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clock, stop=None):
@@ -598,4 +614,5 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
         compiled=is_compiled(generation.transformer), offload=job.offload,
         decode_mode=str(writer.mode) if writer is not None else "",
+        branch_batch=getattr(generation.denoiser, "branch_batch", None) or getattr(generation.denoiser, "branches", 1),
     )

@@ -31,6 +31,9 @@ CHECKPOINTS = ("auto", "square", "rec-vec")
 SCHEDULES = ("flow", "step_distill")
 DECODERS = ("full", "tiny")
 DRIVERS = ("audio", "driving")
+# The DiT's numerics (avatarcli/models/wan.py `use_numerics`): reference = modulation, LayerNorms, gated residual adds
+# and RoPE in float32 as the published code; fast = all of them in the model's dtype (bf16 on a GPU).
+NUMERICS_MODES = ("reference", "fast")
 
 # StableAvatar was trained at these three resolutions (digest §1.1); "auto" picks one by aspect ratio.
 SQUARE_SIZE = (512, 512)
@@ -111,6 +114,8 @@ class Preset:
     prediction: Prediction | None = section(Prediction, per_driver=True)
     # guidance reuse (avatarcli/sampling/guidance_reuse.py); None: every computed step runs every guidance branch
     guidance_reuse: GuidanceReuse | None = section(GuidanceReuse, per_driver=True)
+    # the DiT's numerics: "reference" (float32 modulation, norms, residual adds, RoPE) or "fast" (the model's dtype)
+    numerics: str = choice(*NUMERICS_MODES, default="reference", per_driver=True)
 
     def for_driver(self, driver: str) -> Preset:
         """The settings a driver runs with: the driving-video driver takes the preset's `driving` section over the

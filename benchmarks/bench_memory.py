@@ -40,27 +40,79 @@ def run_case(args, cap_gib: float, offload: str) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(cap_gib * GIB / total, 1.0), device)
     row = dict(cap_gib=cap_gib, offload=offload, status="ok", stage="", umt5="", wall=0.0, features=0.0, dit=0.0,
                decode=0.0, peak_alloc_gib=0.0, peak_reserved_gib=0.0, decode_mode="", frames=0, build_s=0.0)
-    stage = ["build"]
+    stage = StagePeaks(device)
     try:
         components, row["build_s"] = build(args, device, offload)
         from avatarcli.loading.memory import has_offload_hooks
 
         row["umt5"] = "offloaded" if has_offload_hooks(components.text_encoder) else "whole"
+        stage.watch(components)
         result = animate_case(args, components, offload, device, stage)
-    except torch.OutOfMemoryError as error:
-        row.update(status="OOM", stage=stage[-1], error=str(error).splitlines()[0][:160])
-    except Exception as error:  # an OOM the library turned into its one-line error, or anything else: say which
-        oom = "out of memory" in str(error)
-        row.update(status="OOM" if oom else "error", stage=stage[-1], error=f"{type(error).__name__}: {error}"[:160])
+    except Exception as error:  # torch's OOM, the library's one-line error for it, or anything else: say which
+        oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+        row.update(status="OOM" if oom else "error", stage=stage.current, error=oom_line(error),
+                   where=innermost(error))
     else:
         timings = result.timings
         row.update(wall=result.wall_seconds, features=timings.get("features", 0.0), dit=timings.get("dit", 0.0),
                    decode=timings.get("decode", 0.0) + timings.get("decode_overlapped", 0.0),
-                   decode_mode=result.decode_mode, frames=result.frames)
+                   decode_mode=result.decode_mode, frames=result.frames, branch_batch=result.branch_batch)
+    row["stage_peaks_gib"] = stage.finish()
     if device.type == "cuda":
         row.update(peak_alloc_gib=torch.cuda.max_memory_allocated(device) / GIB,
                    peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
     return row
+
+
+class StagePeaks:
+    """The peak GPU memory allocated in each stage the run reports (`on_progress`) and in each encoder's forward."""
+
+    def __init__(self, device) -> None:
+        self.device, self.current, self.peaks = device, "build", {}
+
+    def __call__(self, progress) -> None:
+        if progress.stage != self.current:
+            self.close(self.current)
+            self.current = progress.stage
+
+    def close(self, name: str) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / GIB
+            self.peaks[name] = round(max(self.peaks.get(name, 0.0), peak), 2)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def watch(self, components) -> None:
+        """Hooks that close a stage of its own around umT5's, CLIP's and the VAE encoder's forwards."""
+        for name in ("text_encoder", "image_encoder"):
+            module = getattr(components, name, None)
+            if module is not None:
+                self.hook(module, name)
+        self.hook(components.vae.encoder, "vae_encoder")
+
+    def hook(self, module, name: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self.close(self.current))
+        module.register_forward_hook(lambda *_: self.close(name))
+
+    def finish(self) -> dict:
+        self.close(self.current)
+        return self.peaks
+
+
+def oom_line(error: Exception) -> str:
+    """The error's first line, with torch's "Tried to allocate ..." part when it has one."""
+    text = f"{type(error).__name__}: {error}"
+    first = text.splitlines()[0]
+    return first[:200]
+
+
+def innermost(error: Exception) -> str:
+    """The innermost frames of the traceback (file:line function), where the allocation failed."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
 
 
 def build(args, device, offload: str):
@@ -92,7 +144,7 @@ def animate_case(args, components, offload: str, device, stage: list):
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", args.seconds),
                      output=work / "out.mp4", preset=preset, device=str(device), null_sink=True, offload=offload,
                      prompt=f"A person talks (bench_memory {time.time()})")  # no prompt cache holds it: umT5 runs
-    return animate(job, models=components, on_progress=lambda progress: stage.append(progress.stage))
+    return animate(job, models=components, on_progress=stage)
 
 
 def run_child(args, case: str, timeout: float) -> dict:
@@ -115,16 +167,23 @@ def run_child(args, case: str, timeout: float) -> dict:
 
 def table(rows: list[dict], args) -> str:
     head = ("| cap GiB | offload | umT5 | status | wall s | features s | DiT s | decode s | peak alloc GiB | "
-            "peak reserved GiB | decode mode |")
+            "peak reserved GiB | decode mode | branches per forward |")
     lines = [f"{args.size}, {args.seconds:g} s of speech, preset {args.preset}, {args.steps} steps", "", head,
-             "|" + "---|" * 11]
+             "|" + "---|" * 12]
     for r in rows:
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "none"
         status = r["status"] if r["status"] == "ok" else f"{r['status']} ({r.get('stage', '')})"
         lines.append(f"| {cap} | {r['offload']} | {r.get('umt5', '')} | {status} | {r.get('wall', 0):.1f} | "
                      f"{r.get('features', 0):.1f} | {r.get('dit', 0):.1f} | {r.get('decode', 0):.1f} | "
                      f"{r.get('peak_alloc_gib', 0):.2f} | {r.get('peak_reserved_gib', 0):.2f} | "
-                     f"{r.get('decode_mode', '')} |")
+                     f"{r.get('decode_mode', '')} | {r.get('branch_batch', '')} |")
+    lines.append("")
+    for r in rows:  # where the memory went, and where a run failed
+        cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "none"
+        peaks = ", ".join(f"{k} {v:.2f}" for k, v in r.get("stage_peaks_gib", {}).items())
+        lines.append(f"- {cap}/{r['offload']}: peak GiB per stage: {peaks or '-'}")
+        if r["status"] != "ok":
+            lines.append(f"  {r.get('error', '')} at {r.get('where', '')}")
     return "\n".join(lines)
 
 

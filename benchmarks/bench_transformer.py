@@ -8,8 +8,13 @@ Full-size random weights in the published key layout go through the same loading
     the eager output (on torch 2.11 / H100 the default SDPA already runs cuDNN's flash kernel),
   * stock diffusers' WanTransformer3DModel sharing the same weights (no audio path) at the same token count, in the
     same run and the same variants (unless --no-stock), and the ratio of each of our rows to its stock row,
-  * with --precision fp8: the cfg window-step with fp8 linear layers, fp8 self-attention, both, and both compiled,
-    each with its relative deviation from the eager bf16 output (avatarcli/models/fp8.py),
+  * with --precision fp8: the cfg window-step with fp8 linear layers, fp8 self-attention (k and v smoothed), both,
+    and both compiled, each with its relative deviation from the eager bf16 output (avatarcli/models/fp8.py),
+  * with --numerics: the cfg window-step only, eager bf16 (reference numerics: the yardstick), then bf16 reference
+    numerics compiled, bf16 fast numerics eager and compiled (avatarcli/models/wan.py `use_numerics`), fp8 linear +
+    smoothed attention compiled with reference and with fast numerics; compiled rows fuse q/k/v, each variant
+    compiles afresh (its compile time is a row). Replaces the usual compiled rows. On the CPU (--tiny) the
+    "compiled" rows run eager and fp8 is emulated,
   * with --ops: a per-op table of one cfg window-step (ours vs stock: calls and self time per op, biggest
     differences first), the place to look for overhead against stock; works on CPU too.
 Prints a table last.
@@ -17,20 +22,26 @@ Prints a table last.
     python benchmarks/bench_transformer.py --fuse-qkv        # on a CUDA GPU
     python benchmarks/bench_transformer.py --fuse-qkv --ops  # + the per-op comparison
     python benchmarks/bench_transformer.py --fuse-qkv --precision fp8   # + fp8 rows (needs torchao, cudnn frontend)
+    python benchmarks/bench_transformer.py --numerics --no-stock --repeat 3 --warmup 1   # the numerics table
     python benchmarks/bench_transformer.py --tiny --ops      # CPU smoke test of the script itself
+    python benchmarks/bench_transformer.py --tiny --numerics --no-stock   # CPU smoke test of the numerics rows
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 
 import torch
 
+from avatarcli.errors import EnvironmentProblem
 from avatarcli.loading.transformer import build_transformer
+from avatarcli.models.fp8 import kernel_for, use_fp8
 from avatarcli.models.stableavatar import AudioConditioning, parameter_count
+from avatarcli.models.wan import use_numerics
 from avatarcli.sampling.guidance import Guidance
 from avatarcli.testing.stableavatar import FULL_SIZE, random_state_dict, stock_wan_twin, wan_config
 
@@ -85,6 +96,27 @@ def op_table(ours, stock, device: torch.device, label: str, rows: int = 25) -> N
         print(f"{name[:70]:<70} {ca:>7} {cb:>7} {1e3 * ta:>9.2f} {1e3 * tb:>9.2f} {1e3 * (ta - tb):>+9.2f}")
 
 
+# --numerics rows after the eager one: (numerics, fp8 linear + smoothed attention, compiled)
+NUMERICS_VARIANTS = (("reference", False, True), ("fast", False, False), ("fast", False, True),
+                     ("reference", True, True), ("fast", True, True))
+
+
+def numerics_variant(model, numerics: str, fp8: bool, compiled: bool, device: torch.device):
+    """A copy of `model` with `numerics`, optionally fp8 (linear layers and smoothed self-attention; emulated off a
+    GPU); `compiled`: q/k/v fused, blocks compiled on a GPU (the dynamo cache reset first: each variant compiles
+    afresh)."""
+    variant = copy.deepcopy(model)
+    use_numerics(variant, numerics)
+    if compiled:
+        variant.fuse_qkv_projections()
+    if fp8:
+        use_fp8(variant, kernel=kernel_for(device))
+    if compiled and device.type == "cuda":
+        torch._dynamo.reset()
+        variant.compile_repeated_blocks(fullgraph=True)
+    return variant
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script, not the speed)")
@@ -100,6 +132,9 @@ def main() -> None:
                         help="fp8: also time fp8 linear layers, fp8 self-attention and both (each with its error "
                              "against the bf16 forward); CPU: the emulated e4m3 rounding, no speed")
     parser.add_argument("--size", default=None, help="HxW of the video (default 480x832; --tiny: 64x64)")
+    parser.add_argument("--numerics", action="store_true",
+                        help="the cfg window-step with reference and fast numerics, bf16 and fp8, eager and compiled "
+                             "(each against the eager bf16 reference-numerics output and the fp32 forward)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -156,6 +191,9 @@ def main() -> None:
 
     cases = [("forward, batch 1", 1, Guidance("none")), ("window-step, cfg (batch 3)", 3, Guidance("cfg")),
              ("window-step, ang (batch 3)", 3, Guidance("ang"))]
+    cfg_case = cases[1]
+    if args.numerics:
+        cases[:] = [cfg_case]
     rows = []
     eager_out = {}
     fp32_out = {}
@@ -215,12 +253,8 @@ def main() -> None:
                  device, "eager")
     run_cases("eager", with_stock=True)
     if args.precision == "fp8":
-        import copy
-
-        from avatarcli.models.fp8 import kernel_for, use_fp8
-
         kernel = kernel_for(device)
-        all_cases, cases[:] = list(cases), [cases[1]]  # the cfg window-step
+        all_cases, cases[:] = list(cases), [cfg_case]
         for label, linear, attention in (("fp8 linear", True, False), ("fp8 attention", False, True),
                                          ("fp8 both", True, True)):
             current["model"] = copy.deepcopy(model)
@@ -240,10 +274,29 @@ def main() -> None:
         cases[:] = all_cases
     if args.profile and device.type == "cuda":
         profile_step("eager")
+    if args.numerics:
+        for numerics, fp8, compiled in NUMERICS_VARIANTS:
+            if compiled and args.no_compile:
+                continue
+            label = f"{'fp8' if fp8 else {torch.bfloat16: 'bf16'}.get(dtype, 'fp32')} {numerics}"
+            t = time.perf_counter()
+            try:
+                current["model"] = numerics_variant(model, numerics, fp8, compiled, device)
+            except EnvironmentProblem as problem:  # no torchao / cuDNN frontend here: the bf16 rows still count
+                print(f"  {label}: skipped ({problem})", file=sys.stderr, flush=True)
+                continue
+            model.to("cpu")  # the peak of a variant's rows is its own: one copy of the weights on the device
+            mode = "eager" if not compiled else "compiled" if device.type == "cuda" else "fused, eager"
+            if compiled and device.type == "cuda":
+                forward(3, Guidance("cfg"))
+                rows.append(("compile", f"{label} compile time {time.perf_counter() - t:.1f} s", float("nan"),
+                             float("nan"), float("nan"), float("nan"), "", ""))
+            run_cases(f"{label} {mode}")
+            current["model"] = model.to(device)
     if args.attention:
         model.set_attention_backend(args.attention)
         run_cases(args.attention)
-    if not args.no_compile and device.type == "cuda":
+    if not args.no_compile and device.type == "cuda" and not args.numerics:
         t = time.perf_counter()
         if args.fuse_qkv:
             model.fuse_qkv_projections()
@@ -273,12 +326,12 @@ def main() -> None:
     print("rel dev: ||out - eager bf16|| / ||eager bf16||;  vs fp32: ||out - fp32 forward|| / ||fp32 forward||")
     stock_time = {(label, case.removeprefix("stock ")): med for label, case, med, *_ in rows if case.startswith("stock")}
     stock_time.update({(label, "no-audio " + case): t for (label, case), t in list(stock_time.items())})
-    print(f"{'variant':<20} {'case':<34} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
+    print(f"{'variant':<34} {'case':<34} {'median s':>9} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} {'rel dev':>9} "
           f"{'vs fp32':>9} {'/ stock':>8}")
     for label, case, med, best, tf, peak, dev, dev32 in rows:
         ratio = stock_time.get((label, case))
         ratio = f"{med / ratio:>8.3f}" if ratio and not case.startswith("stock") else ""
-        print(f"{label:<20} {case:<34} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9} {ratio:>8}")
+        print(f"{label:<34} {case:<34} {med:>9.3f} {best:>8.3f} {tf:>8.1f} {peak:>9.2f} {dev:>9} {dev32:>9} {ratio:>8}")
 
 
 if __name__ == "__main__":

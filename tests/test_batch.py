@@ -169,22 +169,28 @@ def test_switching_checkpoint_reloads_only_the_transformer(tmp_path, weights, on
 
     audio = speech(tmp_path / "a.wav", 0.3)
 
-    def job(checkpoint, name):
-        preset = load_preset("fast").with_overrides(size="64x64", steps=1, checkpoint=checkpoint)
+    def job(checkpoint, name, numerics="fast"):
+        preset = load_preset("fast").with_overrides(size="64x64", steps=1, checkpoint=checkpoint, numerics=numerics)
         return AnimateJob(portrait=EXAMPLES / "portrait.png", audio=audio, output=tmp_path / name, preset=preset,
                           weights=weights, device="cpu")
 
     import torch
+
+    from avatarcli.models.wan import FastNumerics
 
     device = resolve_device("cpu")
     square = job("square", "s.mp4")
     driver, inputs = prepare(square)
     models = driver.load(square, inputs, device, torch.float32)
     vae, old = models.vae, models.transformer
+    assert old.numerics is FastNumerics and old.blocks[0].numerics is FastNumerics  # the preset's numerics reach it
     rec_vec = job("rec-vec", "r.mp4")
     _, rec_inputs = prepare(rec_vec)
     assert driver.reuse(models, driver.models_key(square, inputs), rec_vec, rec_inputs, device, torch.float32) is models
     assert models.vae is vae and models.transformer is not old
+    assert models.transformer.blocks[-1].numerics is FastNumerics
+    assert driver.reuse(models, driver.models_key(square, inputs), job("square", "n.mp4", "reference"), inputs,
+                        device, torch.float32) is None  # other numerics: other models
     new = dict(models.transformer.named_parameters())
     assert any(not torch.equal(p, new[n]) for n, p in old.named_parameters())  # the rec-vec weights are in
     other = job("square", "o.mp4")

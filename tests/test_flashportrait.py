@@ -401,6 +401,19 @@ def test_fp8_storage_keeps_linear_weights_in_fp8_and_computes_in_bf16(tiny_model
     assert 0 < rel < 0.2  # fp8 rounding changes the result, but only a little
 
 
+def test_fast_numerics_reach_flashportraits_blocks_and_head(tiny_model, one_thread):
+    from avatarcli.models.wan import FastNumerics, use_numerics
+
+    model = tiny_model(torch.bfloat16)
+    inputs = tiny_inputs(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = model(*inputs).float()
+        use_numerics(model, "fast")
+        fast = model(*inputs).float()
+    assert model.numerics is FastNumerics and all(block.numerics is FastNumerics for block in model.blocks)
+    assert 0 < ((fast - reference).norm() / reference.norm()).item() < 2e-2
+
+
 def test_library_pieces_compose_from_portrait_and_driving_features_to_frames(tiny, one_thread):
     """Portrait + 7 driving frames -> resized portrait, prompt, CLIP, I2V condition, denoised latents, 7 frames."""
     from PIL import Image

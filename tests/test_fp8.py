@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from avatarcli.errors import EnvironmentProblem
 from avatarcli.loading.transformer import build_transformer
 from avatarcli.models.fp8 import (E4M3_MAX, EmulatedFp8Linear, Fp8SelfAttnProcessor, check_fp8_support, emulated,
-                                  kernel_for, tensor_scale, use_fp8)
+                                  emulated_fp8_attention, kernel_for, smooth_kv, smoothed_attention, tensor_scale,
+                                  use_fp8)
 from avatarcli.models.stableavatar import AudioConditioning
 from avatarcli.testing import TINY_STABLEAVATAR
 from avatarcli.testing.stableavatar import random_state_dict, wan_config
@@ -73,6 +74,36 @@ def test_emulated_fp8_changes_every_block_linear_and_self_attention_and_stays_cl
     assert not isinstance(model.blocks[0].attn2.to_k, EmulatedFp8Linear)  # cross-attention contexts stay as they are
     assert not isinstance(model.proj_out, EmulatedFp8Linear)
     assert 1e-4 < rel_err(out, reference) < 0.1
+
+
+def offset_qkv(offset: float, seed: int = 0):
+    """[B, S, H, D] q, k, v; k and v shifted by `offset` times a random vector per head and channel."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 256, 2, 32)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    return (q, k + offset * torch.randn(1, 1, 2, 32, generator=g), v + offset * torch.randn(1, 1, 2, 32, generator=g))
+
+
+def test_smoothing_k_and_v_is_exact_without_rounding():
+    q, k, v = offset_qkv(4.0)
+    k_smooth, v_smooth, v_mean = smooth_kv(k, v)
+    assert k_smooth.mean(dim=1).abs().max() < 1e-5 and v_smooth.mean(dim=1).abs().max() < 1e-5
+    assert torch.allclose(smoothed_attention(exact_attention, q, k, v), exact_attention(q, k, v), rtol=0, atol=1e-5)
+
+
+def test_smoothing_lowers_the_e4m3_error_of_keys_and_values_with_an_offset():
+    q, k, v = offset_qkv(4.0)
+    exact = exact_attention(q, k, v)
+    plain = rel_err(emulated_fp8_attention(q, k, v), exact)
+    smoothed = rel_err(smoothed_attention(emulated_fp8_attention, q, k, v), exact)
+    assert smoothed < plain / 2
+
+
+def test_the_fp8_processor_smooths_by_default(model):
+    use_fp8(model, linear=False, kernel="emulate")
+    assert model.blocks[0].attn1.processor.smooth
+    use_fp8(model, linear=False, kernel="emulate", smooth=False)
+    assert not model.blocks[0].attn1.processor.smooth
 
 
 def test_the_cpu_gets_the_emulated_kernel():

@@ -15,6 +15,7 @@ from avatarcli.budget import (
     GIB,
     DecodeMode,
     audio_memory_plan,
+    choose_branch_batch,
     choose_decode_mode,
     decode_bytes,
     dit_forward_bytes,
@@ -50,6 +51,53 @@ def test_usable_memory_is_the_free_memory_plus_the_allocators_spare_blocks_withi
 def test_the_decode_mode_is_the_cheapest_that_fits_the_budget(budget_gib, overlap, decoder, mode):
     budget = None if budget_gib is None else budget_gib * GIB
     assert str(choose_decode_mode(budget, 480, 832, 2, WINDOW_STEP, overlap, decoder)) == mode
+
+
+def test_branches_are_batched_as_far_as_the_budget_allows():
+    one = WINDOW_STEP // 3
+    assert choose_branch_batch(None, one, 3) is None  # no budget (the CPU): all in one forward
+    assert choose_branch_batch(8 * GIB, one, 3) is None
+    assert choose_branch_batch(5 * GIB, one, 3) == 2
+    assert choose_branch_batch(3 * GIB, one, 3) == 1
+    assert choose_branch_batch(1 * GIB, one, 3) == 1  # the fewest there are: the run tries, and says OOM if it fails
+
+
+@pytest.mark.parametrize("mode", ["cfg", "ang"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_forwards_of_fewer_branches_give_the_batched_velocity(mode, batch):
+    """Every branch subset runs, the audio-less branch alone too, and the guided velocity is the all-in-one's."""
+    from avatarcli.loading.transformer import build_transformer
+    from avatarcli.sampling.denoiser import StableAvatarDenoiser
+    from avatarcli.sampling.guidance import Guidance
+    from avatarcli.sampling.schedule import flow_sigmas
+    from avatarcli.sampling.windows import plan_windows
+    from avatarcli.testing import TINY_STABLEAVATAR
+    from avatarcli.testing.stableavatar import random_state_dict, wan_config
+
+    sizes = TINY_STABLEAVATAR
+    model = build_transformer(random_state_dict(sizes, 0, "cpu", torch.float32), wan_config(sizes),
+                              dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    window = plan_windows(5, 5, 1, "linear").windows[0]
+
+    def denoiser():
+        text = sizes["text_dim"]
+        return StableAvatarDenoiser(model, Guidance(mode), positive_text=torch.randn(1, 4, text, generator=g),
+                                    negative_text=torch.randn(1, 4, text, generator=g),
+                                    image_tokens=torch.randn(1, 257, sizes["image_dim"], generator=g),
+                                    condition=torch.randn(1, 20, 5, 4, 4, generator=g),
+                                    window_audio=lambda w: torch.randn(1, 20, 768, generator=g.manual_seed(7)),
+                                    sigmas=flow_sigmas(4))
+
+    g.manual_seed(0)
+    whole = denoiser()
+    g.manual_seed(0)
+    split = denoiser()
+    split.branch_batch = batch
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    expected, got = whole(window, 0, latents), split(window, 0, latents)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert split.branch_forwards == whole.branch_forwards == 3
 
 
 def test_tiles_cut_the_working_memory_not_the_caches():

@@ -67,6 +67,7 @@ def test_the_cli_and_a_manifest_build_the_same_job():
     ({"crf": 99}, "'crf' must be between 0 and 51, got 99"),
     ({"overlap_decode": "sometimes"}, "'overlap_decode' must be auto, on or off"),
     ({"precision": "int4"}, "'precision' must be auto or fp8"),
+    ({"numerics": "quick"}, "'numerics' must be reference or fast, got 'quick'"),
     ({"context_parallel": 2}, "'context_parallel' 2 must divide the 1 processes"),
     ({"driving": "speech.wav"}, "give exactly one of 'audio' or 'driving' (got both)"),
     ({"predict": False, "predict_order": 2}, "prediction setting 'order' was given with prediction off"),
@@ -76,6 +77,13 @@ def test_bad_values_name_the_option_the_way_the_source_spells_it(values, message
     with pytest.raises(AvatarError) as error:
         build_job({**base, **values}, name=manifest_name)
     assert message in str(error.value)
+
+
+def test_numerics_come_from_the_preset_unless_the_option_sets_them():
+    base = {"portrait": "p.png", "audio": "a.wav"}
+    assert build_job(base).preset.numerics == "reference"
+    assert build_job({**base, "numerics": "fast"}).preset.numerics == "fast"
+    assert build_job({**base, "numerics": "fast", "preset": "reference"}).preset.numerics == "fast"
 
 
 def test_a_job_is_checked_against_the_processes_that_share_it():

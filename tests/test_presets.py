@@ -117,6 +117,7 @@ def test_missing_preset_file_is_an_avatar_error(tmp_path: Path) -> None:
         (("blend: log", "blend: cosine"), None, "'blend' must be one of log, uniform, linear, got 'cosine'"),
         (("guidance: cfg", "guidance: apg"), None, "'guidance' must be one of cfg, ang"),
         (None, "checkpoint: wide\n", "'checkpoint' must be one of auto, square, rec-vec"),
+        (None, "numerics: bf16\n", "'numerics' must be one of reference, fast, got 'bf16'"),
         (("size: auto", "size: 500x500"), None, "'size' must be 'auto' or 'WxH' with W and H multiples of 16"),
         (("size: auto", "size: 48x48"), None, "at least 64"),
         (("size: auto", "size: big"), None, "'size' must be 'auto' or 'WxH'"),
@@ -346,6 +347,16 @@ def test_every_preset_field_declares_its_values_and_scales_name_known_guidance_r
         assert RULE in field.metadata, name
         assert set(field.metadata.get("guidance", ())) <= set(PRESET_GUIDANCE), name
     assert fields["guidance"].metadata["options"] == PRESET_GUIDANCE
+
+
+def test_numerics_default_to_the_reference_and_a_preset_or_its_driving_section_may_set_them(tmp_path):
+    assert {preset.numerics for preset in list_presets()} == {"reference"}
+    path = write_preset(tmp_path, "quick", VALID_CFG + "numerics: fast\ndriving:\n  numerics: reference\n")
+    preset = load_preset(path)
+    assert preset.numerics == "fast" and preset.for_driver("driving").numerics == "reference"
+    assert load_preset("fast").with_overrides(numerics="fast").numerics == "fast"
+    with pytest.raises(AvatarError, match="'numerics' must be one of reference, fast"):
+        load_preset("fast").with_overrides(numerics="half")
 
 
 def test_the_guidance_rules_are_named_once():

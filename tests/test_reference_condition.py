@@ -162,6 +162,24 @@ def test_tiled_and_short_encodes_take_the_vae_path(tiny_vae, portrait, one_threa
     assert encoder.calls > 0
 
 
+def test_a_gpu_short_of_memory_gets_the_plain_loop_with_the_same_latents(tiny_vae, portrait, monkeypatch,
+                                                                         one_thread) -> None:
+    """Where the budget cannot hold what the skipping keeps (5.1 GB at 480x832), diffusers' loop runs instead."""
+    import avatarcli.budget
+    from avatarcli.features.image import SKIP_RETAINED_ELEMENTS_PER_PIXEL
+
+    video = reference_clip(portrait, 32, 16, 81)
+    with torch.no_grad():
+        expected = tiny_vae.encode(video).latent_dist.mode()
+    keeps = SKIP_RETAINED_ELEMENTS_PER_PIXEL * 32 * 16 * video.element_size()
+    short, enough = avatarcli.budget.RESERVE + keeps // 2, avatarcli.budget.RESERVE + 2 * keeps
+    for budget, loop_calls in ((short, 21), (enough, 0)):  # 21 chunks; the skipping calls no encoder.forward
+        monkeypatch.setattr(avatarcli.budget, "device_budget", lambda device, budget=budget: budget)
+        with CallCount(tiny_vae.encoder) as encoder:
+            assert_bits_equal(encode_mode(tiny_vae, video), expected)
+        assert encoder.calls == loop_calls
+
+
 # ------------------------------------------------------------------------------------------------------ demo VAE
 
 

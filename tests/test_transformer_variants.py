@@ -54,3 +54,59 @@ def test_fused_projections_give_the_plain_forward_and_unfuse_restores_it(model, 
         again = model(*inputs)
     assert rel_err(fused, plain) < 1e-6
     assert torch.equal(again, plain)
+
+
+
+@pytest.fixture
+def bf16_model():
+    """The tiny model as the loader builds it in bf16 (diffusers' float32 modules kept float32), and one branch."""
+    model = build_transformer(random_state_dict(TINY_STABLEAVATAR, seed=3), wan_config(TINY_STABLEAVATAR),
+                              dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    s = TINY_STABLEAVATAR
+    inputs = (torch.randn(1, 36, 5, 8, 8, generator=g).bfloat16(), torch.full((1,), 977.9),
+              torch.randn(1, 512, s["text_dim"], generator=g).bfloat16(),
+              torch.randn(1, 257, s["image_dim"], generator=g).bfloat16(),
+              AudioConditioning(torch.randn(1, 33, s["audio_in_dim"], generator=g), [0]))
+    return model, inputs
+
+
+def test_fast_numerics_stay_close_to_the_reference_and_switching_back_restores_it(bf16_model):
+    from avatarcli.models.wan import FastNumerics, ReferenceNumerics, use_numerics
+
+    model, inputs = bf16_model
+    with torch.no_grad():
+        reference = model(*inputs)
+        use_numerics(model, "fast")
+        assert model.numerics is FastNumerics and all(b.numerics is FastNumerics for b in model.blocks)
+        fast = model(*inputs)
+        use_numerics(model, "reference")
+        again = model(*inputs)
+    assert 0 < rel_err(fast, reference) < 2e-2
+    assert torch.equal(again, reference) and model.blocks[0].numerics is ReferenceNumerics
+    with pytest.raises(ValueError, match="numerics must be one of reference, fast"):
+        use_numerics(model, "fp16")
+
+
+def test_in_float32_the_fast_numerics_are_the_reference(model, inputs):
+    from avatarcli.models.wan import use_numerics
+
+    with torch.no_grad():
+        reference = model(*inputs)
+        use_numerics(model, "fast")
+        fast = model(*inputs)
+    assert rel_err(fast, reference) < 1e-6
+
+
+def test_fast_numerics_trace_as_one_graph_per_block(bf16_model):
+    """torch.compile of the repeated blocks (as --compile runs them) captures the fast blocks without a graph break;
+    the eager backend keeps the check quick and the output equal."""
+    from avatarcli.models.wan import use_numerics
+
+    model, inputs = bf16_model
+    use_numerics(model, "fast")
+    with torch.no_grad():
+        eager = model(*inputs)
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        compiled = model(*inputs)
+    assert torch.equal(compiled, eager)

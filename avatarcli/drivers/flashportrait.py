@@ -89,13 +89,14 @@ class FlashPortraitDriver:
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile,
-                job.preset.lora_strength, job.preset.decoder)
+                job.preset.lora_strength, job.preset.decoder, job.preset.numerics)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> FlashPortraitModels:
         from avatarcli.features.expression import ExpressionExtractor
         from avatarcli.hub import resolve_weights
         from avatarcli.loading.flashportrait import load_flashportrait
         from avatarcli.loading.memory import place_transformer
+        from avatarcli.models.wan import use_numerics
         from avatarcli.runtime import quiet_diffusers
 
         weights = resolve_weights("flashportrait", job.weights, job.allow_download)
@@ -126,6 +127,7 @@ class FlashPortraitDriver:
             from avatarcli.loading.memory import Placement
 
             placement = Placement(device, dtype)
+        use_numerics(components.transformer, job.preset.numerics)  # before compiling
         if job.compile == "on" and device.type == "cuda" and job.offload == "none":  # auto: decided before loading
             with quiet_diffusers():
                 components.transformer.compile_repeated_blocks(fullgraph=True)

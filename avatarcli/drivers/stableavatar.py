@@ -93,13 +93,14 @@ class StableAvatarDriver:
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model,
-                job.precision, job.offload)
+                job.precision, job.offload, job.preset.numerics)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
         """The models; the DiT on the host when it is offloaded, umT5 (when a prompt is not cached) loaded last, so
         whether it fits the GPU whole is judged beside everything else (`place_models`)."""
         from avatarcli.loading.components import load_text_encoder
         from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER, load_stableavatar, text_dtype_for
+        from avatarcli.models.wan import use_numerics
         from avatarcli.runtime import quiet_diffusers
 
         if job.precision == "fp8":
@@ -115,6 +116,7 @@ class StableAvatarDriver:
         components.weights_dir, components.disk_prompts = weights, disk_prompts
         # "auto" is decided before loading (compilation.py); offloaded blocks are not compiled
         compiling = job.compile == "on" and device.type == "cuda" and not offloaded
+        use_numerics(components.transformer, job.preset.numerics)  # before compiling
         with quiet_diffusers():
             if compiling:
                 components.transformer.fuse_qkv_projections()
@@ -140,6 +142,7 @@ class StableAvatarDriver:
         import torch
 
         from avatarcli.loading.transformer import load_stableavatar_transformer
+        from avatarcli.models.wan import use_numerics
 
         key = self.models_key(job, inputs)
         if (previous_key[:2] + previous_key[3:] != key[:2] + key[3:] or job.compile == "on" or job.precision != "auto"
@@ -151,6 +154,7 @@ class StableAvatarDriver:
             torch.cuda.empty_cache()
         weights = self.weights_dir(job)
         components.transformer = load_stableavatar_transformer(weights, inputs.checkpoint, dtype=dtype, device=device)
+        use_numerics(components.transformer, job.preset.numerics)
         return components
 
     def build(self, job: AnimateJob, inputs: Inputs, components, device: torch.device, dtype: torch.dtype,

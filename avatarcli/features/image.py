@@ -102,6 +102,11 @@ def reference_condition(
 
 # diffusers' AutoencoderKLWan._encode: frame 0 alone, then chunks of this many frames.
 ENCODE_CHUNK = 4
+# What the skipping keeps beyond the plain chunk loop, per pixel of a frame (counted with the published configuration
+# at 32x32 to 64x112, in elements): every step's output for one chunk of 4 frames (1,800: each step's input is its
+# predecessor's output) and the cache entries the steps read before the ones they wrote (1,404). At 480x832 in
+# float32 that is 5.1 GB: on a GPU where it does not fit, the plain loop runs instead (the same latents).
+SKIP_RETAINED_ELEMENTS_PER_PIXEL = 3204
 # The first chunk a step can be skipped on: the cache holds one time step before chunk 1 and two before chunk 2, so
 # chunk 2 is the first to start from a cache shaped like its successors', and chunk 3 the first that can repeat it.
 FIRST_REPEATABLE_CHUNK = 3
@@ -112,9 +117,10 @@ def encode_mode(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     """`vae.encode(video).latent_dist.mode()` bit for bit, skipping the encoder steps that repeat (module docstring).
 
     Falls back to `vae.encode` where its path is not the plain chunk loop (tiling, patching, a batch, offload hooks)
-    and where no step could repeat (up to 4*(FIRST_REPEATABLE_CHUNK-1)+1 frames).
+    and where no step could repeat (up to 4*(FIRST_REPEATABLE_CHUNK-1)+1 frames), and where the GPU memory left
+    cannot hold what the skipping keeps (SKIP_RETAINED_ELEMENTS_PER_PIXEL).
     """
-    if not _plain_encode(vae, video):
+    if not _plain_encode(vae, video) or not _skipping_fits(video):
         return vae.encode(video).latent_dist.mode()
     hidden = _encode_chunks(vae.encoder, video)
     return vae.quant_conv(hidden).chunk(2, dim=1)[0]  # DiagonalGaussianDistribution(h).mode(): the mean half
@@ -129,6 +135,14 @@ def _plain_encode(vae: AutoencoderKLWan, video: torch.Tensor) -> bool:
     return (video.shape[0] == 1 and vae.config.patch_size is None and not tiled and not has_offload_hooks(vae)
             and isinstance(vae.encoder, WanEncoder3d)
             and 1 + (frames - 1) // ENCODE_CHUNK > FIRST_REPEATABLE_CHUNK)
+
+
+def _skipping_fits(video: torch.Tensor) -> bool:
+    """Whether the device's memory left holds what the skipping keeps (always, on the CPU: no budget)."""
+    from avatarcli.budget import device_budget, fits
+
+    height, width = video.shape[-2:]
+    return fits(device_budget(video.device), SKIP_RETAINED_ELEMENTS_PER_PIXEL * height * width * video.element_size())
 
 
 Step = Callable[[torch.Tensor, list, list], torch.Tensor]

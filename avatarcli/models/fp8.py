@@ -7,6 +7,10 @@ so both run in fp8 e4m3 on Hopper-class GPUs (compute capability >= 8.9):
   * self-attention: cuDNN's fused fp8 SDPA through the cuDNN frontend (package `nvidia-cudnn-frontend`), with
     per-tensor scales: q, k, v are scaled to the e4m3 range by their absolute maximum, the softmax probabilities by
     448 (they lie in [0, 1]), the output by the bound max|v| (each output row is a convex combination of v's rows).
+    Before quantizing, k and v are smoothed (`smooth_kv`, as SageAttention does for k): each loses its mean over the
+    tokens per batch, head and channel, and v's mean is added back to the output. Exact without rounding (a
+    per-row constant added to the scores leaves the softmax unchanged; each row of the probabilities sums to 1), and
+    e4m3's relative rounding error then scales with the spread of k and v about their means, not with their offset.
 The cross-attentions (512 text, 257 image, 15 audio keys) stay in bf16: they are a few percent of the work.
 Embeddings, the audio adapter and the output head stay in their dtype.
 
@@ -181,6 +185,19 @@ def emulated_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
+def smooth_kv(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, S, H, D] key and value less their means over the tokens (dim 1), and value's mean [B, 1, H, D]."""
+    value_mean = value.mean(dim=1, keepdim=True)
+    return key - key.mean(dim=1, keepdim=True), value - value_mean, value_mean
+
+
+def smoothed_attention(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`attend` ([B, S, H, D] -> [B, S, H, D]) on smoothed key and value, value's mean added back: the same
+    attention in exact arithmetic."""
+    key, value, value_mean = smooth_kv(key, value)
+    return attend(query, key, value) + value_mean
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved rotary embedding (pairs (0, 1), (2, 3), ... rotated), computed as diffusers does."""
     even, odd = x[..., 0::2], x[..., 1::2]
@@ -189,15 +206,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Fp8SelfAttnProcessor:
-    """Self-attention of a Wan block (diffusers' WanAttnProcessor without an encoder context) with fp8 attention."""
+    """Self-attention of a Wan block (diffusers' WanAttnProcessor without an encoder context) with fp8 attention;
+    `smooth`: k and v smoothed before they are quantized (`smoothed_attention`)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, kernel: str = "native") -> None:
+    def __init__(self, kernel: str = "native", smooth: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.attend = cudnn_fp8_attention if kernel == "native" else emulated_fp8_attention
+        self.smooth = smooth
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
@@ -213,18 +232,22 @@ class Fp8SelfAttnProcessor:
         value = value.unflatten(2, (heads, -1))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        out = self.attend(query.contiguous(), key.contiguous(), value.contiguous()).flatten(2, 3).type_as(query)
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        out = smoothed_attention(self.attend, query, key, value) if self.smooth else self.attend(query, key, value)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def use_fp8(model: nn.Module, *, linear: bool = True, attention: bool = True, kernel: str = "native") -> dict:
-    """Switch a Wan-based DiT (ours or stock diffusers') to fp8 in place; returns what was changed."""
+def use_fp8(model: nn.Module, *, linear: bool = True, attention: bool = True, kernel: str = "native",
+            smooth: bool = True) -> dict:
+    """Switch a Wan-based DiT (ours or stock diffusers') to fp8 in place; returns what was changed. `smooth`: the
+    self-attention's k and v smoothed before quantizing (see the module docstring)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     done = {"linear_layers": 0, "attention_layers": 0}
     if attention:
         for block in model.blocks:
-            block.attn1.set_processor(Fp8SelfAttnProcessor(kernel))
+            block.attn1.set_processor(Fp8SelfAttnProcessor(kernel, smooth))
             done["attention_layers"] += 1
     if linear:
         done["linear_layers"] = quantize_linears(model, kernel)

@@ -73,6 +73,7 @@ class WindowDenoiser:
         self.cache = WindowCache(self.steps + 2)
         self.branch_forwards = 0  # over all forwards, the branches each ran (a full-guidance forward counts all)
         self.recorder = None  # a sampling.trace.ForwardRecorder told of every forward, when the run is traced
+        self.branch_batch: int | None = None  # at most this many branches per forward (None: all in one)
 
     def window_conditioning(self, window: Window) -> Any:
         """The model's per-window conditioning input for all branches (computed once per window)."""
@@ -92,9 +93,27 @@ class WindowDenoiser:
     @torch.no_grad()
     def branch_predictions(self, window: Window, step: int, latents: torch.Tensor,
                            rows: list[int] | None = None) -> torch.Tensor:
-        """The float32 predictions [len(rows), ...] of the branches `rows` (default: all) in one forward."""
-        n, frames = self.branches, latents.shape[2]
+        """The float32 predictions [len(rows), ...] of the branches `rows` (default: all), in one forward, or in
+        forwards of at most `branch_batch` branches where memory is short (avatarcli/budget.py)."""
         conditioning = self.conditioning_for(window)
+        n = self.branches if rows is None else len(rows)
+        if self.branch_batch is None or n <= self.branch_batch:
+            pred = self.forward(window, step, latents, conditioning, rows)
+        else:
+            every = list(range(self.branches)) if rows is None else rows
+            pred = torch.cat([self.forward(window, step, latents, conditioning, every[i : i + self.branch_batch])
+                              for i in range(0, n, self.branch_batch)])
+        self.branch_forwards += n
+        if self.recorder is not None:
+            self.recorder.forward(window.index, step, rows if rows is not None else list(range(n)))
+        if step == self.steps - 1:
+            self.cache.drop(window.index)
+        return pred
+
+    def forward(self, window: Window, step: int, latents: torch.Tensor, conditioning: Any,
+                rows: list[int] | None) -> torch.Tensor:
+        """One batched forward of the branches `rows` (None: all, with the conditioning as computed)."""
+        n, frames = self.branches, latents.shape[2]
         text, image, condition = self.text, self.image, self.condition
         if rows is not None:
             n, conditioning = len(rows), self.conditioning_rows(conditioning, rows)
@@ -104,11 +123,6 @@ class WindowDenoiser:
         t = self.timesteps[step].expand(n).to(self.device)
         with self.clock("dit") if self.clock is not None else nullcontext():
             pred = self.model(x, t, text, image, conditioning)
-        self.branch_forwards += n
-        if self.recorder is not None:
-            self.recorder.forward(window.index, step, rows if rows is not None else list(range(n)))
-        if step == self.steps - 1:
-            self.cache.drop(window.index)
         return pred.float()
 
 
@@ -139,7 +153,8 @@ class StableAvatarDenoiser(WindowDenoiser):
 
     def conditioning_rows(self, conditioning: AudioConditioning, rows: list[int]) -> AudioConditioning:
         used = sorted({conditioning.branch_audio[r] for r in rows} - {None})
-        if not used:
-            raise ValueError("a forward of branches without audio context is not supported")
         audio = [conditioning.branch_audio[r] for r in rows]
+        if not used:  # branches without audio context only: the adapter runs on any row, its output is zeroed
+            features = conditioning.features[:1]
+            return AudioConditioning(features.expand(len(rows), *features.shape[1:]), audio)
         return AudioConditioning(conditioning.features[used], [None if a is None else used.index(a) for a in audio])
