@@ -25,6 +25,17 @@ def private_cache_dir(tmp_path_factory):
         os.environ["AVATARCLI_CACHE_DIR"] = before
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every test's in-process torch runs on one intra-op thread (as its CLI subprocesses do, OMP_NUM_THREADS=1): the
+    models are tiny, and two threads on 2 cores that ffmpeg's encoder and the decode thread share spin-wait for each
+    other (a 10 s tiny-weights animate: 3 s on one thread, over 50 s on two while another process was busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is faster than two, and immune to a busy second core."""

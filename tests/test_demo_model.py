@@ -3,6 +3,7 @@ to end through the CLI, `demo-face` writes the world's portrait, and the trainin
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -88,8 +89,10 @@ def test_training_prompt_is_the_pipeline_default():
 
 def test_training_script_tiny_mode_writes_loadable_weights(tmp_path):
     out = tmp_path / "w"
+    # One torch thread, as the CLI subprocesses of the other tests: the tiny run's two threads spin-waited for each
+    # other on 2 shared cores (90 s against about 10 s)
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_demo.py"), "--out", str(out), "--tiny"],
-                            capture_output=True, text=True, check=False)
+                            capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights load strictly" in result.stdout
     assert (out / "StableAvatar-1.3B" / "transformer3d-square.safetensors").is_file()

@@ -1,14 +1,13 @@
 """Exit codes and failure messages as a shell script meets them: every case runs the installed console script in a
-subprocess (0 ok, 1 bug, 2 bad input or usage, 3 environment, 130 interrupted; one line on stderr)."""
+subprocess (0 ok, 1 bug, 2 bad input or usage, 3 environment, 130 interrupted; one line on stderr). The failures at
+the model load run in one fresh interpreter, command after command, as the console script runs each (below)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,40 +79,92 @@ def test_doctor_shows_free_memory(tmp_path):
     assert "GiB free of" in rows["memory"] and "RAM" in rows["memory"]
 
 
-def test_sfd_with_a_missing_weight_file_exits_3_naming_the_download(tmp_path):
-    result = cli("sfd", "--weights", tmp_path, "--class", "1", "-o", tmp_path / "grid.png")
-    assert result.returncode == 3
-    assert "avatarcli download sfd-xl" in one_line(result.stderr)
-    assert not (tmp_path / "grid.png").exists()
+# ---- failures at the model load: one fresh interpreter runs them all ---------------------------------------------
+# Each of these commands imports torch and diffusers before it fails (about 8 s of CPU a process on 2 cores), so one
+# interpreter runs them one after the other, each as the console script does (sys.argv, then `main()`), its stderr
+# (file descriptor 2, C libraries' too) kept apart per command. Every case keeps its own test and assertions.
+
+LOAD_FAILURES = textwrap.dedent('''
+    import json, os, sys, tempfile
+    from avatarcli.cli import main
+    results = {}
+    for name, args in json.loads(sys.argv[1]).items():
+        sys.argv = ["avatarcli", *args]
+        with tempfile.TemporaryFile("w+") as err:
+            sys.stderr.flush()
+            kept = os.dup(2)
+            os.dup2(err.fileno(), 2)
+            try:
+                code = main()
+            finally:
+                sys.stderr.flush()
+                os.dup2(kept, 2)
+                os.close(kept)
+            err.seek(0)
+            results[name] = [code, err.read()]
+    print(json.dumps(results))
+''')
 
 
-def test_missing_weight_files_exit_3(tmp_path):
-    empty = tmp_path / "weights"
-    empty.mkdir()
-    out = tmp_path / "out.mp4"
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o", out, "--weights",
-                 empty, "--quiet")
-    assert result.returncode == 3
-    assert "avatarcli download stableavatar" in one_line(result.stderr)
-    assert not out.exists()
-
-
-def test_corrupt_weight_file_exits_3(tmp_path, weights):
+@pytest.fixture(scope="module")
+def load_failures(tmp_path_factory, weights) -> dict:
+    """{case: (CompletedProcess of that command, its folder)} for the commands that fail while loading models."""
+    import json
     import shutil
 
-    broken = tmp_path / "weights"
+    folders = {name: tmp_path_factory.mktemp(name.replace(" ", "-")) for name in
+               ("sfd missing file", "missing weight files", "corrupt weight file", "offline", "fp8")}
+    empty = folders["missing weight files"] / "weights"
+    empty.mkdir()
+    broken = folders["corrupt weight file"] / "weights"
     shutil.copytree(weights, broken)
     transformer = broken / "StableAvatar-1.3B" / "transformer3d-square.pt"
     transformer.write_bytes(transformer.read_bytes()[:1000])  # a truncated download
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4",
-                 "--weights", broken, "--size", "64x64", "--quiet")
+    animate = ["animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o"]
+    cases = {
+        "sfd missing file": ["sfd", "--weights", folders["sfd missing file"], "--class", "1", "-o",
+                             folders["sfd missing file"] / "grid.png"],
+        "missing weight files": [*animate, folders["missing weight files"] / "out.mp4", "--weights", empty, "--quiet"],
+        "corrupt weight file": [*animate, folders["corrupt weight file"] / "o.mp4", "--weights", broken, "--size",
+                                "64x64", "--quiet"],
+        "offline": [*animate, folders["offline"] / "o.mp4", "--quiet"],  # no --weights: the Hub cache, offline
+        "fp8": ["animate", EXAMPLES / "portrait.png", "--audio", tone(folders["fp8"] / "a.wav", 1.0), "-o",
+                folders["fp8"] / "o.mp4", "--weights", folders["fp8"], "--device", "cpu", "--precision", "fp8",
+                "--quiet"],
+    }
+    hub = tmp_path_factory.mktemp("hf")  # an empty Hub cache, offline (the other commands name their weights)
+    result = subprocess.run([sys.executable, "-c", LOAD_FAILURES,
+                             json.dumps({name: [str(a) for a in args] for name, args in cases.items()})],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    return {name: (subprocess.CompletedProcess(cases[name], code, "", err), folders[name])
+            for name, (code, err) in outcome.items()}
+
+
+def test_sfd_with_a_missing_weight_file_exits_3_naming_the_download(load_failures):
+    result, folder = load_failures["sfd missing file"]
+    assert result.returncode == 3
+    assert "avatarcli download sfd-xl" in one_line(result.stderr)
+    assert not (folder / "grid.png").exists()
+
+
+def test_missing_weight_files_exit_3(load_failures):
+    result, folder = load_failures["missing weight files"]
+    assert result.returncode == 3
+    assert "avatarcli download stableavatar" in one_line(result.stderr)
+    assert not (folder / "out.mp4").exists()
+
+
+def test_corrupt_weight_file_exits_3(load_failures):
+    result, _ = load_failures["corrupt weight file"]
     assert result.returncode == 3
     assert "transformer3d-square.pt" in one_line(result.stderr)
 
 
-def test_offline_without_weights_exits_3(tmp_path):
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", EXAMPLES / "speech.wav", "-o", tmp_path / "o.mp4",
-                 "--quiet", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+def test_offline_without_weights_exits_3(load_failures):
+    result, _ = load_failures["offline"]
     assert result.returncode == 3
     line = one_line(result.stderr)
     assert "avatarcli download" in line and "--weights" in line
@@ -232,49 +283,13 @@ def test_a_failure_on_the_decode_worker_exits_with_its_own_code(fault_env, tmp_p
     assert list(tmp_path.glob("o*")) == [] and list(tmp_path.glob(".o*")) == []
 
 
-def test_fp8_precision_without_a_cuda_gpu_exits_3_before_loading(tmp_path):
-    result = cli("animate", EXAMPLES / "portrait.png", "--audio", tone(tmp_path / "a.wav", 1.0), "-o",
-                 tmp_path / "o.mp4", "--weights", tmp_path, "--device", "cpu", "--precision", "fp8", "--quiet")
+def test_fp8_precision_without_a_cuda_gpu_exits_3_before_loading(load_failures):
+    result, _ = load_failures["fp8"]
     assert result.returncode == 3
     assert "--precision fp8 needs a CUDA GPU" in one_line(result.stderr)
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------------------------------
-
-
-def default_sigint() -> None:
-    """In the child: SIGINT as at a terminal. A test run started in the background of a non-interactive shell
-    inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_sigint_during_animate_exits_130_and_writes_nothing_under_the_output_name(tmp_path, weights):
-    """Ctrl-C: the current window-step finishes, the resume state is kept beside the output (see test_resume.py),
-    one line on stderr, exit 130, and no file under the output name."""
-    from avatarcli.resume import resume_dir
-
-    audio = tone(tmp_path / "long.wav", 12.0)  # several windows, so generation is still running when interrupted
-    out = tmp_path / "out.mp4"
-    state = resume_dir(out) / "state.json"
-    proc = subprocess.Popen([*CLI, "animate", str(EXAMPLES / "portrait.png"), "--audio", str(audio), "-o", str(out),
-                             "--weights", str(weights), "--size", "64x64", "--steps", "2", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "AVATARCLI_SAVE_EVERY": "0"},
-                            preexec_fn=default_sigint)
-    try:
-        deadline = time.monotonic() + 300
-        while not state.exists():  # a window-step has run: the models are loaded and generation is under way
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "animate never started generating"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
-    line = one_line(stderr)
-    assert line.startswith("interrupted") and "--resume" in line and "Traceback" not in stderr
-    assert stdout == ""
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["long.wav", resume_dir(out).name])
+# A SIGINT during animate (exit 130, one line naming --resume, nothing on stdout, nothing under the output name, the
+# resume state beside it) is run by tests/test_resume.py::test_sigint_saves_and_exits_130_then_resume_gives_identical_
+# frames, which resumes that same stopped run, and at every stage by tests/test_failure_paths.py.

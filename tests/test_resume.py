@@ -107,7 +107,9 @@ def test_sigint_saves_and_exits_130_then_resume_gives_identical_frames(tmp_path,
     assert stopped.returncode == 130, stopped.stderr
     lines = stopped.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGINT" in lines[0] and "--resume" in lines[0]
+    assert lines[0].startswith("interrupted") and "Traceback" not in stopped.stderr and stopped.stdout == ""
     assert not output.exists() and (resume_dir(output) / "state.pt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [resume_dir(output).name]  # nothing under the output name
     saved = json.loads((resume_dir(output) / "state.json").read_text())["frames"]
     assert 0 < saved < len(uninterrupted)
 
