@@ -36,14 +36,14 @@ def compile_mode(value: Any) -> Any:
 
 def computed_steps_per_window(preset: Any) -> int:
     """The fewest steps of one window that call the DiT under `preset`: every step, or with step prediction the
-    `warmup` steps and one in every `max_predicted + 1` of the rest (the most it can skip). On the trained demo model
-    `fast` computes 7.2 per window where this gives 7, `balanced` about 12 where it gives 9: an estimate on the low
-    side, so `auto` errs towards not compiling."""
+    `warmup` steps and one in every `max_predicted + 1` of the rest (the most it can skip; the last step may be
+    predicted). `fast` and `live` compute exactly this (3 and 2); on the demo model `balanced` computes 9 per window
+    where this gives 8: an estimate on the low side, so `auto` errs towards not compiling."""
     prediction = preset.prediction
     if prediction is None:
         return preset.steps
     warmup = min(prediction.warmup, preset.steps)
-    return warmup + math.ceil((preset.steps - warmup) / (prediction.max_predicted + 1))
+    return warmup + (preset.steps - warmup) // (prediction.max_predicted + 1)
 
 
 def planned_window_steps(driver: Any, job: Any, frames: int) -> int:

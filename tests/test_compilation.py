@@ -33,10 +33,11 @@ def test_auto_compiles_on_cuda_from_the_break_even_and_never_on_the_cpu():
 def test_the_window_steps_are_the_plan_times_the_fewest_steps_the_preset_computes():
     reference, fast = load_preset("reference"), load_preset("fast")
     assert computed_steps_per_window(reference) == 50
-    assert computed_steps_per_window(fast) == 2 + math.ceil(38 / 9)  # warmup, then one in max_predicted + 1
+    assert computed_steps_per_window(fast) == 2 + 3 // 2  # warmup, then one in every max_predicted + 1 of the rest
+    assert computed_steps_per_window(load_preset("balanced")) == 2 + 48 // 7
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=EXAMPLES / "speech.wav", output=Path("o.mp4"),
                      preset=fast)
-    assert planned_window_steps(DRIVER, job, 60 * 25) == 24 * 7  # a minute at 25 fps: 24 windows
+    assert planned_window_steps(DRIVER, job, 60 * 25) == 24 * 3  # a minute at 25 fps: 24 windows
 
 
 @pytest.mark.parametrize("given, mode", [(True, "on"), (False, "off"), ("auto", "auto"), ("off", "off"),
