@@ -78,7 +78,7 @@ def test_training_forward_equals_the_inference_denoiser(tmp_path, monkeypatch, o
         clip = pool.audio[:, 4 * s * hop : 4 * s * hop + span]
         with torch.no_grad():
             features = wav2vec(T.normalise_audio(clip)).last_hidden_state
-        for step in (0, 7):
+        for step in (0, len(gen.sigmas) - 2):  # the first step and the last
             sigma = gen.sigmas[step].view(1)
             noise = torch.randn(x0.shape, generator=gen_noise)
             xt = (1 - sigma) * x0 + sigma * noise
