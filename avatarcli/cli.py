@@ -74,6 +74,10 @@ def _help(name: str) -> str:
     return HELP[name]
 
 
+_TRACE_HELP = ("Record the run's DiT forwards (window, step, guidance branches; predicted steps) to FILE, JSON Lines: "
+               "benchmarks/bench_animate.py --replay FILE times them at full size.")
+
+
 @app.command(epilog=_limits())
 def animate(
     portrait: Path = typer.Argument(..., metavar="PORTRAIT", help=_help("portrait")),
@@ -116,9 +120,7 @@ def animate(
     context_parallel: int = _opt("context_parallel", 1),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary line on stdout."),
-    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE", help="Record the run's DiT forwards "
-                                         "(window, step, guidance branches; predicted steps) to FILE, JSON Lines: "
-                                         "benchmarks/bench_animate.py --replay FILE times them at full size."),
+    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE", help=_TRACE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run saved beside the output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (else exit 2)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Split the windows over N processes, one per GPU "
@@ -126,7 +128,7 @@ def animate(
 ):
     """Animate PORTRAIT speaking --audio, or mimicking a --driving face video: an mp4 as long as the input."""
     from avatarcli.options import OPTIONS, build_job
-    from avatarcli.parallel import rank, world_size
+    from avatarcli.parallel import rank
     from avatarcli.pipeline import animate as run, prepare
 
     values = {name: value for name, value in locals().items() if name in OPTIONS}
@@ -134,24 +136,43 @@ def animate(
     job = build_job(values, resume=resume, processes=processes)
     _check_output(job, overwrite)
     prepared = prepare(job)  # bad input fails here, before torch is imported and any model loads
-    for warning in prepared[1].warnings if rank() == 0 else []:
-        err.print(f"warning: {warning}", markup=False, highlight=False)
+    _warn(prepared[1].warnings)
     _check_weights(weights)
-    if processes > 1 and world_size() == 1:  # start the launch: these same arguments, in `gpus` processes
-        _check_gpus(gpus, device)
-        from avatarcli.parallel.launch import launch
-
-        raise typer.Exit(launch(gpus, _ARGV))
+    _launch_if_asked(processes, gpus, device)
     quiet = quiet or rank() != 0  # one progress bar and one summary: rank 0's
     as_json = as_json and rank() == 0
     recorder = _recorder(trace, processes)
     result = _run_job(run, job, prepared, quiet or as_json, recorder)
+    _write_trace(recorder, trace)
+    if rank() == 0:
+        _report(result, as_json, quiet, added_mp4=output is not None and job.output.name != output.name)
+
+
+def _warn(warnings: list[str]) -> None:
+    """The input's warnings on stderr, from one process of a launch."""
+    from avatarcli.parallel import rank
+
+    for warning in warnings if rank() == 0 else []:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+
+
+def _launch_if_asked(processes: int, gpus: int | None, device: str) -> None:
+    """With --gpus N in a process not yet part of a launch: start the launch (these same arguments in N processes)
+    and exit with its code."""
+    from avatarcli.parallel import world_size
+
+    if processes > 1 and world_size() == 1:
+        _check_gpus(gpus, device)
+        from avatarcli.parallel.launch import launch
+
+        raise typer.Exit(launch(gpus, _ARGV))
+
+
+def _write_trace(recorder, path: Path | None) -> None:
     if recorder is not None:
         from avatarcli.sampling.trace import write_trace
 
-        write_trace(recorder.trace, trace)
-    if rank() == 0:
-        _report(result, as_json, quiet, added_mp4=output is not None and job.output.name != output.name)
+        write_trace(recorder.trace, path)
 
 
 def _processes(gpus: int | None) -> int:

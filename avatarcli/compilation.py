@@ -13,7 +13,6 @@ Torch-free: the options and a manifest's validation read it before torch is impo
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 COMPILE_MODES = ("auto", "on", "off")

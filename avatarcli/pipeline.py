@@ -525,10 +525,14 @@ def window_forward_bytes(generation, branches: int | None = None) -> int:
     patch = config.patch_size
     tokens = (generation.plan.window_frames // patch[0]) * (height // patch[1]) * (width // patch[2])
     denoiser = generation.denoiser
-    if branches is None:
-        branches = getattr(denoiser, "branch_batch", None) or getattr(denoiser, "branches", 1)
-    return dit_forward_bytes(tokens, branches, config.num_attention_heads * config.attention_head_dim,
-                             config.ffn_dim, getattr(denoiser, "dtype", generation.vae.dtype).itemsize)
+    return dit_forward_bytes(tokens, branches or branches_per_forward(denoiser),
+                             config.num_attention_heads * config.attention_head_dim, config.ffn_dim,
+                             getattr(denoiser, "dtype", generation.vae.dtype).itemsize)
+
+
+def branches_per_forward(denoiser) -> int:
+    """The guidance branches one forward batches: all, or the denoiser's `branch_batch` where memory is short."""
+    return getattr(denoiser, "branch_batch", None) or getattr(denoiser, "branches", 1)
 
 
 def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clock, stop=None):
@@ -614,5 +618,5 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
         compiled=is_compiled(generation.transformer), offload=job.offload,
         decode_mode=str(writer.mode) if writer is not None else "",
-        branch_batch=getattr(generation.denoiser, "branch_batch", None) or getattr(generation.denoiser, "branches", 1),
+        branch_batch=branches_per_forward(generation.denoiser),
     )

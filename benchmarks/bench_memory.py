@@ -101,10 +101,8 @@ class StagePeaks:
 
 
 def oom_line(error: Exception) -> str:
-    """The error's first line, with torch's "Tried to allocate ..." part when it has one."""
-    text = f"{type(error).__name__}: {error}"
-    first = text.splitlines()[0]
-    return first[:200]
+    """The error's type and first line (torch's names the allocation that failed)."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
 def innermost(error: Exception) -> str:

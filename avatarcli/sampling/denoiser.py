@@ -96,16 +96,16 @@ class WindowDenoiser:
         """The float32 predictions [len(rows), ...] of the branches `rows` (default: all), in one forward, or in
         forwards of at most `branch_batch` branches where memory is short (avatarcli/budget.py)."""
         conditioning = self.conditioning_for(window)
-        n = self.branches if rows is None else len(rows)
-        if self.branch_batch is None or n <= self.branch_batch:
+        every = list(range(self.branches)) if rows is None else rows
+        size = self.branch_batch or len(every)
+        if len(every) <= size:
             pred = self.forward(window, step, latents, conditioning, rows)
         else:
-            every = list(range(self.branches)) if rows is None else rows
-            pred = torch.cat([self.forward(window, step, latents, conditioning, every[i : i + self.branch_batch])
-                              for i in range(0, n, self.branch_batch)])
-        self.branch_forwards += n
+            pred = torch.cat([self.forward(window, step, latents, conditioning, every[i : i + size])
+                              for i in range(0, len(every), size)])
+        self.branch_forwards += len(every)
         if self.recorder is not None:
-            self.recorder.forward(window.index, step, rows if rows is not None else list(range(n)))
+            self.recorder.forward(window.index, step, every)
         if step == self.steps - 1:
             self.cache.drop(window.index)
         return pred
