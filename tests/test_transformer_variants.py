@@ -110,3 +110,10 @@ def test_fast_numerics_trace_as_one_graph_per_block(bf16_model):
         model.compile_repeated_blocks(fullgraph=True, backend="eager")
         compiled = model(*inputs)
     assert torch.equal(compiled, eager)
+
+
+def test_the_preset_schema_names_exactly_the_numerics_the_model_has():
+    from avatarcli.models.wan import NUMERICS
+    from avatarcli.presets import NUMERICS_MODES
+
+    assert tuple(NUMERICS) == NUMERICS_MODES
