@@ -120,7 +120,7 @@ def test_folded_latent_statistics_normalise_with_the_wan_constants_and_decode_th
     from avatarcli.demo.training import DemoSizes, decode_for_training, fold_latent_statistics, new_vae
 
     torch.manual_seed(0)
-    vae = new_vae(DemoSizes(vae_base=4)).eval()
+    vae = new_vae(DemoSizes(vae_base=4), per_frame=False).eval()
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     wan_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     wan_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)

@@ -12,7 +12,7 @@ def _vae():
     from avatarcli.demo.training import DemoSizes, fold_latent_statistics, new_vae
 
     torch.manual_seed(0)
-    vae = new_vae(DemoSizes(vae_base=4)).eval()
+    vae = new_vae(DemoSizes(vae_base=4), per_frame=False).eval()
     fold_latent_statistics(vae, torch.randn(16) * 0.1, torch.rand(16) + 0.5)
     return vae
 
@@ -106,3 +106,47 @@ def test_video_frames_counts_one_then_four():
     from avatarcli.demo.training import video_frames
 
     assert [video_frames(n) for n in range(5)] == [0, 1, 5, 9, 13]
+
+
+def test_a_new_vae_is_per_frame_on_video_so_what_stills_teach_holds_on_clips(one_thread):
+    """per_frame_start: a latent frame after the first is the still encoding of the first video frame of its 4, and
+    each of the 4 frames it decodes to is its still decode (the past taps and the temporal resampling start neutral).
+    Without it, the random temporal taps make them differ."""
+    from avatarcli.demo.training import DemoSizes, new_vae
+
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    for per_frame in (True, False):
+        vae = new_vae(DemoSizes(vae_base=4), per_frame=per_frame).eval()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()  # 3 latent frames: frame 0, then frames 1-4, 5-8
+            still_z = torch.cat([vae.encode(x[:, :, i : i + 1]).latent_dist.mode() for i in (0, 1, 5)], dim=2)
+            frames = vae.decode(z).sample
+            still_frames = torch.cat([vae.decode(z[:, :, i : i + 1]).sample for i in range(3)], dim=2)
+        same_z = torch.allclose(z, still_z, atol=1e-5)
+        same_frames = all(torch.allclose(frames[:, :, f], still_frames[:, :, (f + 3) // 4], atol=1e-5)
+                          for f in range(9))
+        assert same_z == per_frame and same_frames == per_frame, (per_frame, same_z, same_frames)
+
+
+def test_still_convolutions_compute_what_the_causal_3d_convolutions_do_with_their_gradients(one_thread):
+    from avatarcli.demo.training import DemoSizes, new_vae, still_convolutions
+
+    torch.manual_seed(2)
+    vae = new_vae(DemoSizes(vae_base=4), per_frame=False)
+    x = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    results = []
+    for patched in (False, True):
+        vae.zero_grad(set_to_none=True)
+        if patched:
+            with still_convolutions():
+                out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        else:
+            out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        out.square().mean().backward()
+        conv = vae.encoder.conv_in
+        results.append((out.detach(), conv.weight.grad[:, :, -1].clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    assert WanCausalConv3d.forward.__name__ == "forward" and "still" not in WanCausalConv3d.forward.__qualname__

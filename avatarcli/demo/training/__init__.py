@@ -43,8 +43,8 @@ from avatarcli.demo.training.layout import (
 from avatarcli.demo.training.run import train
 from avatarcli.demo.training.schedule import Budget, Deadline
 from avatarcli.demo.training.vae import (
-    dark_pixels, log_round_trips, loss_weights, new_vae, posterior_noise, round_trip, round_trip_error,
-    round_trip_mouth, round_trip_psnr, train_vae,
+    dark_pixels, log_round_trips, loss_weights, new_vae, per_frame_start, posterior_noise, round_trip, round_trip_error,
+    round_trip_mouth, round_trip_psnr, still_convolutions, train_vae,
 )
 from avatarcli.demo.training.vae_stream import CausalStream, decode_for_training, vae_piece, video_frames
 from avatarcli.demo.training.wav2vec import new_wav2vec, save_wav2vec, train_audio_encoder
@@ -56,7 +56,7 @@ __all__ = [
     "posterior_noise", "round_trip_psnr",
     "decode_for_training", "dit_param_groups", "dit_velocity", "draw_branches", "encode_pool", "export_transformer",
     "export_vae", "fold_latent_statistics", "latent_statistics", "make_pool", "new_transformer", "new_vae",
-    "new_wav2vec", "normalise_audio", "reference_conditions", "render_identity", "round_trip", "round_trip_error",
+    "new_wav2vec", "per_frame_start", "still_convolutions", "normalise_audio", "reference_conditions", "render_identity", "round_trip", "round_trip_error",
     "round_trip_mouth", "save_wav2vec", "to_unit", "train", "train_audio_encoder", "train_dit", "train_vae",
     "transformer_sizes", "vae_piece", "verify", "video_frames", "with_overrides", "world", "write_fixed_components",
 ]

@@ -76,8 +76,8 @@ class TrainConfig:
     vae_mouth_weight: float = 2.0  # extra loss weight on the mouth box
     vae_dark_weight: float = 10.0  # extra loss weight on the open mouth's dark interior (a few % of the mouth box)
     vae_seconds: float = 230.0
-    vae_still_share: float = 0.0  # share of the VAE's time spent on stills first (vae.train_stills); 0: streamed only
-    vae_still_batch: int = 48
+    vae_still_share: float = 0.5  # share of the VAE's time spent on stills first (vae.train_stills); 0: streamed only
+    vae_still_batch: int = 64
     vae_still_lr: float = 2e-3
     vae_check_frames: tuple[int, ...] = (81, 301)  # round-trip lengths logged after VAE training (stability)
     dit_steps: int = 100000

@@ -32,9 +32,12 @@ only its decoder side trains, so its latent space stays.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from avatarcli.demo import world
 from avatarcli.demo.training.config import HELD_OUT, DemoSizes, TrainConfig
@@ -49,7 +52,9 @@ from avatarcli.demo.training.vae_stream import CausalStream, vae_piece, video_fr
 INITIAL_LOGVAR = -8.0
 
 
-def new_vae(sizes: DemoSizes):
+def new_vae(sizes: DemoSizes, per_frame: bool = True):
+    """A new VAE at sizes.vae_base with a quiet posterior (INITIAL_LOGVAR), started per-frame (per_frame_start)
+    unless not `per_frame` (every tap random, as diffusers initialises it)."""
     from diffusers import AutoencoderKLWan
 
     from avatarcli.loading.components import WAN21_VAE
@@ -57,7 +62,67 @@ def new_vae(sizes: DemoSizes):
     vae = AutoencoderKLWan(**dict(WAN21_VAE, base_dim=sizes.vae_base))
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.z_dim :] = INITIAL_LOGVAR
+    if per_frame:
+        per_frame_start(vae)
     return vae
+
+
+@torch.no_grad()
+def per_frame_start(vae) -> None:
+    """Start a new VAE as a per-frame one, so what stills teach it holds on video from the first streamed step.
+
+    A still (a stream's first frame) reaches only the current-frame tap of every causal 3x3x3 convolution (the two
+    past frames are zero padding) and none of the temporal resampling convolutions. Left at their random values, those
+    taps and convolutions would garble every later frame, and the streamed phase would first have to unlearn them.
+    Here the past taps start at zero (the current one scaled to keep the output's spread), the encoder's temporal downsampling keeps the centre frame of its stride-2
+    window (a latent frame is then the still encoding of the first frame of its 4), and the decoder's temporal
+    upsampling copies each frame to both of its outputs (the 4 frames of a latent frame are its still decode). The
+    streamed phase trains all of them from there."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    time_convs = {}
+    for module in vae.modules():
+        if isinstance(module, WanResample) and hasattr(module, "time_conv"):
+            time_convs[module.time_conv] = module.mode
+    for module in vae.modules():
+        if not isinstance(module, WanCausalConv3d) or module.kernel_size[0] == 1:
+            continue
+        if module in time_convs:
+            weight = module.weight  # [out, in, 3, 1, 1]
+            eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            weight.zero_()
+            module.bias.zero_()
+            if time_convs[module] == "downsample3d":
+                weight[:, :, 1, 0, 0] = eye
+            else:  # upsample3d: out channels [0, dim) are the first output frame, [dim, 2 dim) the second
+                weight[:, :, 2, 0, 0] = torch.cat([eye, eye])
+        else:  # the current tap scaled up by sqrt(3): the output keeps the default initialisation's spread
+            module.weight[:, :, :-1] = 0
+            module.weight[:, :, -1] *= module.kernel_size[0] ** 0.5
+
+
+@contextmanager
+def still_convolutions() -> Iterator[None]:
+    """While active, a causal convolution over one frame with nothing cached (a still) runs as the 2D convolution of
+    its current-frame tap: what the 3D convolution over the frame and its two zero-padded past frames computes, at a
+    third of the work and on 2D kernels. Training-time only (it patches diffusers' WanCausalConv3d.forward)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    original = WanCausalConv3d.forward
+
+    def forward(self, x, cache_x=None):
+        causal = self._padding[4] == self.kernel_size[0] - 1 and self.stride[0] == 1
+        if cache_x is None and x.shape[2] == 1 and causal:
+            out = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, stride=self.stride[1:],
+                           padding=(self._padding[2], self._padding[0]))
+            return out.unsqueeze(2)
+        return original(self, x, cache_x)
+
+    WanCausalConv3d.forward = forward
+    try:
+        yield
+    finally:
+        WanCausalConv3d.forward = original
 
 
 def dark_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +208,11 @@ def train_stills(vae, opt, trained: list, pool: Pool, config: TrainConfig, gen: 
                  seconds: float) -> int:
     """The first phase: single frames (each the first frame of a stream of its own, so encoded and decoded as a
     still, the way the first latent frame of every video is) at batch vae_still_batch and learning rate
-    vae_still_lr, for `seconds`. Stills train the spatial path of every layer at a small cost per sample: in 75 s on
-    an H100 they reach 23.1 dB on a held-out face's stills where streamed clips reach 17.3 (vae_recipe_sweep.py);
-    the streamed phase after them trains the temporal path. Returns the steps."""
+    vae_still_lr, for `seconds`. Stills train the spatial path of every layer at a small cost per sample (2D
+    convolutions, still_convolutions): in 75 s on an H100 they reach 23.1 dB on a held-out face's stills where
+    streamed clips reach 17.3 (vae_recipe_sweep.py, before the 2D path); a new VAE starts per-frame
+    (per_frame_start), so that holds on video too, and the streamed phase after them trains the temporal path.
+    Returns the steps."""
     device = torch.device(config.device)
     size = pool.videos.shape[2]
     weight, mouth = loss_weights(size, config, device)
@@ -155,7 +222,8 @@ def train_stills(vae, opt, trained: list, pool: Pool, config: TrainConfig, gen: 
         for group in opt.param_groups:
             group["lr"] = config.vae_still_lr * cosine(int(deadline.progress(step) * 1000), 1000, 30)
         x = to_unit(video_clips(pool, config.vae_still_batch, 1, gen))
-        rec, kl, mse = piece_losses(CausalStream(vae), x, weight, mouth, config, train_encoder=True)
+        with still_convolutions():
+            rec, kl, mse = piece_losses(CausalStream(vae), x, weight, mouth, config, train_encoder=True)
         opt.zero_grad(set_to_none=True)
         (rec + config.vae_kl * kl).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
