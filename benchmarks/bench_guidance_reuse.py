@@ -18,7 +18,9 @@ so what differs from the reference is the sampling alone:
   PRESET+W:M:O:T            the same with guidance reuse warmup W, max_reused M, order O, tolerance T (`--reuse`)
   BASE:KEY=VALUE,...        a variant of preset BASE (`--candidates`, ';'-separated): KEY a preset field, or
                             prediction.KNOB / guidance_reuse.KNOB for one setting of that section (VALUE null: the
-                            section off); the variant is written as a preset file and loaded through the preset schema
+                            section off); the variant is written as a preset file and loaded through the preset schema;
+                            KEY dtype sets the job's --dtype instead (a method whose dtype or numerics differs from
+                            the reference's loads its own models)
 `--whole` runs each method's preset entire instead, as `animate ... --model demo --preset PRESET --seed 42` does (its
 own overlap, blend, guidance, step prediction and guidance reuse, under the model's own defaults, with the
 reference's seed): what a user of the preset gets. `--presets all` is every shipped preset for --audio but
@@ -53,6 +55,7 @@ from avatarcli.sink.memory import MemorySink
 
 OWN = "own"  # a method's guidance reuse is its preset's own section
 SECTIONS = ("prediction", "guidance_reuse")
+JOB_KEYS = ("dtype",)  # keys of a candidate that set the job (as the CLI's flag of that name), not the preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Method:
     name: str
     preset: str | Path  # a preset name or a preset file
     reuse: GuidanceReuse | None | str  # None: off; OWN: the preset's own section
+    job_values: tuple = ()  # (key, value) pairs of JOB_KEYS the method's job takes
 
 
 def preset_names(presets: str) -> list[str]:
@@ -68,22 +72,25 @@ def preset_names(presets: str) -> list[str]:
     return [p.strip() for p in presets.split(",") if p.strip()]
 
 
-def variant_file(spec: str, folder: Path, index: int) -> Path:
-    """Preset BASE with KEY=VALUE changes (module notes) as a preset file in `folder`."""
+def variant_file(spec: str, folder: Path, index: int) -> tuple[Path, tuple]:
+    """Preset BASE with KEY=VALUE changes (module notes) as a preset file in `folder`, and the job's changes."""
     base, _, changes = spec.partition(":")
     values = yaml.safe_load(preset_yaml(load_preset(base.strip())))
+    job_values = []
     for change in [c.strip() for c in changes.split(",") if c.strip()]:
         key, _, text = change.partition("=")
         value = yaml.safe_load(text)
         section, _, knob = key.strip().partition(".")
-        if knob and section in SECTIONS and value is not None:
+        if key.strip() in JOB_KEYS:
+            job_values.append((key.strip(), value))
+        elif knob and section in SECTIONS and value is not None:
             values[section] = {**(values.get(section) or {}), knob: value}
         else:
             values[key.strip()] = value
     path = folder / f"variant{index}.yaml"
     path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
     load_preset(path)  # checked by the preset schema now, not after the reference runs
-    return path
+    return path, tuple(job_values)
 
 
 def methods(presets: str, reuse: str, candidates: str, whole: bool, folder: Path) -> list[Method]:
@@ -97,18 +104,19 @@ def methods(presets: str, reuse: str, candidates: str, whole: bool, folder: Path
             out.append(Method(f"{name}+{spec}", name, GuidanceReuse(warmup=int(w), max_reused=int(m), order=int(o),
                                                                     tolerance=float(t))))
     for index, spec in enumerate([s.strip() for s in candidates.split(";") if s.strip()]):
-        out.append(Method(spec, variant_file(spec, folder, index), OWN))
+        path, job_values = variant_file(spec, folder, index)
+        out.append(Method(spec, path, OWN, job_values))
     return out
 
 
 def method_job(method: Method, reference_job, job_values: dict, whole: bool):
     """The job of `method` on the face and clip of `reference_job` (module notes: sampling alone, or `--whole`)."""
     if whole:
-        job = dataclasses.replace(build_job({**job_values, "preset": method.preset, "seed": reference_job.seed}),
-                                  null_sink=True)
+        job = dataclasses.replace(build_job({**job_values, **dict(method.job_values), "preset": method.preset,
+                                             "seed": reference_job.seed}), null_sink=True)
         preset = job.preset
     else:
-        job, own = reference_job, load_preset(method.preset)
+        job, own = dataclasses.replace(reference_job, **dict(method.job_values)), load_preset(method.preset)
         preset = dataclasses.replace(job.preset, steps=own.steps, prediction=own.prediction,
                                      guidance_reuse=own.guidance_reuse)
     if method.reuse != OWN:
@@ -158,7 +166,15 @@ def main() -> None:
     # per method and run: PSNR, NFE / window, branch forwards / window, branch forwards / video s, wall s
     scores: dict[str, list[tuple[float, ...]]] = {method.name: [] for method in table}
     references: list[tuple[float, ...]] = []
-    models = None
+    loaded: dict[tuple, object] = {}  # models per driver.models_key: a method's dtype or numerics loads its own
+
+    def models_for(job, driver, inputs):
+        key = driver.models_key(job, inputs)
+        if key not in loaded:
+            device = resolve_device(job.device)
+            loaded[key] = driver.load(job, inputs, device, resolve_dtype(job.dtype, device))
+        return loaded[key]
+
     for face in [int(x) for x in args.faces.split(",")]:
         for clip in [int(x) for x in args.clips.split(",")]:
             portrait, talk = work / f"face{face}.png", work / f"talk{clip}.wav"
@@ -168,16 +184,15 @@ def main() -> None:
                           size=args.size)
             job = dataclasses.replace(build_job({**values, "preset": "reference"}), null_sink=True)
             driver, inputs = prepare(job)
-            if models is None:
-                device = resolve_device(job.device)
-                models = driver.load(job, inputs, device, resolve_dtype(job.dtype, device))
             key = f"reference-face{face}-clip{clip}-{args.seconds:g}s-{job.preset.size}-{args.device}"
-            reference, nfe, branches, windows, wall = reference_run(job, models, args.cache, key)
+            reference, nfe, branches, windows, wall = reference_run(job, models_for(job, driver, inputs), args.cache,
+                                                                    key)
             references.append((nfe / windows, branches / windows, branches / args.seconds, wall))
             print(f"face {face} clip {clip}: reference {wall:.0f} s, NFE {nfe}, branches {branches}, {windows} "
                   "windows", file=sys.stderr, flush=True)
             for method in table:
-                frames, result, wall = run(method_job(method, job, values, args.whole), models)
+                method_run = method_job(method, job, values, args.whole)
+                frames, result, wall = run(method_run, models_for(method_run, driver, inputs))
                 windows = result.windows
                 scores[method.name].append((psnr(frames, reference), result.nfe / windows,
                                             result.branch_forwards / windows,

@@ -1,6 +1,8 @@
 """Which VAE recipe learns the demo world fastest: short VAE-only training runs side by side, on one pool.
 
     python benchmarks/vae_recipe_sweep.py --seconds 80            # one GPU: each variant 80 s of training
+    python benchmarks/vae_recipe_sweep.py --device cpu --size 64 --identities 40 --batch 4 --still-batch 16 \
+        --seconds 240 --variants recipe,random-taps,streamed       # the same, scaled down to 2 CPU cores
     python benchmarks/vae_recipe_sweep.py --tiny                  # CPU smoke test of the script (numbers mean nothing)
 
 The demo VAE (avatarcli/demo/training/vae.py) must reconstruct the world's videos at >= 32 dB within the few minutes
@@ -18,25 +20,35 @@ from dataclasses import replace
 
 import torch
 
-VARIANTS = {  # TrainConfig overrides; the first is the recipe as it stands
-    "stream b12 x3 lr5e-4": dict(),
-    "stream b12 x3 lr1e-3": dict(vae_lr=1e-3),
-    "stream b12 x3 lr2e-3": dict(vae_lr=2e-3),
-    "stream b4 x1 lr2e-3": dict(vae_batch=4, vae_grad_latents=1, vae_lr=2e-3),
-    "stills b48 lr2e-3": dict(vae_batch=48, vae_episode_latents=1, vae_grad_latents=1, vae_lr=2e-3),
-    "stills half, then stream b12 x3 lr5e-4": dict(vae_still_share=0.5),
+VARIANTS = {  # name: (what it is, TrainConfig overrides); the first is the recipe as it stands
+    "recipe": ("stills half (per-frame start, 2D), then streamed clips", dict()),
+    "random-taps": ("the same, the temporal taps left at their random init", dict(vae_per_frame_start=False)),
+    "streamed": ("streamed clips only", dict(vae_still_share=0.0)),
+    "stills": ("stills only (per-frame start)", dict(vae_still_share=1.0)),
+    "streamed-lr2e-3": ("streamed clips only, lr 2e-3", dict(vae_still_share=0.0, vae_lr=2e-3)),
 }
 
 
 def main() -> int:
-    from avatarcli.demo.training import HELD_OUT, TrainConfig, make_pool, render_identity, round_trip_psnr, train_vae
+    from avatarcli.demo.training import (
+        HELD_OUT, TrainConfig, make_pool, render_identity, round_trip_psnr, train_vae, with_overrides,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=80.0, help="training wall time of each variant")
     parser.add_argument("--identities", type=int, default=200)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of " + ", ".join(VARIANTS))
+    parser.add_argument("--device", help="default cuda")
+    parser.add_argument("--size", type=int, help="frame size of the pool (default 128)")
+    parser.add_argument("--batch", type=int, help="streamed clips per step (default 12)")
+    parser.add_argument("--still-batch", type=int, help="stills per step (default 64)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke test of the script)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     base = TrainConfig.tiny() if args.tiny else TrainConfig(identities=args.identities)
+    base = with_overrides(base, device=args.device, size=args.size, vae_batch=args.batch,
+                          vae_still_batch=args.still_batch, workers=0 if args.device == "cpu" else None)
     started = time.perf_counter()
     log = (lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True))
     if base.device == "cuda":
@@ -45,17 +57,18 @@ def main() -> int:
     frames = min(81, 4 * (base.clip_latents - 1) + 1)
     held_out = torch.from_numpy(render_identity((HELD_OUT, frames, base.size))[0])
     rows = []
-    for name, overrides in VARIANTS.items():
-        config = replace(base, vae_seconds=args.seconds, vae_steps=10**7, **overrides)
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        config = replace(base, vae_seconds=args.seconds, vae_steps=10**7, **VARIANTS[name][1])
         if args.tiny:
             config = replace(config, vae_seconds=2.0, vae_batch=1, vae_episode_latents=min(config.vae_episode_latents, 4))
         t0 = time.perf_counter()
         lines: list[str] = []
         vae = train_vae(pool, config, lines.append)
         spent = time.perf_counter() - t0
-        steps = next((int(line.split()[1]) for line in lines if line.startswith("vae: ")), None)
+        steps = sum(int(line.split()[-2]) for line in lines if line.startswith("vae stills: ")) + next(
+            (int(line.split()[1]) for line in lines if line.startswith("vae: ")), 0)
         whole, first = round_trip_psnr(vae, held_out)
-        rows.append((name, spent, steps, whole, first))
+        rows.append((f"{name}: {VARIANTS[name][0]}", spent, steps, whole, first))
         log(f"{name}: {spent:.0f} s, round trip {whole:.2f} dB, first frame {first:.2f} dB")
         del vae
         if torch.cuda.is_available():

@@ -79,6 +79,7 @@ class TrainConfig:
     vae_still_share: float = 0.5  # share of the VAE's time spent on stills first (vae.train_stills); 0: streamed only
     vae_still_batch: int = 64
     vae_still_lr: float = 2e-3
+    vae_per_frame_start: bool = True  # a new VAE starts per-frame on video (vae.per_frame_start)
     vae_check_frames: tuple[int, ...] = (81, 301)  # round-trip lengths logged after VAE training (stability)
     dit_steps: int = 100000
     dit_batch: int = 96

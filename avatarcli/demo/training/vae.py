@@ -244,7 +244,7 @@ def train_vae(pool: Pool, config: TrainConfig, log, vae=None, seconds: float | N
     device = torch.device(config.device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 200)
     decoder_only = vae is not None
-    vae = (vae if decoder_only else new_vae(config.sizes)).to(device).train()
+    vae = (vae if decoder_only else new_vae(config.sizes, config.vae_per_frame_start)).to(device).train()
     trained = trained_parameters(vae, decoder_only)
     opt = torch.optim.AdamW(trained, lr=config.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     if config.vae_episode_latents > config.clip_latents:
