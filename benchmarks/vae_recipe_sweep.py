@@ -37,7 +37,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=80.0, help="training wall time of each variant")
     parser.add_argument("--identities", type=int, default=200)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated names of " + ", ".join(VARIANTS))
     parser.add_argument("--device", help="default cuda")
     parser.add_argument("--size", type=int, help="frame size of the pool (default 128)")
     parser.add_argument("--batch", type=int, help="streamed clips per step (default 12)")

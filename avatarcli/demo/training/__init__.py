@@ -56,7 +56,8 @@ __all__ = [
     "posterior_noise", "round_trip_psnr",
     "decode_for_training", "dit_param_groups", "dit_velocity", "draw_branches", "encode_pool", "export_transformer",
     "export_vae", "fold_latent_statistics", "latent_statistics", "make_pool", "new_transformer", "new_vae",
-    "new_wav2vec", "per_frame_start", "still_convolutions", "normalise_audio", "reference_conditions", "render_identity", "round_trip", "round_trip_error",
+    "new_wav2vec", "per_frame_start", "still_convolutions", "normalise_audio", "reference_conditions",
+    "render_identity", "round_trip", "round_trip_error",
     "round_trip_mouth", "save_wav2vec", "to_unit", "train", "train_audio_encoder", "train_dit", "train_vae",
     "transformer_sizes", "vae_piece", "verify", "video_frames", "with_overrides", "world", "write_fixed_components",
 ]

@@ -74,10 +74,10 @@ def per_frame_start(vae) -> None:
     A still (a stream's first frame) reaches only the current-frame tap of every causal 3x3x3 convolution (the two
     past frames are zero padding) and none of the temporal resampling convolutions. Left at their random values, those
     taps and convolutions would garble every later frame, and the streamed phase would first have to unlearn them.
-    Here the past taps start at zero (the current one scaled to keep the output's spread), the encoder's temporal downsampling keeps the centre frame of its stride-2
-    window (a latent frame is then the still encoding of the first frame of its 4), and the decoder's temporal
-    upsampling copies each frame to both of its outputs (the 4 frames of a latent frame are its still decode). The
-    streamed phase trains all of them from there."""
+    Here the past taps start at zero (the current one scaled to keep the output's spread), the encoder's temporal
+    downsampling keeps the centre frame of its stride-2 window (a latent frame is then the still encoding of the
+    first frame of its 4), and the decoder's temporal upsampling copies each frame to both of its outputs (the 4
+    frames of a latent frame are its still decode). The streamed phase trains all of them from there."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
     time_convs = {}
@@ -211,7 +211,8 @@ def train_stills(vae, opt, trained: list, pool: Pool, config: TrainConfig, gen: 
     vae_still_lr, for `seconds`. Stills train the spatial path of every layer at a small cost per sample (2D
     convolutions, still_convolutions): in 75 s on an H100 they reach 23.1 dB on a held-out face's stills where
     streamed clips reach 17.3 (vae_recipe_sweep.py, before the 2D path); a new VAE starts per-frame
-    (per_frame_start), so that holds on video too, and the streamed phase after them trains the temporal path.
+    (per_frame_start), so what they learn carries over to video, and the streamed phase after them trains the
+    temporal path.
     Returns the steps."""
     device = torch.device(config.device)
     size = pool.videos.shape[2]
