@@ -145,6 +145,16 @@ def reference_run(job, models, cache: Path | None, key: str) -> tuple[np.ndarray
     return frames, result.nfe, result.branch_forwards, result.windows, wall
 
 
+def models_for(loaded: dict, job, driver, inputs):
+    """The models `job` runs on, loaded once per driver.models_key into `loaded` and kept (batch's ModelSets holds one
+    set at a time; the methods here alternate between sets face after face)."""
+    key = driver.models_key(job, inputs)
+    if key not in loaded:
+        device = resolve_device(job.device)
+        loaded[key] = driver.load(job, inputs, device, resolve_dtype(job.dtype, device))
+    return loaded[key]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", default="3,11,23", help="demo-world identity seeds")
@@ -167,14 +177,6 @@ def main() -> None:
     scores: dict[str, list[tuple[float, ...]]] = {method.name: [] for method in table}
     references: list[tuple[float, ...]] = []
     loaded: dict[tuple, object] = {}  # models per driver.models_key: a method's dtype or numerics loads its own
-
-    def models_for(job, driver, inputs):
-        key = driver.models_key(job, inputs)
-        if key not in loaded:
-            device = resolve_device(job.device)
-            loaded[key] = driver.load(job, inputs, device, resolve_dtype(job.dtype, device))
-        return loaded[key]
-
     for face in [int(x) for x in args.faces.split(",")]:
         for clip in [int(x) for x in args.clips.split(",")]:
             portrait, talk = work / f"face{face}.png", work / f"talk{clip}.wav"
@@ -185,14 +187,14 @@ def main() -> None:
             job = dataclasses.replace(build_job({**values, "preset": "reference"}), null_sink=True)
             driver, inputs = prepare(job)
             key = f"reference-face{face}-clip{clip}-{args.seconds:g}s-{job.preset.size}-{args.device}"
-            reference, nfe, branches, windows, wall = reference_run(job, models_for(job, driver, inputs), args.cache,
-                                                                    key)
+            models = models_for(loaded, job, driver, inputs)
+            reference, nfe, branches, windows, wall = reference_run(job, models, args.cache, key)
             references.append((nfe / windows, branches / windows, branches / args.seconds, wall))
             print(f"face {face} clip {clip}: reference {wall:.0f} s, NFE {nfe}, branches {branches}, {windows} "
                   "windows", file=sys.stderr, flush=True)
             for method in table:
                 method_run = method_job(method, job, values, args.whole)
-                frames, result, wall = run(method_run, models_for(method_run, driver, inputs))
+                frames, result, wall = run(method_run, models_for(loaded, method_run, driver, inputs))
                 windows = result.windows
                 scores[method.name].append((psnr(frames, reference), result.nfe / windows,
                                             result.branch_forwards / windows,
