@@ -23,6 +23,7 @@ Prints a table last.
     python benchmarks/bench_transformer.py --fuse-qkv --ops  # + the per-op comparison
     python benchmarks/bench_transformer.py --fuse-qkv --precision fp8   # + fp8 rows (needs torchao, cudnn frontend)
     python benchmarks/bench_transformer.py --numerics --no-stock --repeat 3 --warmup 1   # the numerics table
+    python benchmarks/bench_transformer.py --numerics --numerics-rows fp8 --no-stock   # its fp8 rows only
     python benchmarks/bench_transformer.py --tiny --ops      # CPU smoke test of the script itself
     python benchmarks/bench_transformer.py --tiny --numerics --no-stock   # CPU smoke test of the numerics rows
 """
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--numerics", action="store_true",
                         help="the cfg window-step with reference and fast numerics, bf16 and fp8, eager and compiled "
                              "(each against the eager bf16 reference-numerics output and the fp32 forward)")
+    parser.add_argument("--numerics-rows", default="all", choices=["all", "bf16", "fp8"],
+                        help="with --numerics: which rows after the eager yardstick (default all)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -276,7 +279,7 @@ def main() -> None:
         profile_step("eager")
     if args.numerics:
         for numerics, fp8, compiled in NUMERICS_VARIANTS:
-            if compiled and args.no_compile:
+            if (compiled and args.no_compile) or args.numerics_rows == ("bf16" if fp8 else "fp8"):
                 continue
             label = f"{'fp8' if fp8 else {torch.bfloat16: 'bf16'}.get(dtype, 'fp32')} {numerics}"
             t = time.perf_counter()
