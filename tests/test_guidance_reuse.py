@@ -14,7 +14,7 @@ from avatarcli.presets import load_preset
 from avatarcli.sampling.denoiser import StableAvatarDenoiser
 from avatarcli.sampling.flashportrait import ExpressionGuidance, FlashPortraitDenoiser
 from avatarcli.sampling.guidance import Guidance
-from avatarcli.sampling.guidance_reuse import GuidanceReuse, merge_extras, split_extras
+from avatarcli.sampling.guidance_reuse import GuidanceReuse, estimate, merge_extras, split_extras
 from avatarcli.sampling.sampler import sample_streaming
 from avatarcli.sampling.schedule import flow_sigmas
 from avatarcli.sampling.windows import plan_windows
@@ -191,6 +191,26 @@ def test_reused_guidance_equals_full_guidance_when_the_differences_are_constant(
         torch.testing.assert_close(latents, full, rtol=1e-5, atol=1e-5)
 
 
+def test_one_full_step_is_enough_to_hold_and_its_error_estimate_is_the_whole_correction():
+    sigmas, plan = flow_sigmas(6), plan_windows(21, 21, 5, "linear")
+    full = sample(audio_denoiser(BranchModel(a=0.7), sigmas), sigmas, plan)
+    reusing = GuidanceReuse(warmup=1, max_reused=5, order=0, tolerance=ALWAYS).bind(
+        audio_denoiser(BranchModel(a=0.7), sigmas), sigmas)
+    reusing.trace = []
+    torch.testing.assert_close(sample(reusing, sigmas, plan), full, rtol=1e-5, atol=1e-5)
+    assert [reused for _, _, reused in reusing.trace] == [False] + [True] * 5  # one full step, then held
+    correction = torch.full((2, 3), 0.5)
+    held, error = estimate([0.9], [correction], 0.5, order=0)
+    torch.testing.assert_close(held, correction)
+    assert error == pytest.approx(float(correction.norm()))
+    # ... so under a tight tolerance a single correction is not held: the rule waits for a second full step
+    strict = GuidanceReuse(warmup=1, max_reused=5, order=0, tolerance=1e-3).bind(
+        audio_denoiser(BranchModel(a=0.7), sigmas), sigmas)
+    strict.trace = []
+    sample(strict, sigmas, plan)
+    assert [reused for _, _, reused in strict.trace][:2] == [False, False]
+
+
 def test_linear_extrapolation_is_exact_for_differences_linear_in_sigma_and_a_hold_is_not():
     sigmas, plan = flow_sigmas(10), plan_windows(21, 21, 5, "linear")
     full = sample(audio_denoiser(BranchModel(b=4.0), sigmas), sigmas, plan)
@@ -253,7 +273,7 @@ def test_settings_are_checked_by_the_preset_schema(tmp_path):
 
     path = tmp_path / "p.yaml"
     head = "description: t\nsteps: 20\nguidance: cfg\noverlap: 6\nblend: log\nsize: auto\nfps: 25\n"
-    for section, message in (("guidance_reuse:\n  warmup: 1\n", "guidance_reuse.warmup"),
+    for section, message in (("guidance_reuse:\n  warmup: 0\n", "guidance_reuse.warmup"),
                              ("guidance_reuse:\n  order: 2\n", "guidance_reuse.order"),
                              ("guidance_reuse:\n  skip: 2\n", "unknown key 'guidance_reuse.skip'")):
         path.write_text(head + section, encoding="utf-8")

@@ -42,8 +42,8 @@ class GuidanceReuse:
     """Guidance-reuse settings (a preset's `guidance_reuse` section; null: every computed step runs all branches).
     The limits are the only ones: presets and direct construction are checked against them (ValueError)."""
 
-    # the first computed steps of every window run full guidance (two give the first difference)
-    warmup: int = integer(2, 100, default=3)
+    # the first computed steps of every window run full guidance (one suffices to hold; two give a first difference)
+    warmup: int = integer(1, 100, default=3)
     # after the warmup, at most this many reused-guidance steps between full ones
     max_reused: int = integer(1, 20, default=1)
     # 0: hold the last correction; 1: extrapolate it linearly in sigma through the last two
@@ -115,7 +115,7 @@ class ReusingDenoiser:
     def planned_correction(self, state: _WindowState, sigma: float) -> torch.Tensor | None:
         """The correction to reuse at `sigma`, or None when this step runs full guidance (the rule above)."""
         s = self.settings
-        if not self.enabled or state.calls < s.warmup or state.run >= s.max_reused or len(state.sigmas) < 2:
+        if not self.enabled or state.calls < s.warmup or state.run >= s.max_reused or not state.sigmas:
             return None
         correction, error = estimate(state.sigmas, state.corrections, sigma, s.order)
         return correction if error <= s.tolerance * state.scale else None
@@ -142,12 +142,15 @@ class ReusingDenoiser:
 
 def estimate(sigmas: list[float], values: list[torch.Tensor], x: float, order: int) -> tuple[torch.Tensor, float]:
     """(the polynomial of degree `order` through the last values, at x; the norm of its estimated error): the
-    polynomial through one more stored value minus it, or with too few stored, the one through one fewer."""
+    polynomial through one more stored value minus it, or with too few stored, the one through one fewer (through
+    none: no correction at all, so a single stored correction held counts its whole norm as the error)."""
     from avatarcli.sampling.predict import extrapolate
 
     used = min(order + 1, len(sigmas))
     value = extrapolate(sigmas[-used:], values[-used:], x)
     other = used + 1 if len(sigmas) > used else used - 1
+    if other == 0:
+        return value, float(value.norm())
     reference = extrapolate(sigmas[-other:], values[-other:], x)
     return value, float((value - reference).norm())
 
