@@ -152,6 +152,12 @@ class stop_on_signals:
             raise KeyboardInterrupt
         self.exit_now()
 
+    @property
+    def stopped_at_once(self) -> bool:
+        """A second stop (or an escalated first) was raised in the main thread: whatever the job was doing then,
+        a save or a write included, was cut off, so any error it reports is this stop's doing."""
+        return self.signals >= 2
+
     def track(self, stage: str) -> None:
         """The job entered `stage` (from its progress callback, on the main thread)."""
         self.stage = stage

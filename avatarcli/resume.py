@@ -137,10 +137,14 @@ def describe_differences(saved: dict[str, str], now: dict[str, str]) -> str:
 
 def _write_atomically(path: Path, write) -> None:
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, or a stop that cut the write short: the last complete save stays
+        temp.unlink(missing_ok=True)
+        raise
     os.replace(temp, path)
     try:  # make the rename itself durable (power loss)
         folder = os.open(path.parent, os.O_RDONLY)

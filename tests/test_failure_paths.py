@@ -168,6 +168,47 @@ def test_a_stop_at_any_stage_exits_130_within_2_s_with_one_line(tmp_path, weight
         assert saved
 
 
+def test_a_second_stop_that_native_code_reports_as_its_own_error_is_still_an_interruption(tmp_path):
+    """torch.save turns a KeyboardInterrupt raised inside its writer into a RuntimeError ("unexpected pos"): after a
+    second stop that is exit 130 with the stop's line, not an internal error; and the cut-off write leaves no temp."""
+    from types import SimpleNamespace
+
+    from avatarcli.cli import _run_job
+    from avatarcli.errors import Interrupted
+    from avatarcli.resume import _write_atomically
+
+    def job_cut_off_in_a_save(job, on_progress, prepared, stop, trace):
+        on_progress(SimpleNamespace(stage="sample"))
+        signal.raise_signal(signal.SIGTERM)  # the first stop: it waits for the window-step, which saves
+        target = tmp_path / "state.pt"
+
+        def write(f):
+            f.write(b"partial")
+            signal.raise_signal(signal.SIGINT)  # the second stop, inside the save
+
+        try:
+            _write_atomically(target, write)
+        except KeyboardInterrupt:
+            left.extend(tmp_path.iterdir())
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1039616 vs 1039504")
+
+    def job_that_fails(job, on_progress, prepared, stop, trace):
+        raise RuntimeError("a bug")
+
+    left = []  # what the cut-off save left in its folder
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    job, prepared = SimpleNamespace(output=tmp_path / "talk.mp4"), (None, SimpleNamespace(fps=25.0))
+    try:
+        with pytest.raises(Interrupted, match="^interrupted by SIGTERM while sampling: nothing written to"):
+            _run_job(job_cut_off_in_a_save, job, prepared, silent=True)
+        assert left == []  # neither the state nor its temp file
+        with pytest.raises(RuntimeError, match="a bug"):  # without a stop, an error stays what it is (exit 1)
+            _run_job(job_that_fails, job, prepared, silent=True)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
 # ---- 2. the stages are visible, and the library prints nothing ------------------------------------------------------
 
 def test_the_load_and_feature_stages_show_a_status_line_then_the_bar(tmp_path, weights):
