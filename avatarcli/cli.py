@@ -208,10 +208,6 @@ def _run_job(run, job, prepared, silent: bool, trace=None):
             return run(job, on_progress=update, prepared=prepared, stop=stop, trace=trace)
     except KeyboardInterrupt:  # stopped at once: the sink removed its partial file, a saved run stays
         raise Interrupted(guard.line()) from None
-    except Exception as error:  # a second stop inside native code (torch.save, ffmpeg's pipe) reported as its error
-        if guard.stopped_at_once and not isinstance(error, Interrupted):
-            raise Interrupted(guard.line()) from None
-        raise
 
 
 def _check_weights(weights: Path | None) -> None:

@@ -152,12 +152,6 @@ class stop_on_signals:
             raise KeyboardInterrupt
         self.exit_now()
 
-    @property
-    def stopped_at_once(self) -> bool:
-        """A second stop (or an escalated first) was raised in the main thread: whatever the job was doing then,
-        a save or a write included, was cut off, so any error it reports is this stop's doing."""
-        return self.signals >= 2
-
     def track(self, stage: str) -> None:
         """The job entered `stage` (from its progress callback, on the main thread)."""
         self.stage = stage
@@ -207,6 +201,10 @@ class stop_on_signals:
             signal.signal(number, previous if not self.stop.requested else self.stopped_again)
         if isinstance(exc, AnimateInterrupted):
             raise Interrupted(str(exc)) from None  # one line on stderr, exit 130 (main)
+        if self.signals >= 2 and isinstance(exc, Exception) and not isinstance(exc, Interrupted):
+            # A second stop cut off whatever ran then; native code (torch.save's writer, a pipe to ffmpeg) reports
+            # the KeyboardInterrupt as its own error. It is still this stop.
+            raise Interrupted(self.line()) from None
         return False
 
 

@@ -3,7 +3,7 @@ shell would run it. Per case: the exit code, the seconds to exit (from the signa
 sent), and the lines on stderr (the status line and the progress bar, which redraw themselves, not counted).
 
     python benchmarks/bench_failures.py              # tiny random weights, 64x64, CPU; about 90 s
-    python benchmarks/bench_failures.py --only size,overwrite
+    python benchmarks/bench_failures.py --only inputs,second   # some groups only
 
 The disk-full case writes into a 64 KiB tmpfs and needs root (mount); elsewhere it is left out. Prints a table last.
 """
@@ -12,74 +12,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from avatarcli.media.audio import write_wav
 from avatarcli.testing import make_tiny_weights
+from avatarcli.testing.console import CLI, ConsoleRun, tone
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
-DRAWN = ("animate", "loading torch", "extracting features", "restoring the saved run", "window", "━", "0:0", "-:--")
 
 
-class Run:
-    """The console script in its own session (as a shell's job), its stderr read as it comes."""
-
-    def __init__(self, args, cwd: Path) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "200"}
-        self.started, self.signalled = time.monotonic(), None
-        self.process = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        env=env, cwd=cwd, start_new_session=True)
-        self.chunks: list[bytes] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while chunk := os.read(self.process.stderr.fileno(), 65536):
-            self.chunks.append(chunk)
-
-    def text(self) -> str:
-        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", b"".join(self.chunks).decode(errors="replace"))
-
-    def wait_for(self, words: str, timeout: float = 240) -> bool:
-        deadline = time.monotonic() + timeout
-        while words not in self.text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+class Run(ConsoleRun):
+    """A console run that ends in a table row."""
 
     def send(self, *names: str) -> None:
         for name in names:
             if self.process.poll() is None:
-                self.signalled = self.signalled or time.monotonic()
-                os.kill(self.process.pid, getattr(signal, name))
+                super().send(getattr(signal, name))
                 time.sleep(0.1)
 
     def result(self, case: str) -> dict:
-        code = self.process.wait(300)
-        seconds = time.monotonic() - (self.signalled or self.started)
-        self.reader.join(5)
-        lines = [line.strip() for line in self.text().replace("\r", "\n").splitlines()]
-        lines = [line for line in lines if re.search(r"[a-z]{3}", line) and not line.startswith(DRAWN)]
+        code, seconds = self.finish(300)
+        lines = self.message_lines()
         return {"case": case, "code": code, "seconds": seconds, "lines": len(lines), "first": lines[0] if lines else ""}
-
-
-def tone(path: Path, seconds: float) -> Path:
-    t = np.arange(int(seconds * 16000)) / 16000
-    write_wav(path, 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)))
-    return path
 
 
 def signal_cases(work: Path, animate) -> list[dict]:
@@ -90,7 +49,7 @@ def signal_cases(work: Path, animate) -> list[dict]:
                                ("sample", "window-steps 2/", ["SIGINT"]),
                                ("sample", "window-steps 2/", ["SIGTERM", "SIGINT"])):
         output = work / f"stop-{stage}-{len(names)}.mp4"
-        run = Run(animate(output), work)
+        run = Run(animate(output), cwd=work)
         run.wait_for(wait)
         if stage == "load":
             time.sleep(2.0)
@@ -117,16 +76,16 @@ def input_cases(work: Path, animate, weights: Path) -> list[dict]:
     }
     rows = []
     for case, args in cases.items():
-        run = Run(args, work)
+        run = Run(args, cwd=work)
         rows.append(run.result(case))
     return rows
 
 
 def second_run_case(work: Path, animate) -> list[dict]:
     output = work / "shared.mp4"
-    first = Run(animate(output), work)
+    first = Run(animate(output), cwd=work)
     first.wait_for("window-steps 1/")
-    second = Run(animate(output), work)
+    second = Run(animate(output), cwd=work)
     row = second.result("a second run on the same output")
     first.send("SIGKILL")
     first.result("")
@@ -141,7 +100,7 @@ def disk_full_case(work: Path, animate) -> list[dict]:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)]).returncode != 0:
         return []
     try:
-        return [Run(animate(folder / "talk.mp4"), work).result("a full disk (64 KiB tmpfs)")]
+        return [Run(animate(folder / "talk.mp4"), cwd=work).result("a full disk (64 KiB tmpfs)")]
     finally:
         subprocess.run(["umount", str(folder)])
 

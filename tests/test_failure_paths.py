@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from avatarcli.media.audio import write_wav
 from avatarcli.resume import resume_dir
 from avatarcli.testing import make_tiny_weights
+from avatarcli.testing.console import CLI, tone
+from avatarcli.testing.console import ConsoleRun as Run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
 TINY = ["--size", "64x64", "--steps", "2"]
 SECONDS_TO_EXIT = 2.0  # what the issue asks of every stop
 
@@ -41,61 +37,6 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     return tone(tmp_path_factory.mktemp("audio") / "speech.wav", 10.0)  # 5 windows: long enough to catch
-
-
-def tone(path: Path, seconds: float) -> Path:
-    t = np.arange(int(seconds * 16000)) / 16000
-    write_wav(path, 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)))
-    return path
-
-
-class Run:
-    """The console script in a subprocess (its own session, as a shell's job), its stderr collected as it comes."""
-
-    def __init__(self, args, env: dict | None = None) -> None:
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1",
-                    "COLUMNS": "200", **(env or {})}
-        self.process = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env=full_env, start_new_session=True)
-        self.chunks: list[bytes] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.signalled: float | None = None
-
-    def _read(self) -> None:
-        while chunk := os.read(self.process.stderr.fileno(), 65536):
-            self.chunks.append(chunk)
-
-    @property
-    def stderr(self) -> str:
-        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", b"".join(self.chunks).decode(errors="replace"))
-
-    def wait_for(self, found, timeout: float = 240) -> None:
-        """Until `found()` (or the text `found` on stderr); fails if the process ends first."""
-        test = found if callable(found) else lambda: found in self.stderr
-        deadline = time.monotonic() + timeout
-        while not test():
-            assert self.process.poll() is None, f"ended before {found!r}: {self.stderr[-2000:]}"
-            assert time.monotonic() < deadline, f"no {found!r} after {timeout} s"
-            time.sleep(0.005)
-
-    def send(self, sig: int) -> None:
-        self.signalled = self.signalled or time.monotonic()
-        os.kill(self.process.pid, sig)
-
-    def finish(self, timeout: float = 240) -> tuple[int, float]:
-        """Exit status, and seconds from the first signal to the exit."""
-        code = self.process.wait(timeout)
-        ended = time.monotonic()
-        self.reader.join(5)
-        return code, ended - (self.signalled or ended)
-
-    def message_lines(self) -> list[str]:
-        """stderr without the status line and the bar (redrawn many times over)."""
-        lines = [line.strip() for line in self.stderr.replace("\r", "\n").splitlines()]
-        drawn = ("animate", "loading torch", "extracting features", "restoring the saved run", "window", "━", "0:0",
-                 "-:--")
-        return [line for line in lines if re.search(r"[a-z]{3}", line) and not line.startswith(drawn)]
 
 
 def with_site(folder: Path) -> str:
