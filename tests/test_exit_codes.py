@@ -10,16 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import avatarcli
-from avatarcli.media.audio import write_wav
 from avatarcli.testing import make_tiny_weights
+from avatarcli.testing.console import CLI, tone
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
 
 
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -37,12 +34,6 @@ def one_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     return make_tiny_weights(tmp_path_factory.mktemp("weights"), model="stableavatar")
-
-
-def tone(path: Path, seconds: float) -> Path:
-    t = np.arange(int(seconds * 16000)) / 16000
-    write_wav(path, 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)))
-    return path
 
 
 def test_version_prints_the_package_version():
