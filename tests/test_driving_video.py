@@ -38,6 +38,18 @@ def test_probe_reports_size_fps_frames_and_no_audio(clip):
     assert (info.width, info.height, info.fps, info.frame_count, info.has_audio) == (192, 160, 25.0, 6, False)
 
 
+def test_the_frame_count_does_not_depend_on_ffmpegs_stats_line(clip, tmp_path, monkeypatch):
+    """ffmpeg 7.0 (imageio-ffmpeg 0.7) prints no "frame=" in the stats line of a stream copy: an ffmpeg that strips it
+    from every stderr line still gives the right count."""
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(f"#!/bin/sh\nexec 3>&1\n'{ffmpeg_exe()}' \"$@\" 2>&1 1>&3 3>&- | sed 's/frame= *[0-9]*//' >&2\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(wrapper))
+    from avatarcli.media import audio
+    assert audio.ffmpeg_exe() == str(wrapper)
+    assert probe_video(clip[0]).frame_count == 6
+
+
 def test_probe_sees_an_audio_track_and_an_ntsc_rate(tmp_path):
     path = write_driving_clip(tmp_path / "talk.mp4", synthetic_driving_frames(5, 64, 64), fps=30000 / 1001,
                               with_audio=True)

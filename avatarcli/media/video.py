@@ -111,8 +111,10 @@ def probe_video(path: str | Path, what: str = "driving video") -> VideoInfo:
     no readable video. The decodable audio length is read on demand (`VideoInfo.audio_seconds`)."""
     path = Path(path)
     _check_file(path, what)
+    # One framecrc line per packet on stdout: the count every ffmpeg version gives (the "frame=" of the stats line is
+    # missing for a stream copy in some, e.g. the 7.0 of imageio-ffmpeg 0.7).
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", _VIDEO_STREAM, "-c", "copy",
-               "-f", "null", "-"]
+               "-f", "framecrc", "-"]
     result = subprocess.run(command, capture_output=True, check=False)
     stderr = result.stderr.decode("utf-8", errors="replace")
     if result.returncode != 0:
@@ -131,8 +133,7 @@ def probe_video(path: str | Path, what: str = "driving video") -> VideoInfo:
     rotation = re.search(r"rotation of (-?\d+(?:\.\d+)?) degrees", header[header.find(stream):])
     if rotation is not None and round(abs(float(rotation.group(1)))) % 180 == 90:
         width, height = height, width
-    counts = re.findall(r"frame=\s*(\d+)", stderr)
-    frame_count = int(counts[-1]) if counts else 0
+    frame_count = sum(1 for line in result.stdout.splitlines() if line.strip() and not line.startswith(b"#"))
     if frame_count == 0:
         raise AvatarError(f"{what} {path} has no frames")
     fps = _parse_fps(stream)
