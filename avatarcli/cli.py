@@ -235,6 +235,7 @@ def _report(result, as_json: bool, quiet: bool, added_mp4: bool = False) -> None
         "world_size": result.world_size,
         "nfe_per_rank": result.nfe_per_rank,
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "background_timings": {k: round(v, 3) for k, v in result.background_timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "offload": result.offload, "decode_mode": result.decode_mode,
         "branch_batch": result.branch_batch,

@@ -92,7 +92,9 @@ class AnimateResult:
     wall_seconds: float
     windows: int
     steps: int
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # the main thread's stages: they add up to the wall
+    # work beside the main thread (the overlapped decoder's own seconds), not within `timings`
+    background_timings: dict[str, float] = field(default_factory=dict)
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
     resumed_from_frame: int = 0  # frames taken from a saved run (0: a fresh run)

@@ -585,11 +585,16 @@ def close_writer(writer, generation, totals: dict[str, float], job: AnimateJob, 
 
 def charge_decode(totals: dict[str, float], writer, overlap: bool) -> None:
     """Main-thread time on decoding ("decode"; overlapped: the waits for the worker) and on handing frames to the sink
-    ("encode"); an overlapped run adds the worker's own time as "decode_overlapped" (beside, not within, the others)."""
+    ("encode"), so that the timings add up to the wall time; the worker's own time is `background_timings`."""
     totals["decode"] = totals.get("decode", 0.0) + (writer.wait_seconds if overlap else writer.decode_seconds)
     totals["encode"] = totals.get("encode", 0.0) + (0.0 if overlap else writer.write_seconds)
-    if overlap:
-        totals["decode_overlapped"] = writer.decode_seconds + writer.write_seconds
+
+
+def background_timings(writer) -> dict[str, float]:
+    """Time spent beside the main thread: the overlapped decoder's worker, decoding and handing frames to the sink."""
+    if writer is None or not writer.mode.overlapped:
+        return {}
+    return {"decode": writer.decode_seconds + writer.write_seconds}
 
 
 # ---- the summary -------------------------------------------------------------------------------------------------
@@ -611,7 +616,7 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         output=None if job.null_sink or not launch.writes else job.output, driver=driver, frames=frames,
         fps=inputs.fps, width=inputs.width, height=inputs.height, video_seconds=frames / inputs.fps,
         wall_seconds=time.perf_counter() - started, windows=len(generation.plan.windows),
-        steps=len(generation.sigmas) - 1, timings=totals,
+        steps=len(generation.sigmas) - 1, timings=totals, background_timings=background_timings(writer),
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),

@@ -190,8 +190,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         result = animate(job, models=components)
-        worker = result.timings.get("decode_overlapped", 0.0)
-        stages = {k: v for k, v in result.timings.items() if k not in ("load", "decode_overlapped")}
+        worker = result.background_timings.get("decode", 0.0)
+        stages = {k: v for k, v in result.timings.items() if k != "load"}
         generation = sum(stages.values())  # time on the main thread; the decode worker runs beside it
         rows.append(dict(
             device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", seconds=seconds,
@@ -246,6 +246,8 @@ def replay(args, path: Path, components, work: Path, device: torch.device) -> di
         sys.exit(f"the replay ran {result.frames} frames, {result.nfe} forwards and {result.branch_forwards} branch "
                  f"forwards; the trace has {head['frames']}, {trace.forwards} and {trace.branch_forwards}")
     stages = dict(result.timings)
+    if result.background_timings:  # the overlapped decoder's own seconds, beside the main thread's
+        stages["decode_overlapped"] = result.background_timings["decode"]
     return dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", trace=path.name,
                 preset=head.get("preset", "?"), model=head.get("model", "?"), video=result.video_seconds,
                 windows=result.windows, steps=result.steps, forwards=result.nfe,

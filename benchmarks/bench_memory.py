@@ -55,7 +55,7 @@ def run_case(args, cap_gib: float, offload: str) -> dict:
     else:
         timings = result.timings
         row.update(wall=result.wall_seconds, features=timings.get("features", 0.0), dit=timings.get("dit", 0.0),
-                   decode=timings.get("decode", 0.0) + timings.get("decode_overlapped", 0.0),
+                   decode=timings.get("decode", 0.0) + result.background_timings.get("decode", 0.0),
                    decode_mode=result.decode_mode, frames=result.frames, branch_batch=result.branch_batch)
     row["stage_peaks_gib"] = stage.finish()
     if device.type == "cuda":

@@ -254,8 +254,8 @@ def test_a_full_disk_is_one_line_naming_the_output_and_ffmpeg_speaks_only_with_d
 
 def test_a_resume_restores_the_decoder_cache_and_its_timings_account_for_the_wall_time(tmp_path):
     """The demo model's VAE at 64x64: its cache (5 MB) is saved, so a resume replays nothing; `timings` sum to within
-    5% of `wall_seconds` (the replay used to be missing from them). The frames equal an uninterrupted run's
-    (tests/test_resume.py)."""
+    5% of `wall_seconds` (the replay used to be missing from them), also with the decode overlapped (its worker's own
+    seconds are `background_timings`, beside them). The frames equal an uninterrupted run's (tests/test_resume.py)."""
     import torch
 
     output = tmp_path / "talk.mp4"
@@ -269,12 +269,13 @@ def test_a_resume_restores_the_decoder_cache_and_its_timings_account_for_the_wal
     decoder = torch.load(resume_dir(output) / "state.pt", weights_only=True)["decoder"]
     assert decoder["cache"] is not None and decoder["replay"] is not None
 
-    resumed = subprocess.run([*CLI, *map(str, args), "--resume", "--json"], capture_output=True, text=True,
+    resumed = subprocess.run([*CLI, *map(str, args), "--resume", "--json", "--overlap-decode", "on"], capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from_frame"] > 0 and "resume" in summary["timings"]
     assert sum(summary["timings"].values()) == pytest.approx(summary["wall_seconds"], rel=0.05), summary
+    assert summary["background_timings"]["decode"] > 0, summary
 
 
 @pytest.fixture(scope="module")

@@ -363,6 +363,7 @@ def summary(result: AnimateResult) -> dict[str, Any]:
         "wall_seconds": round(result.wall_seconds, 3), "windows": result.windows, "steps": result.steps,
         "nfe": result.nfe, "branch_forwards": result.branch_forwards,
         "timings": {key: round(value, 3) for key, value in result.timings.items()},
+        "background_timings": {key: round(value, 3) for key, value in result.background_timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "resumed_from_frame": result.resumed_from_frame,
     }
