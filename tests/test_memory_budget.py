@@ -140,7 +140,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(one_thread):
     """3 latent frames of a demo-world clip through the demo VAE at 128x128: 2x2 tiles (8 latent pixels of overlap)
-    against the untiled stream: 49.6 dB, 99% of the values within 2, none more than 42 off (benchmarks/README.md)."""
+    against the untiled stream: 45.7 dB, 99% of the values within 5, none more than 27 off (benchmarks/README.md)."""
     from avatarcli.demo import world
     from avatarcli.demo.model import demo_weights_dir
     from avatarcli.features.image import encode_mode
@@ -156,7 +156,7 @@ def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(
     tiled = StreamingDecoder(vae, tiles=(2, 2)).push(latents)
     error = np.abs(tiled.astype(int) - full.astype(int))
     assert tiled.shape == full.shape == (9, 128, 128, 3)
-    assert psnr(tiled, full) > 49 and np.percentile(error, 99) <= 2 and error.max() <= 48
+    assert psnr(tiled, full) > 45 and np.percentile(error, 99) <= 5 and error.max() <= 32
 
 
 def test_a_tiled_stream_resumes_by_replay_to_the_same_frames(one_thread):
