@@ -14,10 +14,9 @@ import pytest
 
 from avatarcli.media.audio import SAMPLE_RATE, write_wav
 from avatarcli.testing import make_tiny_weights
+from avatarcli.testing.console import CLI
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
 HEAVY = ("torch", "diffusers", "transformers", "onnxruntime", "cv2")
 
 

@@ -11,7 +11,6 @@ import os
 import re
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from PIL import Image
 
 from avatarcli.media.audio import SAMPLE_RATE, is_silent, load_audio, write_wav
 from avatarcli.media.image import MAX_PIXELS, MAX_SIDE, MIN_SIDE, load_portrait
+from avatarcli.testing.console import CLI
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
 SILENT_LINE = "warning: the audio is silent: the portrait will not speak"
 
 

@@ -28,6 +28,7 @@ from avatarcli.media.audio import ffmpeg_exe, write_wav
 from avatarcli.options import HELP, build_job
 from avatarcli.presets import list_presets, load_preset, preset_yaml
 from avatarcli.resume import resume_dir
+from avatarcli.testing.console import CLI
 from test_input_edges import png_header_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,6 @@ PORTRAIT, SPEECH = EXAMPLES / "portrait.png", EXAMPLES / "speech.wav"
 NO_WEIGHTS = "/no/such/weights/folder"
 PROBE = ("import sys; from avatarcli.cli import main; code = main(sys.argv[1:]); "
          "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
-SCRIPT = Path(sys.executable).parent / "avatarcli"
-CLI = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "avatarcli"]
 
 
 def probe(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
