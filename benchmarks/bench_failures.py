@@ -58,7 +58,7 @@ def signal_cases(work: Path, animate) -> list[dict]:
     return rows
 
 
-def input_cases(work: Path, animate, weights: Path) -> list[dict]:
+def input_cases(work: Path, animate) -> list[dict]:
     done = work / "done.mp4"
     subprocess.run([*CLI, *map(str, animate(done, "--quiet"))], check=True, cwd=work)
     manifest = work / "typo.yaml"
@@ -132,7 +132,7 @@ def main() -> None:
         for name, group in (("signals", signal_cases), ("inputs", input_cases), ("second", second_run_case),
                             ("disk", disk_full_case)):
             if name in groups:
-                rows += group(work, animate, weights) if name == "inputs" else group(work, animate)
+                rows += group(work, animate)
                 print(table(rows[-1:]).splitlines()[-1] if rows else "", file=sys.stderr, flush=True)
     print("\n" + table(rows))
 

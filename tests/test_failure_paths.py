@@ -269,8 +269,8 @@ def test_a_resume_restores_the_decoder_cache_and_its_timings_account_for_the_wal
     decoder = torch.load(resume_dir(output) / "state.pt", weights_only=True)["decoder"]
     assert decoder["cache"] is not None and decoder["replay"] is not None
 
-    resumed = subprocess.run([*CLI, *map(str, args), "--resume", "--json", "--overlap-decode", "on"], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    resumed = subprocess.run([*CLI, *map(str, args), "--resume", "--json", "--overlap-decode", "on"],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from_frame"] > 0 and "resume" in summary["timings"]
