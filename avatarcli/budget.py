@@ -145,6 +145,38 @@ def choose_decode_mode(budget: int | None, width: int, height: int, dtype_bytes:
     return DecodeMode("tiled", min(grids, key=lambda grid: decode_bytes(width, height, dtype_bytes, grid)))
 
 
+# The Wan2.1 VAE encoder's plain chunk loop (diffusers' AutoencoderKLWan._encode), per input pixel in float32: its
+# peak working set above what was resident, 6.9 GiB at 480x832 on an H100 when it failed to allocate 0.86 GiB more
+# (bench_memory.py, 2026-12-07: the 12 GiB and 8 GiB caps alike), so at least 7.8 GiB: about 5,200 elements, rounded
+# up. The skipping path (features/image.py) checks its own extra separately.
+ENCODE_WORK_ELEMENTS_PER_PIXEL = 5400
+
+
+def encode_bytes(width: int, height: int, dtype_bytes: int) -> int:
+    """The reference encode's working memory at width x height (ENCODE_WORK_ELEMENTS_PER_PIXEL)."""
+    return ENCODE_WORK_ELEMENTS_PER_PIXEL * width * height * dtype_bytes
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    dit_to_host: bool  # the DiT leaves the GPU while the reference is encoded (and comes back after)
+    tiled: bool  # the encode runs in spatial tiles (diffusers' tiled_encode): within a tolerance, not bit for bit
+
+    def __str__(self) -> str:
+        return ("tiled" if self.tiled else "whole") + (", DiT on the host meanwhile" if self.dit_to_host else "")
+
+
+def choose_encode_plan(budget: int | None, need: int, dit_bytes: int) -> EncodePlan:
+    """How the reference encode (`need` bytes, encode_bytes) runs with `budget` bytes left: whole where it fits; whole
+    with the DiT (`dit_bytes` on the GPU, 0 when it cannot move: offloaded or quantized) moved to the host for it
+    where that makes room; else in spatial tiles (with the DiT moved too, if it can move)."""
+    if fits(budget, need):
+        return EncodePlan(False, False)
+    if dit_bytes and fits(budget + dit_bytes, need):
+        return EncodePlan(True, False)
+    return EncodePlan(bool(dit_bytes), True)
+
+
 def text_encoder_offloaded(budget: int | None, encoder_bytes: int, offload: str) -> bool:
     """Whether umT5 runs offloaded (its blocks streamed to the GPU one at a time): always with `--offload`, else when
     its weights (11.4 GB in bf16) do not fit beside what is loaded. It runs once per new prompt and is freed after."""

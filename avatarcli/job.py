@@ -106,4 +106,5 @@ class AnimateResult:
     compiled: bool = False  # the DiT blocks ran compiled (--compile on, or auto deciding so)
     offload: str = "none"  # where the DiT's weights waited between forwards: none | model | group | sequential
     decode_mode: str = ""  # how the frames were decoded: overlapped, inline or tiled RxC (avatarcli/budget.py)
+    encode_mode: str = ""  # how the reference was encoded: whole, or tiled; with the DiT on the host meanwhile
     branch_batch: int = 1  # guidance branches per forward: all, or fewer where memory is short (avatarcli/budget.py)

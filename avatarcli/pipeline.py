@@ -622,6 +622,6 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         resumed_from_frame=resumed_from, nfe=sum(nfe_per_rank[::context]), world_size=len(nfe_per_rank),
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
         compiled=is_compiled(generation.transformer), offload=job.offload,
-        decode_mode=str(writer.mode) if writer is not None else "",
+        decode_mode=str(writer.mode) if writer is not None else "", encode_mode=generation.encode_mode,
         branch_batch=branches_per_forward(generation.denoiser),
     )

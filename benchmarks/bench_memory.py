@@ -56,7 +56,8 @@ def run_case(args, cap_gib: float, offload: str) -> dict:
         timings = result.timings
         row.update(wall=result.wall_seconds, features=timings.get("features", 0.0), dit=timings.get("dit", 0.0),
                    decode=timings.get("decode", 0.0) + result.background_timings.get("decode", 0.0),
-                   decode_mode=result.decode_mode, frames=result.frames, branch_batch=result.branch_batch)
+                   decode_mode=result.decode_mode, encode_mode=result.encode_mode, frames=result.frames,
+                   branch_batch=result.branch_batch)
     row["stage_peaks_gib"] = stage.finish()
     if device.type == "cuda":
         row.update(peak_alloc_gib=torch.cuda.max_memory_allocated(device) / GIB,
@@ -165,16 +166,16 @@ def run_child(args, case: str, timeout: float) -> dict:
 
 def table(rows: list[dict], args) -> str:
     head = ("| cap GiB | offload | umT5 | status | wall s | features s | DiT s | decode s | peak alloc GiB | "
-            "peak reserved GiB | decode mode | branches per forward |")
+            "peak reserved GiB | reference encode | decode mode | branches per forward |")
     lines = [f"{args.size}, {args.seconds:g} s of speech, preset {args.preset}, {args.steps} steps", "", head,
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     for r in rows:
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "none"
         status = r["status"] if r["status"] == "ok" else f"{r['status']} ({r.get('stage', '')})"
         lines.append(f"| {cap} | {r['offload']} | {r.get('umt5', '')} | {status} | {r.get('wall', 0):.1f} | "
                      f"{r.get('features', 0):.1f} | {r.get('dit', 0):.1f} | {r.get('decode', 0):.1f} | "
                      f"{r.get('peak_alloc_gib', 0):.2f} | {r.get('peak_reserved_gib', 0):.2f} | "
-                     f"{r.get('decode_mode', '')} | {r.get('branch_batch', '')} |")
+                     f"{r.get('encode_mode', '')} | {r.get('decode_mode', '')} | {r.get('branch_batch', '')} |")
     lines.append("")
     for r in rows:  # where the memory went, and where a run failed
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "none"

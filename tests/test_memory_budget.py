@@ -14,11 +14,14 @@ import torch
 from avatarcli.budget import (
     GIB,
     DecodeMode,
+    EncodePlan,
     audio_memory_plan,
     choose_branch_batch,
     choose_decode_mode,
+    choose_encode_plan,
     decode_bytes,
     dit_forward_bytes,
+    encode_bytes,
     text_encoder_offloaded,
     tile_spans,
     usable_bytes,
@@ -107,6 +110,17 @@ def test_tiles_cut_the_working_memory_not_the_caches():
     assert str(choose_decode_mode(4 * GIB, 832, 480, 2, WINDOW_STEP)) == "tiled 1x2"  # landscape: split the width
 
 
+def test_the_reference_encode_runs_whole_moves_the_dit_or_tiles_by_the_memory_left():
+    need, dit = encode_bytes(480, 832, 4), 3 * GIB
+    assert 7.5 * GIB < need < 8.5 * GIB  # the 81-frame float32 encode at 480x832 (7.8 GiB measured at least)
+    assert choose_encode_plan(None, need, dit) == EncodePlan(False, False)  # the CPU
+    assert choose_encode_plan(20 * GIB, need, dit) == EncodePlan(False, False)
+    assert choose_encode_plan(8 * GIB, need, dit) == EncodePlan(True, False)  # 12 GiB card, DiT resident
+    assert choose_encode_plan(8 * GIB, need, 0) == EncodePlan(False, True)  # the DiT cannot move (offloaded, fp8)
+    assert choose_encode_plan(4 * GIB, need, dit) == EncodePlan(True, True)
+    assert str(EncodePlan(True, True)) == "tiled, DiT on the host meanwhile" and str(EncodePlan(False, False)) == "whole"
+
+
 def test_umt5_is_offloaded_with_offload_or_where_it_does_not_fit():
     umt5 = round(10.6 * GIB)
     assert not text_encoder_offloaded(None, umt5, "none") and text_encoder_offloaded(None, umt5, "group")
@@ -157,6 +171,62 @@ def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(
     error = np.abs(tiled.astype(int) - full.astype(int))
     assert tiled.shape == full.shape == (9, 128, 128, 3)
     assert psnr(tiled, full) > 45 and np.percentile(error, 99) <= 5 and error.max() <= 32
+
+
+def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_demo_vae(one_thread):
+    """The reference condition of demo faces at 128x128 in 64-pixel tiles (16 pixels of overlap: 9 tiles, the
+    overlap's share of diffusers' 256/192 tiles): the reference latents decode to 34.9-35.7 dB of the whole encode's,
+    0.3-0.5 dB further from the portrait (26.1-27.2 dB whole). The VAE's own tiling setting is restored after."""
+    from PIL import Image
+
+    from avatarcli.demo import world
+    from avatarcli.demo.model import demo_weights_dir
+    from avatarcli.features.image import reference_condition
+    from avatarcli.loading.components import load_vae
+
+    vae = load_vae(demo_weights_dir() / "Wan2.1-Fun-V1.1-1.3B-InP" / "Wan2.1_VAE.safetensors")
+    vae.tile_sample_min_height = vae.tile_sample_min_width = 64
+    vae.tile_sample_stride_height = vae.tile_sample_stride_width = 48
+    for seed in (3, 11):
+        portrait = world.render_video(seed, world.speech(0, 0.04), size=128)[0]
+        face = Image.fromarray(portrait)
+        whole = reference_condition(vae, face, 128, 128, 13)
+        tiled = reference_condition(vae, face, 128, 128, 13, tiled=True)
+        assert not vae.use_tiling and torch.equal(reference_condition(vae, face, 128, 128, 13), whole)
+        assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+        decoded = [StreamingDecoder(vae).push(c[:, 4:, :1])[0] for c in (whole, tiled)]  # normalised latents
+        assert psnr(decoded[1], decoded[0]) > 34
+        assert psnr(decoded[1], portrait) > psnr(decoded[0], portrait) - 0.7
+
+
+def test_only_a_plain_model_on_a_gpu_counts_as_movable():
+    from avatarcli.loading.memory import movable_gpu_bytes, on_host_while
+
+    model = torch.nn.Linear(4, 4)
+    assert movable_gpu_bytes(model) == 0 and movable_gpu_bytes(None) == 0  # on the host already
+    for move in (False, True):
+        with on_host_while(model, torch.device("cpu"), move=move):
+            assert model.weight.device.type == "cpu"
+
+
+def test_a_whole_reference_encode_that_runs_out_of_memory_is_retried_in_tiles(monkeypatch):
+    import avatarcli.features.image
+    from avatarcli.drivers.stableavatar import encode_reference
+
+    calls = []
+
+    def condition(vae, portrait, width, height, frames, tiled=False):
+        calls.append(tiled)
+        if not tiled:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 884.00 MiB")
+        return torch.zeros(1)
+
+    monkeypatch.setattr(avatarcli.features.image, "reference_condition", condition)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    inputs = type("Inputs", (), dict(portrait=None, width=64, height=64))()
+    vae = torch.nn.Linear(1, 1)
+    condition_, mode = encode_reference(vae, None, inputs, torch.device("cpu"))
+    assert calls == [False, True] and mode == "tiled"
 
 
 def test_a_tiled_stream_resumes_by_replay_to_the_same_frames(one_thread):
@@ -262,3 +332,4 @@ def test_json_summary_names_the_offload_and_a_tiled_decode(weights, speech, tmp_
                  "--offload", "model", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and (summary["offload"], summary["decode_mode"]) == ("model", "tiled 2x2")
+    assert summary["encode_mode"] == "whole"

@@ -50,6 +50,7 @@ class Generation:
     skip_frames: int = 0  # leading decoded frames that are not part of the output (FlashPortrait's reference slot)
     probe_blocks: tuple | None = None  # (first, last) transformer blocks: the step predictor's per-layer signal
     transformer: Any = None  # the DiT itself (context parallelism splits its forwards)
+    encode_mode: str = "whole"  # how the reference was encoded (budget.EncodePlan), for the run's summary
 
 
 class Driver(Protocol):

@@ -169,7 +169,7 @@ class StableAvatarDriver:
 
         preset = job.preset
         with clock("features"), torch.no_grad():
-            text, image_tokens, condition = self.portrait_conditioning(job, inputs, components, device)
+            text, image_tokens, (condition, encoded) = self.portrait_conditioning(job, inputs, components, device)
         if job.offload == "model":  # off the GPU while the encoders ran; on it from the first window-step on
             components.transformer.to(device)
         # the loaded VAE stays float32: the next job sharing these models encodes its reference with it
@@ -186,11 +186,14 @@ class StableAvatarDriver:
         blocks = components.transformer.blocks
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser, vae=vae, transformer=components.transformer,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8),
-                          probe_blocks=(blocks[0], blocks[-1]))
+                          probe_blocks=(blocks[0], blocks[-1]), encode_mode=encoded)
 
     def portrait_conditioning(self, job: AnimateJob, inputs: Inputs, components, device: torch.device):
-        """(negative and positive prompt embeddings, CLIP tokens, the reference condition of one window)."""
-        from avatarcli.features.image import clip_features, reference_condition
+        """(negative and positive prompt embeddings, CLIP tokens, (the reference condition of one window, how it was
+        encoded))."""
+        import torch
+
+        from avatarcli.features.image import clip_features
         from avatarcli.features.prompt_cache import prompt_embeddings
         from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
 
@@ -203,9 +206,35 @@ class StableAvatarDriver:
             from avatarcli.loading.memory import park_on_host
 
             park_on_host(components.image_encoder)
-        condition = reference_condition(components.vae.to(device), inputs.portrait, inputs.width, inputs.height,
-                                        num_frames=4 * (WINDOW_LATENT_FRAMES - 1) + 1)
+            torch.cuda.empty_cache()
+        condition = encode_reference(components.vae.to(device), components.transformer, inputs, device)
         return text, image_tokens, condition
+
+
+def encode_reference(vae, transformer, inputs: Inputs, device: torch.device) -> tuple[torch.Tensor, str]:
+    """(the reference condition of one window, how it was encoded), within the GPU memory left
+    (budget.choose_encode_plan): whole, or whole with the DiT on the host meanwhile, or in spatial tiles; a whole
+    encode that still runs out of memory is retried in tiles."""
+    import torch
+
+    from avatarcli.budget import EncodePlan, choose_encode_plan, device_budget, encode_bytes
+    from avatarcli.features.image import reference_condition
+    from avatarcli.loading.memory import movable_gpu_bytes, on_host_while
+
+    frames = 4 * (WINDOW_LATENT_FRAMES - 1) + 1
+    dtype_bytes = next(vae.parameters()).element_size()
+    plan = choose_encode_plan(device_budget(device), encode_bytes(inputs.width, inputs.height, dtype_bytes),
+                              movable_gpu_bytes(transformer))
+    with on_host_while(transformer, device, move=plan.dit_to_host):
+        try:
+            condition = reference_condition(vae, inputs.portrait, inputs.width, inputs.height, frames, plan.tiled)
+            return condition, str(plan)
+        except torch.OutOfMemoryError:
+            if plan.tiled:
+                raise
+        torch.cuda.empty_cache()
+        plan = EncodePlan(plan.dit_to_host, tiled=True)
+        return reference_condition(vae, inputs.portrait, inputs.width, inputs.height, frames, True), str(plan)
 
 
 def place_models(components, offload: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -23,7 +23,8 @@ the same latents bit for bit as `vae.encode(video).latent_dist.mode()` but skips
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,13 +74,15 @@ def clip_features(image_encoder: CLIPVisionModel, image: Image.Image, width: int
 
 @torch.no_grad()
 def reference_condition(
-    vae: AutoencoderKLWan, image: Image.Image, width: int, height: int, num_frames: int = 81,
+    vae: AutoencoderKLWan, image: Image.Image, width: int, height: int, num_frames: int = 81, tiled: bool = False,
 ) -> torch.Tensor:
     """y = [mask (4) | normalised VAE latent mode (16)] of the clip [reference, num_frames-1 zero frames].
 
     Shape [1, 20, F_lat, H/8, W/8] with F_lat = (num_frames-1)/4 + 1. The mask is 1 on all four channels at latent
     frame 0 (its first pixel frame repeated 4x) and 0 elsewhere; the latents are (mode - latents_mean) / latents_std.
     Same layout as diffusers' WanImageToVideoPipeline and StableAvatar's long pipeline.
+    `tiled`: encode in diffusers' overlapping spatial tiles (a tile's working memory instead of the frame's), where
+    the frame is larger than a tile: close to the whole-frame latents, not bit for bit (budget.choose_encode_plan).
     """
     temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
     if (num_frames - 1) % temporal:
@@ -89,13 +92,25 @@ def reference_condition(
     parameter = next(vae.parameters())
     video = torch.zeros(1, 3, num_frames, height, width)
     video[:, :, 0] = reference_pixels(image, width, height)[0]
-    latents = encode_mode(vae, video.to(parameter.device, parameter.dtype))
+    with _tiling(vae, tiled):
+        latents = encode_mode(vae, video.to(parameter.device, parameter.dtype))
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
     latents = (latents - mean) / std
     mask = torch.zeros(1, MASK_CHANNELS, *latents.shape[2:]).to(latents)
     mask[:, :, 0] = 1.0
     return torch.cat([mask, latents], dim=1)
+
+
+@contextmanager
+def _tiling(vae: AutoencoderKLWan, on: bool) -> Iterator[None]:
+    """diffusers' spatial tiling of `vae` on for the block (when `on`), as it was after."""
+    was = vae.use_tiling
+    vae.use_tiling = was or on
+    try:
+        yield
+    finally:
+        vae.use_tiling = was
 
 
 # --- the VAE encode, without the steps that repeat ------------------------------------------------------------------

@@ -14,6 +14,8 @@ Both go through diffusers/accelerate machinery rather than our own:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +101,32 @@ def park_on_host(*modules: torch.nn.Module | None) -> None:
     for module in modules:
         if module is not None and any(p.device.type != "cpu" for p in module.parameters()):
             module.to("cpu")
+
+
+def movable_gpu_bytes(model: torch.nn.Module | None) -> int:
+    """The bytes of `model`'s parameters and buffers on a GPU that `.to("cpu")` can free: 0 when offload hooks manage
+    its placement or its weights are not plain tensors (fp8 subclasses)."""
+    if model is None or has_offload_hooks(model):
+        return 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(type(t.data) is not torch.Tensor for t in tensors):
+        return 0
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
+
+
+@contextmanager
+def on_host_while(model: torch.nn.Module | None, device: torch.device, move: bool = True) -> Iterator[None]:
+    """`model` on the host for the block and back on `device` after (when `move`): room on the GPU for a transient
+    that does not fit beside it (a copy of its weights each way, ~1 s for 3 GB)."""
+    if not move or model is None:
+        yield
+        return
+    model.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        model.to(device)
 
 
 def has_offload_hooks(model: torch.nn.Module) -> bool:
