@@ -172,7 +172,8 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     device = torch.device(config.device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 300)
     torch.manual_seed(config.seed + 301)
-    model = (model if model is not None else new_transformer(config.sizes)).to(device).float().train()
+    fresh = model is None  # a model trained on (--init) starts its average at full memory: no short early window
+    model = (new_transformer(config.sizes) if fresh else model).to(device).float().train()
     model.requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit_param_groups(model, config.dit_audio_lr_scale), lr=config.dit_lr, betas=(0.9, 0.99))
@@ -188,7 +189,7 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema_update(ema, model, config.ema, step)
+        ema_update(ema, model, config.ema, step if fresh else 10**9)
         losses.append(loss.item() if step % 10 == 0 else losses[-1] if losses else loss.item())
         if step % 200 == 0:
             log(f"dit step {step} loss {np.mean(losses[-200:]):.4f} ({time.perf_counter() - deadline.start:.0f} s)")
