@@ -145,11 +145,12 @@ def choose_decode_mode(budget: int | None, width: int, height: int, dtype_bytes:
     return DecodeMode("tiled", min(grids, key=lambda grid: decode_bytes(width, height, dtype_bytes, grid)))
 
 
-# The Wan2.1 VAE encoder's plain chunk loop (diffusers' AutoencoderKLWan._encode), per input pixel in float32: its
-# peak working set above what was resident, 6.9 GiB at 480x832 on an H100 when it failed to allocate 0.86 GiB more
-# (bench_memory.py, 2026-12-07: the 12 GiB and 8 GiB caps alike), so at least 7.8 GiB: about 5,200 elements, rounded
-# up. The skipping path (features/image.py) checks its own extra separately.
-ENCODE_WORK_ELEMENTS_PER_PIXEL = 5400
+# The Wan2.1 VAE encoder's plain chunk loop (diffusers' AutoencoderKLWan._encode) of the 81-frame reference clip, per
+# input pixel in float32: lower bounds from runs that ran out of memory at 480x832 on an H100 (bench_memory.py,
+# 2026-12-07): 6.5 GiB above what was resident under an 8 GiB cap and 6.9 GiB under 12 GiB, each failing to allocate
+# 0.86 GiB more; then, with the DiT moved off under the 12 GiB cap, 10.2 GiB above what stayed (an estimate of 5,400
+# elements had let it try): at least 6,860 elements. The skipping path (features/image.py) checks its own extra.
+ENCODE_WORK_ELEMENTS_PER_PIXEL = 7000
 
 
 def encode_bytes(width: int, height: int, dtype_bytes: int) -> int:
@@ -161,9 +162,11 @@ def encode_bytes(width: int, height: int, dtype_bytes: int) -> int:
 class EncodePlan:
     dit_to_host: bool  # the DiT leaves the GPU while the reference is encoded (and comes back after)
     tiled: bool  # the encode runs in spatial tiles (diffusers' tiled_encode): within a tolerance, not bit for bit
+    retried: bool = False  # tiled after a whole encode ran out of memory
 
     def __str__(self) -> str:
-        return ("tiled" if self.tiled else "whole") + (", DiT on the host meanwhile" if self.dit_to_host else "")
+        mode = "tiled after a whole encode ran out of memory" if self.retried else "tiled" if self.tiled else "whole"
+        return mode + (", DiT on the host meanwhile" if self.dit_to_host else "")
 
 
 def choose_encode_plan(budget: int | None, need: int, dit_bytes: int) -> EncodePlan:

@@ -112,11 +112,11 @@ def test_tiles_cut_the_working_memory_not_the_caches():
 
 def test_the_reference_encode_runs_whole_moves_the_dit_or_tiles_by_the_memory_left():
     need, dit = encode_bytes(480, 832, 4), 3 * GIB
-    assert 7.5 * GIB < need < 8.5 * GIB  # the 81-frame float32 encode at 480x832 (7.8 GiB measured at least)
+    assert 10.2 * GIB < need < 11 * GIB  # the 81-frame float32 encode at 480x832 (10.2 GiB measured at least)
     assert choose_encode_plan(None, need, dit) == EncodePlan(False, False)  # the CPU
-    assert choose_encode_plan(20 * GIB, need, dit) == EncodePlan(False, False)
-    assert choose_encode_plan(8 * GIB, need, dit) == EncodePlan(True, False)  # 12 GiB card, DiT resident
-    assert choose_encode_plan(8 * GIB, need, 0) == EncodePlan(False, True)  # the DiT cannot move (offloaded, fp8)
+    assert choose_encode_plan(20 * GIB, need, dit) == EncodePlan(False, False)  # a 24 GiB card
+    assert choose_encode_plan(10 * GIB, need, dit) == EncodePlan(True, False)  # 16 GiB, the DiT resident
+    assert choose_encode_plan(10 * GIB, need, 0) == EncodePlan(False, True)  # the DiT cannot move (offloaded, fp8)
     assert choose_encode_plan(4 * GIB, need, dit) == EncodePlan(True, True)
     assert str(EncodePlan(True, True)) == "tiled, DiT on the host meanwhile" and str(EncodePlan(False, False)) == "whole"
 
@@ -176,7 +176,8 @@ def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(
 def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_demo_vae(one_thread):
     """The reference condition of demo faces at 128x128 in 64-pixel tiles (16 pixels of overlap: 9 tiles, the
     overlap's share of diffusers' 256/192 tiles): the reference latents decode to 34.9-35.7 dB of the whole encode's,
-    0.3-0.5 dB further from the portrait (26.1-27.2 dB whole). The VAE's own tiling setting is restored after."""
+    0.3-0.5 dB further from the portrait (26.1-27.2 dB whole; faces 3, 11, 23). The VAE's own tiling setting is
+    restored after."""
     from PIL import Image
 
     from avatarcli.demo import world
@@ -195,7 +196,7 @@ def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_de
         assert not vae.use_tiling and torch.equal(reference_condition(vae, face, 128, 128, 13), whole)
         assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
         decoded = [StreamingDecoder(vae).push(c[:, 4:, :1])[0] for c in (whole, tiled)]  # normalised latents
-        assert psnr(decoded[1], decoded[0]) > 34
+        assert psnr(decoded[1], decoded[0]) > 34.5
         assert psnr(decoded[1], portrait) > psnr(decoded[0], portrait) - 0.7
 
 
@@ -226,7 +227,7 @@ def test_a_whole_reference_encode_that_runs_out_of_memory_is_retried_in_tiles(mo
     inputs = type("Inputs", (), dict(portrait=None, width=64, height=64))()
     vae = torch.nn.Linear(1, 1)
     condition_, mode = encode_reference(vae, None, inputs, torch.device("cpu"))
-    assert calls == [False, True] and mode == "tiled"
+    assert calls == [False, True] and mode == "tiled after a whole encode ran out of memory"
 
 
 def test_a_tiled_stream_resumes_by_replay_to_the_same_frames(one_thread):

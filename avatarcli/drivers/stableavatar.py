@@ -233,7 +233,7 @@ def encode_reference(vae, transformer, inputs: Inputs, device: torch.device) -> 
             if plan.tiled:
                 raise
         torch.cuda.empty_cache()
-        plan = EncodePlan(plan.dit_to_host, tiled=True)
+        plan = EncodePlan(plan.dit_to_host, tiled=True, retried=True)
         return reference_condition(vae, inputs.portrait, inputs.width, inputs.height, frames, True), str(plan)
 
 
