@@ -314,7 +314,8 @@ def test_live_plans_fewer_forwards_per_window_than_fast():
     assert computed_steps_per_window(load_preset("live")) < computed_steps_per_window(load_preset("fast"))
 
 
-def test_live_computes_two_of_its_steps_in_every_window_whatever_the_velocity():
+@pytest.mark.parametrize("steps,per_window", [(None, 1), (3, 2)])  # as shipped; the 3-step live of before
+def test_live_computes_a_fixed_number_of_steps_in_every_window_whatever_the_velocity(steps, per_window):
     import torch
 
     from avatarcli.sampling.predict import CountedDenoiser
@@ -322,7 +323,7 @@ def test_live_computes_two_of_its_steps_in_every_window_whatever_the_velocity():
     from avatarcli.sampling.schedule import flow_sigmas
     from avatarcli.sampling.windows import plan_windows
 
-    live = load_preset("live")
+    live = load_preset("live") if steps is None else load_preset("live").with_overrides(steps=steps)
     plan, sigmas = plan_windows(60, 21, live.overlap, live.blend), flow_sigmas(live.steps, live.shift)
     mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
 
@@ -332,7 +333,7 @@ def test_live_computes_two_of_its_steps_in_every_window_whatever_the_velocity():
     counted = CountedDenoiser(bent)
     noise = torch.randn(1, 4, plan.latent_frames, 2, 3, generator=torch.Generator().manual_seed(1))
     sample_joint(plan, sigmas, noise, live.prediction.bind(counted, sigmas))
-    assert counted.calls == 2 * len(plan.windows)
+    assert counted.calls == per_window * len(plan.windows)
 
 
 # ---- the schema: declared once on the fields -----------------------------------------------------------------------
