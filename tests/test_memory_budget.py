@@ -200,7 +200,7 @@ def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_de
         assert psnr(decoded[1], portrait) > psnr(decoded[0], portrait) - 0.7
 
 
-def test_only_a_plain_model_on_a_gpu_counts_as_movable():
+def test_a_model_on_the_host_has_no_gpu_bytes_to_move_and_stays_there():
     from avatarcli.loading.memory import movable_gpu_bytes, on_host_while
 
     model = torch.nn.Linear(4, 4)

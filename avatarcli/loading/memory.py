@@ -121,7 +121,7 @@ def on_host_while(model: torch.nn.Module | None, device: torch.device, move: boo
     if not move or model is None:
         yield
         return
-    model.to("cpu")
+    park_on_host(model)
     torch.cuda.empty_cache()
     try:
         yield
