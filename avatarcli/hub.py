@@ -46,6 +46,9 @@ class ModelSpec:
     approx_size_gb: float = 0.0
     # A model assembled from several repos: (subfolder, part) pairs; each part is fetched into its subfolder.
     parts: tuple[tuple[str, "ModelSpec"], ...] = ()
+    # Files a download fetches beside `allow_patterns` that only some jobs need: a cached copy without them (one
+    # fetched before they were added) still counts as complete (resolve_weights' `also` asks for them).
+    optional_files: tuple[str, ...] = ()
 
 
 _WAV2VEC = "wav2vec2-base-960h"
@@ -90,10 +93,12 @@ STABLEAVATAR = ModelSpec(
     approx_size_gb=24.0,
 )
 
-# FlashPortrait (flashportrait.md §2): FrancisRing/FlashPortrait's transformer.pt, portrait encoder and face files
-# (not the 4-step LoRA or the tiny VAE) in FlashPortrait/, and the original-layout Wan2.1-I2V-14B-720P in
+# FlashPortrait (flashportrait.md §2): FrancisRing/FlashPortrait's transformer.pt, portrait encoder and face files,
+# and the files of its 4-step path (the step-distill LoRA and the tiny VAE: fetched with the rest, required only by a
+# job that uses them, see resolve_weights' `also`) in FlashPortrait/, and the original-layout Wan2.1-I2V-14B-720P in
 # Wan2.1-I2V-14B-720P/ (not its xlm-roberta-large/ CLIP tokenizer: the portrait is never captioned).
 _FP_FILES = ("transformer.pt", "portrait_encoder.pt", "pd_fpg.pth", "face_det.onnx", "face_landmark.onnx")
+FP_TURBO_FILES = ("fast_lora_rank64.safetensors", "fast_vae.pth")
 _I2V_FILES = ("config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
               "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
               "google/umt5-xxl/tokenizer_config.json",
@@ -104,15 +109,17 @@ FLASHPORTRAIT = ModelSpec(
     allow_patterns=(),
     parts=(
         ("FlashPortrait", ModelSpec(repo_id="FrancisRing/FlashPortrait", allow_patterns=_FP_FILES,
-                                    required_files=_FP_FILES, description="FlashPortrait files")),
+                                    optional_files=FP_TURBO_FILES, required_files=_FP_FILES,
+                                    description="FlashPortrait files")),
         ("Wan2.1-I2V-14B-720P", ModelSpec(
             repo_id="Wan-AI/Wan2.1-I2V-14B-720P", description="Wan2.1-I2V-14B-720P, original layout",
             allow_patterns=tuple(f for f in _I2V_FILES if not f.startswith("google/")) + ("google/umt5-xxl/*",),
             required_files=_I2V_FILES,
             required_any=(("google/umt5-xxl/tokenizer.json", "google/umt5-xxl/spiece.model"),))),
     ),
-    # Estimate: 16.4B-parameter base DiT in float32 66 + umT5 11.4 + CLIP 4.8 + VAE 0.5 + FlashPortrait files.
-    approx_size_gb=120.0,
+    # Estimate: 16.4B-parameter base DiT in float32 66 + umT5 11.4 + CLIP 4.8 + VAE 0.5 + FlashPortrait files (the
+    # rank-64 LoRA of the 14B DiT under 1).
+    approx_size_gb=121.0,
 )
 
 MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR, "flashportrait": FLASHPORTRAIT}
@@ -205,10 +212,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _snapshot(spec: ModelSpec, local_dir: Path | None, local_files_only: bool, progress: bool) -> Path:
+    patterns = spec.allow_patterns + (() if local_files_only else spec.optional_files)
     folder = huggingface_hub.snapshot_download(
         spec.repo_id,
         revision=spec.revision,
-        allow_patterns=list(spec.allow_patterns),
+        allow_patterns=list(patterns),
         ignore_patterns=list(spec.ignore_patterns) or None,
         local_dir=local_dir,
         cache_dir=None if local_dir is not None else hub_cache_dir(),
@@ -313,15 +321,17 @@ def check_weights_dir(weights_dir: Path) -> Path:
                              "use (and fill) the Hub cache")
 
 
-def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -> Path:
+def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool, also: tuple[str, ...] = ()) -> Path:
     """The folder to load model `name` from.
 
     A user-given `weights_dir` is used as is and must be complete. Otherwise the Hub cache is used,
     and if it lacks files the model is downloaded when `allow_download` is set and the Hub is online.
+    `also`: files beyond the required ones that this job needs (relative paths the model's download fetches, e.g.
+    FlashPortrait's 4-step LoRA); a cached copy without them is completed like one missing a required file.
     """
     if weights_dir is not None:
         weights_dir = check_weights_dir(weights_dir)
-        missing = missing_files(name, weights_dir)
+        missing = missing_files(name, weights_dir) + _absent(weights_dir, also)
         if missing:
             raise EnvironmentProblem(
                 f"--weights folder {weights_dir} lacks {missing[0]}"
@@ -331,7 +341,7 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
         return weights_dir
 
     folder = cached_weights(name)
-    if folder is not None:
+    if folder is not None and not _absent(folder, also):
         return folder
     if is_offline():
         raise EnvironmentProblem(_offline_message(name))
@@ -339,7 +349,16 @@ def resolve_weights(name: str, weights_dir: Path | None, allow_download: bool) -
         raise EnvironmentProblem(
             f"{name} weights are not downloaded: run `avatarcli download {name}`, or pass --weights DIR"
         )
-    return download(name)
+    folder = download(name)
+    absent = _absent(folder, also)
+    if absent:
+        raise EnvironmentProblem(f"the download of {name} lacks {absent[0]}: its Hub repo no longer provides it; pass "
+                                 "--weights DIR with a copy that has it")
+    return folder
+
+
+def _absent(folder: Path, paths: tuple[str, ...]) -> list[str]:
+    return [path for path in paths if not (folder / path).is_file()]
 
 
 def _register_sfd_models() -> None:

@@ -10,8 +10,10 @@ from avatarcli import hub
 from hub_server import FakeHub
 from test_hub import files_under, hub_env  # noqa: F401  (fixture)
 
-FP_WANTED = ["transformer.pt", "portrait_encoder.pt", "pd_fpg.pth", "face_det.onnx", "face_landmark.onnx"]
-FP_UNWANTED = ["fast_lora_rank64.safetensors", "fast_vae.pth", "README.md"]
+FP_REQUIRED = ["transformer.pt", "portrait_encoder.pt", "pd_fpg.pth", "face_det.onnx", "face_landmark.onnx"]
+FP_TURBO = ["fast_lora_rank64.safetensors", "fast_vae.pth"]  # fetched, required only by the turbo path
+FP_WANTED = FP_REQUIRED + FP_TURBO
+FP_UNWANTED = ["README.md"]
 WAN_WANTED = ["config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
               "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
               "google/umt5-xxl/tokenizer_config.json", "google/umt5-xxl/spiece.model",
@@ -59,3 +61,40 @@ def test_weights_folder_missing_a_shard_names_it(tmp_path, hub_env):  # noqa: F8
     assert hub.missing_files("flashportrait", tmp_path) == [
         "Wan2.1-I2V-14B-720P/diffusion_pytorch_model-00003-of-00007.safetensors"]
     assert "FlashPortrait/transformer.pt" in hub.required_files("flashportrait")
+
+
+TURBO = tuple(f"FlashPortrait/{name}" for name in FP_TURBO)
+
+
+def test_only_a_job_on_the_4_step_path_requires_its_lora_and_tiny_vae(tmp_path, hub_env):  # noqa: F811
+    for path in EXPECTED:
+        if path not in TURBO:
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_bytes(b"x")
+    assert hub.missing_files("flashportrait", tmp_path) == []
+    assert hub.resolve_weights("flashportrait", tmp_path, allow_download=False) == tmp_path
+    with pytest.raises(hub.EnvironmentProblem, match="lacks FlashPortrait/fast_lora_rank64.safetensors \\(and 1 more"):
+        hub.resolve_weights("flashportrait", tmp_path, allow_download=False, also=TURBO)
+
+
+def test_a_cached_copy_without_the_4_step_files_is_completed_when_a_job_needs_them(fake_hub):
+    hub.download("flashportrait", progress=False)
+    cached = hub.cached_weights("flashportrait")
+    for path in TURBO:  # as a copy downloaded before they were fetched
+        blob = (cached / path).resolve()
+        (cached / path).unlink()
+        blob.unlink()
+    fake_hub.clear()
+    assert hub.resolve_weights("flashportrait", None, allow_download=True) == cached  # not needed: no request
+    assert fake_hub.requests == []
+    folder = hub.resolve_weights("flashportrait", None, allow_download=True, also=TURBO)
+    assert all((folder / path).is_file() for path in TURBO)
+    assert sorted(path.rsplit("/", 1)[-1] for path in fake_hub.file_gets()) == sorted(FP_TURBO)
+
+
+def test_the_turbo_preset_asks_for_both_files_and_the_default_for_none():
+    from avatarcli.drivers.flashportrait import turbo_files
+    from avatarcli.presets import load_preset
+
+    assert turbo_files(load_preset("turbo").for_driver("driving")) == TURBO
+    assert turbo_files(load_preset("reference").for_driver("driving")) == ()

@@ -99,7 +99,7 @@ class FlashPortraitDriver:
         from avatarcli.models.wan import use_numerics
         from avatarcli.runtime import quiet_diffusers
 
-        weights = resolve_weights("flashportrait", job.weights, job.allow_download)
+        weights = resolve_weights("flashportrait", job.weights, job.allow_download, also=turbo_files(job.preset))
         offloaded = job.offload != "none" or job.weights_dtype == "fp8"
         disk_prompts = self.prompt_cache(weights, device)
         cached = disk_prompts.get((job.negative_prompt, job.prompt)) is not None
@@ -188,6 +188,17 @@ class FlashPortraitDriver:
         condition = reference_condition(parts.vae, portrait, inputs.width, inputs.height,
                                         num_frames=pixel_frames_for(window_frames))
         return pixel_features, text, image_tokens, condition
+
+
+def turbo_files(preset) -> tuple[str, ...]:
+    """The files of FlashPortrait's 4-step path that `preset` uses, relative to the weights folder (the download
+    fetches them; only a job that uses them requires them)."""
+    from avatarcli.loading.lora import FAST_LORA_FILE
+    from avatarcli.loading.taehv import FAST_VAE_FILE
+
+    files = [FAST_LORA_FILE] if preset.lora_strength else []
+    files += [FAST_VAE_FILE] if preset.decoder == "tiny" else []
+    return tuple(f"{FLASHPORTRAIT_FOLDER}/{name}" for name in files)
 
 
 def _schedule(preset):
