@@ -122,7 +122,13 @@ FLASHPORTRAIT = ModelSpec(
     approx_size_gb=121.0,
 )
 
-MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR, "flashportrait": FLASHPORTRAIT}
+# The tiny Wan2.1 video decoder (TAEHV "taew2_1") alone, as FlashPortrait publishes it: what `--audio --decoder tiny`
+# needs beside the StableAvatar files (the two models share the Wan2.1 latent space).
+TAEHV = ModelSpec(repo_id="FrancisRing/FlashPortrait", allow_patterns=FP_TURBO_FILES[1:],
+                  required_files=FP_TURBO_FILES[1:], approx_size_gb=0.03,
+                  description="the tiny Wan2.1 video decoder (TAEHV) for --decoder tiny")
+
+MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR, "flashportrait": FLASHPORTRAIT, "taehv": TAEHV}
 
 
 def register_model(name: str, spec: ModelSpec) -> None:

@@ -62,7 +62,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
     _opt("overlap", int, "preset", "Latent frames shared by neighbouring windows."),
     _opt("blend", str, "preset", "Overlap blend weights: log, uniform or linear."),
     _opt("checkpoint", str, "preset", "auto, square or rec-vec."),
-    _opt("decoder", str, "preset", "--driving: full (Wan VAE) or tiny (TAEHV fast_vae.pth) [preset]."),
+    _opt("decoder", str, "preset", "full (Wan VAE) or tiny (TAEHV fast_vae.pth: several times faster, less exact; "
+                                   "--audio fetches it as `avatarcli download taehv`) [preset]."),
     _opt("offload", str, "job", "none, model, group or sequential CPU offload of the DiT (and umT5) for small GPUs.",
          OFFLOAD_MODES),
     _opt("weights_dtype", str, "job", "--driving: auto or fp8 (fp8 weight storage, bf16 compute).", WEIGHTS_DTYPES),

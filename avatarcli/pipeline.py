@@ -540,12 +540,16 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clo
     `decode_mode` picks (the writer's `mode`, which the summary reports); a resumed run's decoder continues from its
     saved state (its cache loaded, or rebuilt by a replay: the "resume" stage). A stop pauses the decoder between
     latent frames (the rest is saved with it), so a save need not wait for a whole chunk to decode."""
+    from avatarcli.compilation import is_compiled
     from avatarcli.decode.overlap import OverlappedWriter, SerialWriter
+    from avatarcli.decode.speed import choose_levers, speed_up_decoder
     from avatarcli.decode.stream import StreamingDecoder
 
     mode = decode_mode(job, inputs, generation, device)
-    decoder = generation.decoder
+    decoder, levers = generation.decoder, ()
     if decoder is None:
+        levers = speed_up_decoder(generation.vae, choose_levers(job.decode_levers, is_compiled(generation.transformer),
+                                                                tiled=mode.tiles != (1, 1)))
         decoder = StreamingDecoder(generation.vae, cache="auto", tiles=mode.tiles)
     if stop is not None and hasattr(decoder, "interrupt"):
         decoder.interrupt = stop.is_set
@@ -554,7 +558,7 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clo
         writer = OverlappedWriter(*common, frames=output.frames, device=device)
     else:
         writer = SerialWriter(*common, frames=output.frames)
-    writer.mode = mode
+    writer.mode, writer.levers = mode, levers
     checkpointer = output.checkpointer
     if checkpointer is not None and checkpointer.state is not None:
         with clock("resume"):
@@ -623,5 +627,6 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
         compiled=is_compiled(generation.transformer), offload=job.offload,
         decode_mode=str(writer.mode) if writer is not None else "", encode_mode=generation.encode_mode,
+        decode_levers="+".join(writer.levers) if writer is not None else "",
         branch_batch=branches_per_forward(generation.denoiser),
     )

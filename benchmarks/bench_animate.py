@@ -135,6 +135,13 @@ def main() -> None:
                         help="decode on a worker thread while the DiT continues (both: one row each, off first)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
                         help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
+    parser.add_argument("--decode-levers", default=["auto"], nargs="+",
+                        help="the full VAE decoder's speed levers (avatarcli/decode/speed.py): auto, none, or levers "
+                             "joined by + (cudnn, channels_last, compile); several: each trace is replayed with each, in "
+                             "order (a lever stays applied to the shared VAE: give none first)")
+    parser.add_argument("--decoders", default=["full"], nargs="+", choices=["full", "tiny"],
+                        help="--replay: decode with the full Wan VAE, the tiny TAEHV decoder (random full-size "
+                             "weights: timing only), or each in turn")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-diffusers window-step comparison")
     parser.add_argument("--replay", type=Path, default=None, metavar="TRACE", nargs="+",
                         help="repeat the forwards of `animate --trace` files, one run each on one build (each its "
@@ -168,8 +175,12 @@ def main() -> None:
     if args.replay is not None:
         print(f"  built (and compiled) in {build:.1f} s", file=sys.stderr, flush=True)
         rows = []
-        for trace in args.replay:
-            rows.append(replay(args, trace, components, work, device))
+        if "tiny" in args.decoders:
+            components.tiny_decoder = full_size_tiny_decoder(device, dtype)
+        runs = [(trace, decoder, levers) for trace in args.replay for decoder in args.decoders
+                for levers in (args.decode_levers if decoder == "full" else args.decode_levers[:1])]
+        for trace, decoder, levers in runs:
+            rows.append(replay(args, trace, components, work, device, levers, decoder))
             print(replay_table(rows[-1:], args.size), file=sys.stderr, flush=True)  # each as it finishes
         print("\n" + replay_table(rows, args.size))
         return
@@ -186,7 +197,8 @@ def main() -> None:
         preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
         job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
-                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
+                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision,
+                         decode_levers=args.decode_levers[0])
         if device.type == "cuda":
             torch.cuda.synchronize()
         result = animate(job, models=components)
@@ -220,7 +232,18 @@ def main() -> None:
         print(table_row(r))
 
 
-def replay(args, path: Path, components, work: Path, device: torch.device) -> dict:
+def full_size_tiny_decoder(device: torch.device, dtype: torch.dtype):
+    """The tiny Wan2.1 decoder (TAEHV, FlashPortrait's fast_vae.pth) at its published widths, random weights."""
+    from avatarcli.loading.taehv import build_tiny_decoder
+    from avatarcli.models.taehv import TAEHVConfig
+    from avatarcli.testing.flashportrait_turbo import tiny_fast_vae_state_dict
+
+    state = tiny_fast_vae_state_dict(TAEHVConfig(), encoder_width=64)
+    return build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
+
+
+def replay(args, path: Path, components, work: Path, device: torch.device, levers: str = "auto",
+           decoder: str = "full") -> dict:
     """One `animate` run repeating the trace's forwards at --size; its row (SystemExit when it does not fit)."""
     import yaml
 
@@ -234,12 +257,12 @@ def replay(args, path: Path, components, work: Path, device: torch.device) -> di
         sys.exit(f"{path}: a resumed run's trace covers part of its video; record a whole run")
     settings = work / "traced.yaml"  # the preset as the trace ran it (the model's own settings included)
     settings.write_text(yaml.safe_dump(head["settings"]), encoding="utf-8")
-    preset = load_preset(settings).with_overrides(size=args.size)
+    preset = load_preset(settings).with_overrides(size=args.size, decoder=decoder)
     audio = synthetic_speech(work / "talk.wav", head["frames"] / head["fps"])
     mode = "auto" if args.overlap_decode == "both" else args.overlap_decode
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=audio, output=work / "replay.mp4", preset=preset,
                      device=str(device), null_sink=args.null_sink, vae_dtype=args.vae_dtype, overlap_decode=mode,
-                     precision=args.precision)
+                     precision=args.precision, decode_levers=levers)
     synchronize(device)
     result = animate(job, models=components, replay=trace)
     if (result.frames, result.nfe, result.branch_forwards) != (head["frames"], trace.forwards, trace.branch_forwards):
@@ -252,7 +275,8 @@ def replay(args, path: Path, components, work: Path, device: torch.device) -> di
                 preset=head.get("preset", "?"), model=head.get("model", "?"), video=result.video_seconds,
                 windows=result.windows, steps=result.steps, forwards=result.nfe,
                 branch_forwards=result.branch_forwards, stages=stages, wall=result.wall_seconds,
-                gpu_peak_gib=result.peak_gpu_bytes / 2**30, compiled=result.compiled, overlap=mode)
+                gpu_peak_gib=result.peak_gpu_bytes / 2**30, compiled=result.compiled, overlap=mode,
+                decode_levers=result.decode_levers, decoder=decoder)
 
 
 def replay_table(rows: list[dict], size: str) -> str:
@@ -260,15 +284,15 @@ def replay_table(rows: list[dict], size: str) -> str:
     overlapped, `decode` is the time the DiT waited for it and `decode_overlapped` its own time beside the DiT) and
     the GPU peak."""
     lines = ["| device | trace (preset, model) | size | video s | windows x steps | forwards | branch forwards | "
-             "stages, s | wall s | wall s per video s | GPU peak GiB | compiled |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "stages, s | wall s | wall s per video s | GPU peak GiB | compiled | decoder: levers |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in row["stages"].items())
         lines.append(
              f"| {row['device']} | {row['trace']} ({row['preset']}, {row['model']}) | {size} | {row['video']:.2f} | "
              f"{row['windows']} x {row['steps']} | {row['forwards']} | {row['branch_forwards']} | {split} | "
              f"{row['wall']:.1f} | **{row['wall'] / row['video']:.2f}** | {row['gpu_peak_gib']:.2f} | "
-             f"{'yes' if row['compiled'] else 'no'} |")
+             f"{'yes' if row['compiled'] else 'no'} | {row['decoder']}: {row['decode_levers'] or 'none'} |")
     return "\n".join(lines)
 
 

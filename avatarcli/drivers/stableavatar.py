@@ -46,8 +46,11 @@ class StableAvatarDriver:
         if job.preset.overlap >= WINDOW_LATENT_FRAMES:
             raise AvatarError(f"--overlap must be below the window of {WINDOW_LATENT_FRAMES} latent frames for "
                               f"--audio, got {job.preset.overlap}")
-        if job.preset.decoder != "full" or job.preset.schedule != "flow" or job.preset.lora_strength:
-            raise AvatarError("--decoder tiny, the step-distill schedule and its LoRA are FlashPortrait's (--driving)")
+        if job.preset.schedule != "flow" or job.preset.lora_strength:
+            raise AvatarError("the step-distill schedule and its LoRA are FlashPortrait's (--driving)")
+        if job.preset.decoder == "tiny" and job.model == "demo":
+            raise AvatarError("--decoder tiny decodes the Wan2.1 latent space; the demo model has its own VAE: use "
+                              "--decoder full")
         if job.weights_dtype != "auto":
             raise AvatarError("--weights-dtype applies to a --driving video (the 14B model); for --audio use "
                               "--precision fp8")
@@ -93,7 +96,19 @@ class StableAvatarDriver:
 
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), inputs.checkpoint, job.device, job.dtype, job.compile, job.model,
-                job.precision, job.offload, job.preset.numerics)
+                job.precision, job.offload, job.preset.numerics,
+                (job.preset.decoder, job.vae_dtype) if job.preset.decoder == "tiny" else None)
+
+    @staticmethod
+    def tiny_decoder_file(job: AnimateJob):
+        """`fast_vae.pth` (TAEHV) for --decoder tiny: in the --weights folder when it is there, else the `taehv`
+        download (the Hub cache, fetched when missing)."""
+        from avatarcli.hub import resolve_weights
+        from avatarcli.loading.taehv import FAST_VAE_FILE
+
+        if job.weights is not None and (job.weights / FAST_VAE_FILE).is_file():
+            return job.weights / FAST_VAE_FILE
+        return resolve_weights("taehv", None, job.allow_download) / FAST_VAE_FILE
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
         """The models; the DiT on the host when it is offloaded, umT5 (when a prompt is not cached) loaded last, so
@@ -126,6 +141,12 @@ class StableAvatarDriver:
                 use_fp8(components.transformer)  # after fusing (it quantizes the fused layers), before compiling
             if compiling:
                 components.transformer.compile_repeated_blocks(fullgraph=True)
+        if job.preset.decoder == "tiny":
+            from avatarcli.loading.taehv import load_tiny_decoder
+            from avatarcli.runtime import resolve_dtype
+
+            components.tiny_decoder = load_tiny_decoder(self.tiny_decoder_file(job),
+                                                        dtype=resolve_dtype(job.vae_dtype, device), device=device)
         if not cached:
             components.text_encoder, components.tokenizer = load_text_encoder(
                 weights / T5_FILE, weights / TOKENIZER_FOLDER, dtype=text_dtype_for(device), device="cpu")
@@ -184,7 +205,13 @@ class StableAvatarDriver:
                                         window_audio=WindowAudio(components, inputs, clock), sigmas=sigmas,
                                         clock=clock)
         blocks = components.transformer.blocks
+        decoder = None
+        if preset.decoder == "tiny":
+            from avatarcli.decode.decoders import streaming_decoder
+
+            decoder = streaming_decoder("tiny", tiny_vae=components.tiny_decoder)  # takes the normalised latents
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser, vae=vae, transformer=components.transformer,
+                          decoder=decoder,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8),
                           probe_blocks=(blocks[0], blocks[-1]), encode_mode=encoded)
 

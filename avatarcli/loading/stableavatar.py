@@ -29,6 +29,7 @@ class StableAvatarComponents:
     prompt_cache: dict = field(default_factory=dict)  # (negative, positive) -> their umT5 embeddings
     weights_dir: Path | None = None  # where they were loaded from (umT5 is loaded from there when a prompt needs it)
     disk_prompts: object = None  # features.prompt_cache.PromptCache for this umT5 file, when the driver uses one
+    tiny_decoder: torch.nn.Module | None = None  # models.taehv decoder (fast_vae.pth) for --decoder tiny
 
 
 def text_dtype_for(device: str | torch.device) -> torch.dtype:
