@@ -267,9 +267,9 @@ def test_doctor_compares_free_disk_with_the_models_asked_for(tmp_path, monkeypat
         return next((status, detail) for check, status, detail in doctor.doctor_report(models=models)
                     if check == "disk")
 
-    assert disk(["stableavatar"])[0] == "ok"  # ~24 GiB of 50: was a warning against all models' 144
+    assert disk(["stableavatar"])[0] == "ok"  # ~24 GiB of 50: was a warning against all models' 145
     status, detail = disk(["stableavatar", "flashportrait"])
-    assert status == "warn" and "144 GiB" in detail
+    assert status == "warn" and "145 GiB" in detail
 
 
 def test_crf_0_keeps_4_2_0_and_help_says_which_profile_it_needs(tmp_path):
