@@ -151,11 +151,15 @@ def choose_decode_mode(budget: int | None, width: int, height: int, dtype_bytes:
 # 0.86 GiB more; then, with the DiT moved off under the 12 GiB cap, 10.2 GiB above what stayed (an estimate of 5,400
 # elements had let it try): at least 6,860 elements. The skipping path (features/image.py) checks its own extra.
 ENCODE_WORK_ELEMENTS_PER_PIXEL = 7000
+ENCODE_MEASURED_FRAMES = 81
 
 
-def encode_bytes(width: int, height: int, dtype_bytes: int) -> int:
-    """The reference encode's working memory at width x height (ENCODE_WORK_ELEMENTS_PER_PIXEL)."""
-    return ENCODE_WORK_ELEMENTS_PER_PIXEL * width * height * dtype_bytes
+def encode_bytes(width: int, height: int, dtype_bytes: int, frames: int = ENCODE_MEASURED_FRAMES) -> int:
+    """The reference encode's working memory at width x height (ENCODE_WORK_ELEMENTS_PER_PIXEL), for a clip of
+    `frames` frames: the encoder's activations are per chunk of 4 frames; the clip itself (3 values a pixel a frame)
+    is what grows with it (a driving-video window has 201)."""
+    elements = ENCODE_WORK_ELEMENTS_PER_PIXEL + 3 * (frames - ENCODE_MEASURED_FRAMES)
+    return elements * width * height * dtype_bytes
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ def test_turbo_runs_the_four_step_path_with_the_tiny_decoder(tmp_path, weights, 
     summary = json.loads(stdout.strip().splitlines()[-1])
     windows = summary["windows"]
     assert summary["steps"] == 4 and summary["nfe"] == 4 * windows  # one batched guided forward per window-step
+    assert summary["encode_mode"] == "whole"  # the reference clip's encode plan (features/image.py), as --audio's
     assert probe_video(out)["frames"] == 9
 
 

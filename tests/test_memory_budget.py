@@ -121,6 +121,11 @@ def test_the_reference_encode_runs_whole_moves_the_dit_or_tiles_by_the_memory_le
     assert str(EncodePlan(True, True)) == "tiled, DiT on the host meanwhile" and str(EncodePlan(False, False)) == "whole"
 
 
+def test_a_longer_reference_clip_adds_its_own_frames_to_the_estimate():
+    window = encode_bytes(720, 1280, 4, frames=201)  # a driving-video window: 201 frames
+    assert window - encode_bytes(720, 1280, 4) == 3 * 120 * 720 * 1280 * 4  # 120 more frames, 3 values a pixel
+
+
 def test_umt5_is_offloaded_with_offload_or_where_it_does_not_fit():
     umt5 = round(10.6 * GIB)
     assert not text_encoder_offloaded(None, umt5, "none") and text_encoder_offloaded(None, umt5, "group")
@@ -212,7 +217,7 @@ def test_a_model_on_the_host_has_no_gpu_bytes_to_move_and_stays_there():
 
 def test_a_whole_reference_encode_that_runs_out_of_memory_is_retried_in_tiles(monkeypatch):
     import avatarcli.features.image
-    from avatarcli.drivers.stableavatar import encode_reference
+    from avatarcli.features.image import reference_condition_in_budget
 
     calls = []
 
@@ -224,9 +229,8 @@ def test_a_whole_reference_encode_that_runs_out_of_memory_is_retried_in_tiles(mo
 
     monkeypatch.setattr(avatarcli.features.image, "reference_condition", condition)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    inputs = type("Inputs", (), dict(portrait=None, width=64, height=64))()
     vae = torch.nn.Linear(1, 1)
-    condition_, mode = encode_reference(vae, None, inputs, torch.device("cpu"))
+    condition_, mode = reference_condition_in_budget(vae, None, 64, 64, 81, torch.device("cpu"))
     assert calls == [False, True] and mode == "tiled after a whole encode ran out of memory"
 
 

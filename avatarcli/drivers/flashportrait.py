@@ -149,8 +149,8 @@ class FlashPortraitDriver:
         preset, parts = job.preset, models.components
         latent_frames = latent_frames_for_driving(inputs.frames)
         with clock("features"), torch.no_grad():
-            pixel_features, text, image_tokens, condition = self.conditioning(job, inputs, models, latent_frames,
-                                                                              device)
+            pixel_features, text, image_tokens, (condition, encoded) = self.conditioning(job, inputs, models,
+                                                                                         latent_frames, device)
         # a cast copy when needed: the loaded VAE keeps encoding in float32 for later jobs
         decode_vae = decode_copy(parts.vae, resolve_dtype(job.vae_dtype, device))
         plan = self.window_plan(job, inputs.frames)
@@ -165,12 +165,12 @@ class FlashPortraitDriver:
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae,
                           decoder=_tiny_decoder(preset, models), update=update, skip_frames=1,
-                          probe_blocks=(blocks[0], blocks[-1]), transformer=parts.transformer)
+                          probe_blocks=(blocks[0], blocks[-1]), transformer=parts.transformer, encode_mode=encoded)
 
     def conditioning(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, latent_frames: int, device):
-        """(per-pixel-frame expression features, negative and positive prompt embeddings, CLIP tokens, the reference
-        condition of one window)."""
-        from avatarcli.features.image import clip_features, reference_condition
+        """(per-pixel-frame expression features, negative and positive prompt embeddings, CLIP tokens, (the reference
+        condition of one window, how it was encoded))."""
+        from avatarcli.features.image import clip_features, reference_condition_in_budget
         from avatarcli.features.prompt_cache import prompt_embeddings
         from avatarcli.loading.flashportrait import T5_FILE, TOKENIZER_FOLDER
         from avatarcli.media.video import iter_video_frames
@@ -185,8 +185,8 @@ class FlashPortraitDriver:
         portrait = resize_portrait(inputs.portrait, preset.max_size, _explicit_size(preset.size))
         image_tokens = clip_features(parts.image_encoder, portrait, inputs.width, inputs.height)
         window_frames = min(WINDOW_LATENT_FRAMES, latent_frames)
-        condition = reference_condition(parts.vae, portrait, inputs.width, inputs.height,
-                                        num_frames=pixel_frames_for(window_frames))
+        condition = reference_condition_in_budget(parts.vae, portrait, inputs.width, inputs.height,
+                                                  pixel_frames_for(window_frames), device, movable=parts.transformer)
         return pixel_features, text, image_tokens, condition
 
 

@@ -220,7 +220,7 @@ class StableAvatarDriver:
         encoded))."""
         import torch
 
-        from avatarcli.features.image import clip_features
+        from avatarcli.features.image import clip_features, reference_condition_in_budget
         from avatarcli.features.prompt_cache import prompt_embeddings
         from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER
 
@@ -234,34 +234,10 @@ class StableAvatarDriver:
 
             park_on_host(components.image_encoder)
             torch.cuda.empty_cache()
-        condition = encode_reference(components.vae.to(device), components.transformer, inputs, device)
+        condition = reference_condition_in_budget(components.vae.to(device), inputs.portrait, inputs.width,
+                                                  inputs.height, 4 * (WINDOW_LATENT_FRAMES - 1) + 1, device,
+                                                  movable=components.transformer)
         return text, image_tokens, condition
-
-
-def encode_reference(vae, transformer, inputs: Inputs, device: torch.device) -> tuple[torch.Tensor, str]:
-    """(the reference condition of one window, how it was encoded), within the GPU memory left
-    (budget.choose_encode_plan): whole, or whole with the DiT on the host meanwhile, or in spatial tiles; a whole
-    encode that still runs out of memory is retried in tiles."""
-    import torch
-
-    from avatarcli.budget import EncodePlan, choose_encode_plan, device_budget, encode_bytes
-    from avatarcli.features.image import reference_condition
-    from avatarcli.loading.memory import movable_gpu_bytes, on_host_while
-
-    frames = 4 * (WINDOW_LATENT_FRAMES - 1) + 1
-    dtype_bytes = next(vae.parameters()).element_size()
-    plan = choose_encode_plan(device_budget(device), encode_bytes(inputs.width, inputs.height, dtype_bytes),
-                              movable_gpu_bytes(transformer))
-    with on_host_while(transformer, device, move=plan.dit_to_host):
-        try:
-            condition = reference_condition(vae, inputs.portrait, inputs.width, inputs.height, frames, plan.tiled)
-            return condition, str(plan)
-        except torch.OutOfMemoryError:
-            if plan.tiled:
-                raise
-        torch.cuda.empty_cache()
-        plan = EncodePlan(plan.dit_to_host, tiled=True, retried=True)
-        return reference_condition(vae, inputs.portrait, inputs.width, inputs.height, frames, True), str(plan)
 
 
 def place_models(components, offload: str, device: torch.device, dtype: torch.dtype) -> None:

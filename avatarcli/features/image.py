@@ -102,6 +102,29 @@ def reference_condition(
     return torch.cat([mask, latents], dim=1)
 
 
+def reference_condition_in_budget(vae: AutoencoderKLWan, image: Image.Image, width: int, height: int,
+                                  num_frames: int, device: torch.device,
+                                  movable: torch.nn.Module | None = None) -> tuple[torch.Tensor, str]:
+    """(`reference_condition`, how it was encoded) within the GPU memory left (budget.choose_encode_plan): whole, or
+    whole with `movable` (the DiT) on the host meanwhile, or in spatial tiles; a whole encode that still runs out of
+    memory is retried in tiles. Any driver's reference clip."""
+    from avatarcli.budget import EncodePlan, choose_encode_plan, device_budget, encode_bytes
+    from avatarcli.loading.memory import movable_gpu_bytes, on_host_while
+
+    dtype_bytes = next(vae.parameters()).element_size()
+    plan = choose_encode_plan(device_budget(device), encode_bytes(width, height, dtype_bytes, num_frames),
+                              movable_gpu_bytes(movable))
+    with on_host_while(movable, device, move=plan.dit_to_host):
+        try:
+            return reference_condition(vae, image, width, height, num_frames, plan.tiled), str(plan)
+        except torch.OutOfMemoryError:
+            if plan.tiled:
+                raise
+        torch.cuda.empty_cache()
+        plan = EncodePlan(plan.dit_to_host, tiled=True, retried=True)
+        return reference_condition(vae, image, width, height, num_frames, True), str(plan)
+
+
 @contextmanager
 def _tiling(vae: AutoencoderKLWan, on: bool) -> Iterator[None]:
     """diffusers' spatial tiling of `vae` on for the block (when `on`), as it was after."""
