@@ -238,7 +238,6 @@ def _report(result, as_json: bool, quiet: bool, added_mp4: bool = False) -> None
         "background_timings": {k: round(v, 3) for k, v in result.background_timings.items()},
         "peak_gpu_bytes": result.peak_gpu_bytes, "peak_rss_bytes": result.peak_rss_bytes,
         "offload": result.offload, "decode_mode": result.decode_mode, "encode_mode": result.encode_mode,
-        "decode_levers": result.decode_levers,
         "branch_batch": result.branch_batch,
         "resumed_from_frame": result.resumed_from_frame,
     }

@@ -54,9 +54,6 @@ class AnimateJob:
     # offloading (decode/overlap.py); the frames are the same either way
     overlap_decode: str = "auto"  # auto | on | off
     precision: str = "auto"  # auto (the --dtype) | fp8: fp8 linear layers and self-attention in the DiT blocks (GPU)
-    # how the full VAE decoder runs on a GPU (decode/speed.py): auto (its measured levers; compiled when the DiT is),
-    # none (the eager kernels), or levers joined by "+" (cudnn, channels_last, compile)
-    decode_levers: str = "auto"
 
     def __post_init__(self) -> None:
         self.compile = compile_mode(self.compile)  # true/false, from when it was a flag: on/off
@@ -110,5 +107,4 @@ class AnimateResult:
     offload: str = "none"  # where the DiT's weights waited between forwards: none | model | group | sequential
     decode_mode: str = ""  # how the frames were decoded: overlapped, inline or tiled RxC (avatarcli/budget.py)
     encode_mode: str = ""  # how the reference was encoded: whole, or tiled; with the DiT on the host meanwhile
-    decode_levers: str = ""  # the full VAE decoder's speed levers in effect, joined by "+" (decode/speed.py)
     branch_batch: int = 1  # guidance branches per forward: all, or fewer where memory is short (avatarcli/budget.py)

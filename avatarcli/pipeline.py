@@ -540,16 +540,12 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clo
     `decode_mode` picks (the writer's `mode`, which the summary reports); a resumed run's decoder continues from its
     saved state (its cache loaded, or rebuilt by a replay: the "resume" stage). A stop pauses the decoder between
     latent frames (the rest is saved with it), so a save need not wait for a whole chunk to decode."""
-    from avatarcli.compilation import is_compiled
     from avatarcli.decode.overlap import OverlappedWriter, SerialWriter
-    from avatarcli.decode.speed import choose_levers, speed_up_decoder
     from avatarcli.decode.stream import StreamingDecoder
 
     mode = decode_mode(job, inputs, generation, device)
-    decoder, levers = generation.decoder, ()
+    decoder = generation.decoder
     if decoder is None:
-        levers = speed_up_decoder(generation.vae, choose_levers(job.decode_levers, is_compiled(generation.transformer),
-                                                                tiled=mode.tiles != (1, 1)))
         decoder = StreamingDecoder(generation.vae, cache="auto", tiles=mode.tiles)
     if stop is not None and hasattr(decoder, "interrupt"):
         decoder.interrupt = stop.is_set
@@ -558,7 +554,7 @@ def open_writer(job: AnimateJob, inputs, generation, output: Output, device, clo
         writer = OverlappedWriter(*common, frames=output.frames, device=device)
     else:
         writer = SerialWriter(*common, frames=output.frames)
-    writer.mode, writer.levers = mode, levers
+    writer.mode = mode
     checkpointer = output.checkpointer
     if checkpointer is not None and checkpointer.state is not None:
         with clock("resume"):
@@ -627,6 +623,5 @@ def summarize(job: AnimateJob, driver: str, inputs, generation, launch: Launch, 
         nfe_per_rank=nfe_per_rank, branch_forwards=sum(branches[::context]),
         compiled=is_compiled(generation.transformer), offload=job.offload,
         decode_mode=str(writer.mode) if writer is not None else "", encode_mode=generation.encode_mode,
-        decode_levers="+".join(writer.levers) if writer is not None else "",
         branch_batch=branches_per_forward(generation.denoiser),
     )

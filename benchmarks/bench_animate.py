@@ -135,10 +135,6 @@ def main() -> None:
                         help="decode on a worker thread while the DiT continues (both: one row each, off first)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp8"],
                         help="fp8: fp8 linear layers and self-attention in the DiT blocks (avatarcli/models/fp8.py)")
-    parser.add_argument("--decode-levers", default=["auto"], nargs="+",
-                        help="the full VAE decoder's speed levers (avatarcli/decode/speed.py): auto, none, or levers "
-                             "joined by + (cudnn, channels_last, compile); several: each trace is replayed with each, in "
-                             "order (a lever stays applied to the shared VAE: give none first)")
     parser.add_argument("--decoders", default=["full"], nargs="+", choices=["full", "tiny"],
                         help="--replay: decode with the full Wan VAE, the tiny TAEHV decoder (random full-size "
                              "weights: timing only), or each in turn")
@@ -177,10 +173,8 @@ def main() -> None:
         rows = []
         if "tiny" in args.decoders:
             components.tiny_decoder = full_size_tiny_decoder(device, dtype)
-        runs = [(trace, decoder, levers) for trace in args.replay for decoder in args.decoders
-                for levers in (args.decode_levers if decoder == "full" else args.decode_levers[:1])]
-        for trace, decoder, levers in runs:
-            rows.append(replay(args, trace, components, work, device, levers, decoder))
+        for trace, decoder in [(trace, decoder) for trace in args.replay for decoder in args.decoders]:
+            rows.append(replay(args, trace, components, work, device, decoder))
             print(replay_table(rows[-1:], args.size), file=sys.stderr, flush=True)  # each as it finishes
         print("\n" + replay_table(rows, args.size))
         return
@@ -197,8 +191,7 @@ def main() -> None:
         preset = load_preset(name).with_overrides(steps=args.steps, size=args.size)
         job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=synthetic_speech(work / "talk.wav", seconds),
                          output=work / "out.mp4", preset=preset, device=str(device), null_sink=args.null_sink,
-                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision,
-                         decode_levers=args.decode_levers[0])
+                         vae_dtype=args.vae_dtype, overlap_decode=mode, precision=args.precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         result = animate(job, models=components)
@@ -242,8 +235,7 @@ def full_size_tiny_decoder(device: torch.device, dtype: torch.dtype):
     return build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
 
 
-def replay(args, path: Path, components, work: Path, device: torch.device, levers: str = "auto",
-           decoder: str = "full") -> dict:
+def replay(args, path: Path, components, work: Path, device: torch.device, decoder: str = "full") -> dict:
     """One `animate` run repeating the trace's forwards at --size; its row (SystemExit when it does not fit)."""
     import yaml
 
@@ -262,7 +254,7 @@ def replay(args, path: Path, components, work: Path, device: torch.device, lever
     mode = "auto" if args.overlap_decode == "both" else args.overlap_decode
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=audio, output=work / "replay.mp4", preset=preset,
                      device=str(device), null_sink=args.null_sink, vae_dtype=args.vae_dtype, overlap_decode=mode,
-                     precision=args.precision, decode_levers=levers)
+                     precision=args.precision)
     synchronize(device)
     result = animate(job, models=components, replay=trace)
     if (result.frames, result.nfe, result.branch_forwards) != (head["frames"], trace.forwards, trace.branch_forwards):
@@ -276,7 +268,7 @@ def replay(args, path: Path, components, work: Path, device: torch.device, lever
                 windows=result.windows, steps=result.steps, forwards=result.nfe,
                 branch_forwards=result.branch_forwards, stages=stages, wall=result.wall_seconds,
                 gpu_peak_gib=result.peak_gpu_bytes / 2**30, compiled=result.compiled, overlap=mode,
-                decode_levers=result.decode_levers, decoder=decoder)
+                decoder=decoder)
 
 
 def replay_table(rows: list[dict], size: str) -> str:
@@ -284,7 +276,7 @@ def replay_table(rows: list[dict], size: str) -> str:
     overlapped, `decode` is the time the DiT waited for it and `decode_overlapped` its own time beside the DiT) and
     the GPU peak."""
     lines = ["| device | trace (preset, model) | size | video s | windows x steps | forwards | branch forwards | "
-             "stages, s | wall s | wall s per video s | GPU peak GiB | compiled | decoder: levers |",
+             "stages, s | wall s | wall s per video s | GPU peak GiB | compiled | decoder |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in row["stages"].items())
@@ -292,7 +284,7 @@ def replay_table(rows: list[dict], size: str) -> str:
              f"| {row['device']} | {row['trace']} ({row['preset']}, {row['model']}) | {size} | {row['video']:.2f} | "
              f"{row['windows']} x {row['steps']} | {row['forwards']} | {row['branch_forwards']} | {split} | "
              f"{row['wall']:.1f} | **{row['wall'] / row['video']:.2f}** | {row['gpu_peak_gib']:.2f} | "
-             f"{'yes' if row['compiled'] else 'no'} | {row['decoder']}: {row['decode_levers'] or 'none'} |")
+             f"{'yes' if row['compiled'] else 'no'} | {row['decoder']} |")
     return "\n".join(lines)
 
 

@@ -1,14 +1,17 @@
-"""The full Wan VAE's streaming decode with the speed levers of avatarcli/decode/speed.py, beside the eager decode and
-the tiny decoder: time per latent frame, the first frames' time (the compiles), peak memory, PSNR against eager.
+"""The full Wan VAE's streaming decode (the pipeline's StreamingDecoder) with speed levers applied to it, beside the
+eager decode and the tiny decoder: time per latent frame, the first frames' time (the compiles), peak memory, PSNR
+against eager. The levers are this script's, not avatarcli's: none paid on an H100 (benchmarks/README.md).
 
     python benchmarks/bench_decode.py                                   # CUDA, 480x832, 21 latent frames, bf16
-    python benchmarks/bench_decode.py --variants eager cudnn cudnn+compile --latent-frames 41
+    python benchmarks/bench_decode.py --variants eager cudnn cudnn+compile tiny --latent-frames 41
     python benchmarks/bench_decode.py --tiny                            # CPU smoke test (levers not applied)
 
-Each variant builds the same random Wan VAE afresh (seed 0), decodes 3 latent frames as a warm-up (the compiles and
-autotuning happen there: `warm-up s`), then times a fresh stream of `--latent-frames` pushed `--chunk` at a time.
-Weights are random, so the PSNR of a lever against eager says how far its kernels' rounding moves the frames, and
-the tiny decoder's PSNR says nothing about its quality (it decodes another network's guess).
+Levers: `cudnn` (cuDNN autotunes the decoder's convolutions), `channels_last` (weights and frames in the
+channels-last-3d layout), `compile` (the decoder torch.compile'd, one graph per cache state). Each variant builds the
+same random Wan VAE afresh (seed 0), decodes 3 latent frames as a warm-up (the compiles and autotuning happen there:
+`warm-up s`), then times a fresh stream of `--latent-frames` pushed `--chunk` at a time. Weights are random, so the
+PSNR of a lever against eager says how far its kernels' rounding moves the frames, and the tiny decoder's PSNR says
+nothing about its quality (it decodes another network's guess).
 """
 
 from __future__ import annotations
@@ -31,16 +34,41 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+LEVERS = ("cudnn", "channels_last", "compile")
+
+
+def _to_channels_last(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:]), kwargs
+
+
+def apply_levers(vae, levers: list[str]) -> None:
+    """The levers on `vae.decoder`, in place (CUDA only)."""
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {', '.join(unknown)}; choose from {', '.join(LEVERS)}")
+    decoder = vae.decoder
+    if next(decoder.parameters()).device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = "cudnn" in levers
+    if "channels_last" in levers:
+        decoder.to(memory_format=torch.channels_last_3d)
+        decoder.register_forward_pre_hook(_to_channels_last, with_kwargs=True)
+    if "compile" in levers:
+        from torch._dynamo import config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 32)
+        decoder.compile(dynamic=False)
+
+
 def decoder_for(variant: str, tiny: bool, device: torch.device, dtype: torch.dtype):
     from avatarcli.decode.decoders import streaming_decoder
-    from avatarcli.decode.speed import speed_up_decoder
 
     torch.backends.cudnn.benchmark = False
     torch._dynamo.reset()
     vae, tiny_vae = build_decoders(tiny, device, dtype)
     if variant == "tiny":
         return streaming_decoder("tiny", tiny_vae=tiny_vae)
-    speed_up_decoder(vae, () if variant == "eager" else variant.split("+"))
+    apply_levers(vae, [] if variant == "eager" else variant.split("+"))
     return streaming_decoder("full", vae=vae)
 
 

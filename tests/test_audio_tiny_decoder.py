@@ -42,7 +42,6 @@ def test_the_tiny_decoder_gives_as_many_frames_as_the_full_one_and_other_pixels(
         summary = json.loads(stdout.strip().splitlines()[-1])
         videos[decoder] = np.stack(list(iter_video_frames(out)))
         assert probe_video(out)["frames"] == summary["frames"] == len(videos[decoder])
-        assert summary["decode_levers"] == ""  # levers are the full decoder's, on a GPU
     assert videos["tiny"].shape == videos["full"].shape
     assert np.abs(videos["tiny"].astype(int) - videos["full"].astype(int)).mean() > 1.0
 
