@@ -98,7 +98,8 @@ STABLEAVATAR = ModelSpec(
 # job that uses them, see resolve_weights' `also`) in FlashPortrait/, and the original-layout Wan2.1-I2V-14B-720P in
 # Wan2.1-I2V-14B-720P/ (not its xlm-roberta-large/ CLIP tokenizer: the portrait is never captioned).
 _FP_FILES = ("transformer.pt", "portrait_encoder.pt", "pd_fpg.pth", "face_det.onnx", "face_landmark.onnx")
-FP_TURBO_FILES = ("fast_lora_rank64.safetensors", "fast_vae.pth")
+_TINY_VAE_FILE = "fast_vae.pth"  # loading/taehv.py FAST_VAE_FILE (not imported: it imports torch)
+FP_TURBO_FILES = ("fast_lora_rank64.safetensors", _TINY_VAE_FILE)
 _I2V_FILES = ("config.json", "diffusion_pytorch_model.safetensors.index.json", "Wan2.1_VAE.pth",
               "models_t5_umt5-xxl-enc-bf16.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
               "google/umt5-xxl/tokenizer_config.json",
@@ -124,8 +125,8 @@ FLASHPORTRAIT = ModelSpec(
 
 # The tiny Wan2.1 video decoder (TAEHV "taew2_1") alone, as FlashPortrait publishes it: what `--audio --decoder tiny`
 # needs beside the StableAvatar files (the two models share the Wan2.1 latent space).
-TAEHV = ModelSpec(repo_id="FrancisRing/FlashPortrait", allow_patterns=FP_TURBO_FILES[1:],
-                  required_files=FP_TURBO_FILES[1:], approx_size_gb=0.03,
+TAEHV = ModelSpec(repo_id="FrancisRing/FlashPortrait", allow_patterns=(_TINY_VAE_FILE,),
+                  required_files=(_TINY_VAE_FILE,), approx_size_gb=0.03,
                   description="the tiny Wan2.1 video decoder (TAEHV) for --decoder tiny")
 
 MODELS: dict[str, ModelSpec] = {"stableavatar": STABLEAVATAR, "flashportrait": FLASHPORTRAIT, "taehv": TAEHV}
@@ -160,7 +161,7 @@ def missing_files(name: str, folder: Path) -> list[str]:
 def _missing(spec: ModelSpec, folder: Path) -> list[str]:
     if spec.parts:
         return [f"{sub}/{path}" for sub, part in spec.parts for path in _missing(part, folder / sub)]
-    missing = [path for path in spec.required_files if not (folder / path).is_file()]
+    missing = _absent(folder, spec.required_files)
     for alternatives in spec.required_any:
         if not any((folder / path).is_file() for path in alternatives):
             missing.append(" or ".join(alternatives))

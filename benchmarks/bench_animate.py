@@ -49,7 +49,7 @@ from avatarcli.presets import load_preset
 from avatarcli.testing.components import write_tiny_umt5_tokenizer
 from avatarcli.testing.stableavatar import stock_wan_twin
 
-from common import EXAMPLES, full_size_components, synchronize, synthetic_speech
+from common import EXAMPLES, build_tiny_vae, full_size_components, synchronize, synthetic_speech
 
 def warm_up(transformer, size: str, device: torch.device, dtype: torch.dtype) -> None:
     from avatarcli.models.stableavatar import AudioConditioning
@@ -172,7 +172,7 @@ def main() -> None:
         print(f"  built (and compiled) in {build:.1f} s", file=sys.stderr, flush=True)
         rows = []
         if "tiny" in args.decoders:
-            components.tiny_decoder = full_size_tiny_decoder(device, dtype)
+            components.tiny_decoder = build_tiny_vae(args.tiny, device, dtype)
         for trace, decoder in [(trace, decoder) for trace in args.replay for decoder in args.decoders]:
             rows.append(replay(args, trace, components, work, device, decoder))
             print(replay_table(rows[-1:], args.size), file=sys.stderr, flush=True)  # each as it finishes
@@ -223,16 +223,6 @@ def main() -> None:
     print("\n" + table_header())
     for r in rows:
         print(table_row(r))
-
-
-def full_size_tiny_decoder(device: torch.device, dtype: torch.dtype):
-    """The tiny Wan2.1 decoder (TAEHV, FlashPortrait's fast_vae.pth) at its published widths, random weights."""
-    from avatarcli.loading.taehv import build_tiny_decoder
-    from avatarcli.models.taehv import TAEHVConfig
-    from avatarcli.testing.flashportrait_turbo import tiny_fast_vae_state_dict
-
-    state = tiny_fast_vae_state_dict(TAEHVConfig(), encoder_width=64)
-    return build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
 
 
 def replay(args, path: Path, components, work: Path, device: torch.device, decoder: str = "full") -> dict:

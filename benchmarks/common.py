@@ -152,18 +152,22 @@ def build_decoders(tiny: bool, device: torch.device, dtype: torch.dtype):
     """(full Wan2.1 VAE, tiny TAEHV decoder), random weights (`tiny`: toy sizes)."""
     from diffusers import AutoencoderKLWan
 
-    from avatarcli.loading.taehv import build_tiny_decoder
-    from avatarcli.models.taehv import TAEHVConfig
-    from avatarcli.testing.flashportrait_turbo import TINY_TAEHV, tiny_fast_vae_state_dict
-
     torch.manual_seed(0)
     with torch.device(device):
         vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()  # the default config is Wan2.1's
     vae = (vae if dtype == torch.float32 else vae.to(dtype)).eval().requires_grad_(False)
-    config = TINY_TAEHV if tiny else TAEHVConfig()
-    state = tiny_fast_vae_state_dict(config, encoder_width=8 if tiny else 64)
-    tiny_vae = build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
-    return vae, tiny_vae
+    return vae, build_tiny_vae(tiny, device, dtype)
+
+
+def build_tiny_vae(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """The tiny TAEHV decoder (FlashPortrait's fast_vae.pth) at its published widths, random weights (`tiny`: toy
+    widths)."""
+    from avatarcli.loading.taehv import build_tiny_decoder
+    from avatarcli.models.taehv import TAEHVConfig
+    from avatarcli.testing.flashportrait_turbo import TINY_TAEHV, tiny_fast_vae_state_dict
+
+    state = tiny_fast_vae_state_dict(TINY_TAEHV if tiny else TAEHVConfig(), encoder_width=8 if tiny else 64)
+    return build_tiny_decoder(state, source="random TAEHV", dtype=dtype, device=device)
 
 
 def stream(decoder, latents: torch.Tensor, chunk: int, device: torch.device) -> tuple[np.ndarray, float, float]:

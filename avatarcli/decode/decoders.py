@@ -51,3 +51,9 @@ def streaming_decoder(kind: str, *, vae: AutoencoderKLWan | None = None,
 
         return TinyStreamingDecoder(tiny_vae)
     raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+
+
+def generation_decoder(kind: str, tiny_vae: TAEHVDecoder | None) -> FrameDecoder | None:
+    """A driver's decoder for its Generation: the tiny decoder's stream for "tiny"; None for "full", whose stream the
+    pipeline opens itself, sized to the memory left (pipeline.open_writer)."""
+    return streaming_decoder("tiny", tiny_vae=tiny_vae) if kind == "tiny" else None

@@ -138,6 +138,7 @@ class FlashPortraitDriver:
               dtype: torch.dtype, clock: StageClock) -> Generation:
         import torch
 
+        from avatarcli.decode.decoders import generation_decoder
         from avatarcli.loading.memory import decode_copy
         from avatarcli.runtime import resolve_dtype
         from avatarcli.sampling.flashportrait import (
@@ -164,7 +165,8 @@ class FlashPortraitDriver:
         blocks = parts.transformer.blocks
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser,
                           latent_shape=(16, inputs.height // 8, inputs.width // 8), vae=decode_vae,
-                          decoder=_tiny_decoder(preset, models), update=update, skip_frames=1,
+                          decoder=generation_decoder(preset.decoder, models.tiny_decoder), update=update,
+                          skip_frames=1,
                           probe_blocks=(blocks[0], blocks[-1]), transformer=parts.transformer, encode_mode=encoded)
 
     def conditioning(self, job: AnimateJob, inputs: Inputs, models: FlashPortraitModels, latent_frames: int, device):
@@ -208,14 +210,6 @@ def _schedule(preset):
         return schedule_for(preset.schedule, preset.steps, preset.shift)
     except ValueError as error:
         raise AvatarError(str(error)) from error
-
-
-def _tiny_decoder(preset, models: FlashPortraitModels):
-    if preset.decoder != "tiny":
-        return None
-    from avatarcli.decode.decoders import streaming_decoder
-
-    return streaming_decoder("tiny", tiny_vae=models.tiny_decoder)  # takes the normalised latents
 
 
 class WindowTokens:

@@ -182,6 +182,7 @@ class StableAvatarDriver:
               clock: StageClock) -> Generation:
         import torch
 
+        from avatarcli.decode.decoders import generation_decoder
         from avatarcli.loading.memory import decode_copy, park_on_host
         from avatarcli.runtime import resolve_dtype
         from avatarcli.sampling.denoiser import StableAvatarDenoiser
@@ -205,13 +206,8 @@ class StableAvatarDriver:
                                         window_audio=WindowAudio(components, inputs, clock), sigmas=sigmas,
                                         clock=clock)
         blocks = components.transformer.blocks
-        decoder = None
-        if preset.decoder == "tiny":
-            from avatarcli.decode.decoders import streaming_decoder
-
-            decoder = streaming_decoder("tiny", tiny_vae=components.tiny_decoder)  # takes the normalised latents
         return Generation(plan=plan, sigmas=sigmas, denoiser=denoiser, vae=vae, transformer=components.transformer,
-                          decoder=decoder,
+                          decoder=generation_decoder(preset.decoder, components.tiny_decoder),
                           latent_shape=(16, inputs.height // 8, inputs.width // 8),
                           probe_blocks=(blocks[0], blocks[-1]), encode_mode=encoded)
 
