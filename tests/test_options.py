@@ -98,9 +98,9 @@ def test_a_job_is_checked_against_the_processes_that_share_it():
 def test_a_model_carries_its_own_defaults_between_the_preset_and_the_flags(tmp_path):
     base = {"portrait": "p.png", "audio": "a.wav", "model": "demo"}
     job = build_job(base)  # the demo's avatarcli-defaults.yaml: its native size and audio CFG scale
-    assert (job.preset.size, job.preset.audio_scale) == ("128x128", 2.0)
-    job = build_job({**base, "audio_scale": 3.0, "size": "64x64"})  # the user's flags win
-    assert (job.preset.size, job.preset.audio_scale) == ("64x64", 3.0)
+    assert (job.preset.size, job.preset.audio_scale) == ("128x128", 3.0)
+    job = build_job({**base, "audio_scale": 2.5, "size": "64x64"})  # the user's flags win
+    assert (job.preset.size, job.preset.audio_scale) == ("64x64", 2.5)
     assert build_job({**base, "guidance": "ang"}).preset.guidance == "ang"  # a cfg scale default does not get in the way
     assert build_job({"portrait": "p.png", "audio": "a.wav"}).preset.audio_scale == 5.0  # the published model: none
 
