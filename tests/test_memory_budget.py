@@ -159,7 +159,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(one_thread):
     """3 latent frames of a demo-world clip through the demo VAE at 128x128: 2x2 tiles (8 latent pixels of overlap)
-    against the untiled stream: 45.7 dB, 99% of the values within 5, none more than 27 off (benchmarks/README.md)."""
+    against the untiled stream: 43.3 dB, 99% of the values within 8, none more than 27 off (benchmarks/README.md)."""
     from avatarcli.demo import world
     from avatarcli.demo.model import demo_weights_dir
     from avatarcli.features.image import encode_mode
@@ -175,13 +175,13 @@ def test_tiled_decode_stays_within_the_stated_tolerance_on_the_trained_demo_vae(
     tiled = StreamingDecoder(vae, tiles=(2, 2)).push(latents)
     error = np.abs(tiled.astype(int) - full.astype(int))
     assert tiled.shape == full.shape == (9, 128, 128, 3)
-    assert psnr(tiled, full) > 45 and np.percentile(error, 99) <= 5 and error.max() <= 32
+    assert psnr(tiled, full) > 43 and np.percentile(error, 99) <= 8 and error.max() <= 32
 
 
 def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_demo_vae(one_thread):
     """The reference condition of demo faces at 128x128 in 64-pixel tiles (16 pixels of overlap: 9 tiles, the
-    overlap's share of diffusers' 256/192 tiles): the reference latents decode to 34.9-35.7 dB of the whole encode's,
-    0.3-0.5 dB further from the portrait (26.1-27.2 dB whole; faces 3, 11, 23). The VAE's own tiling setting is
+    overlap's share of diffusers' 256/192 tiles): the reference latents decode to 35.0-36.2 dB of the whole encode's,
+    0.4-0.9 dB further from the portrait (28.2-28.9 dB whole; faces 3, 11, 23). The VAE's own tiling setting is
     restored after."""
     from PIL import Image
 
@@ -202,7 +202,7 @@ def test_a_tiled_reference_encode_stays_close_to_the_whole_one_on_the_trained_de
         assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
         decoded = [StreamingDecoder(vae).push(c[:, 4:, :1])[0] for c in (whole, tiled)]  # normalised latents
         assert psnr(decoded[1], decoded[0]) > 34.5
-        assert psnr(decoded[1], portrait) > psnr(decoded[0], portrait) - 0.7
+        assert psnr(decoded[1], portrait) > psnr(decoded[0], portrait) - 1.0
 
 
 def test_a_model_on_the_host_has_no_gpu_bytes_to_move_and_stays_there():
