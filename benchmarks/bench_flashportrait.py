@@ -10,6 +10,12 @@ emo off) as one batch-2 forward, plus the guidance combine. Variants (all bf16 c
   sequential  --offload sequential (leaf-level group offloading)
   fp8         --weights-dtype fp8 (diffusers layerwise casting: fp8 storage, bf16 compute), whole model on the GPU
   fp8+group   both
+  fast        `full` with --numerics fast (modulation, norms, residual adds and RoPE in bf16)
+  compiled    `full` with its blocks compiled as `animate --compile on` does (compile_repeated_blocks)
+  compiled-fast  both
+Every variant but stock also times the conditional branch alone (batch 1, emo on): the forward a guidance-reuse
+step runs in place of the pair (avatarcli/sampling/guidance_reuse.py). A compiled variant's first window-step at the
+full window (its compile) is reported apart and left out of the timing.
 Sizes: 512x512 (52,224 tokens per branch) and 720x1280 (183,600 tokens per branch).
 
 Weights: full-size random bf16 tensors in the published (original Wan) key layout go through the real loading code.
@@ -24,6 +30,7 @@ at 3 latent frames. Rows are printed as they finish; the table is printed last.
 
     python benchmarks/bench_flashportrait.py                                  # every variant and size (~40 min)
     python benchmarks/bench_flashportrait.py --tiny                           # CPU smoke test of the script itself
+    python benchmarks/bench_flashportrait.py --sizes 512x512 --variants full,fast,compiled,compiled-fast   # levers
 
 Then, for each size the `full` variant ran at, the cost of a --clip-seconds driving clip (default 10 s, 25 fps) per
 preset, composed from the costs measured in the same run: windows from the driver's own window plan x steps x the
@@ -56,6 +63,8 @@ from avatarcli.loading.flashportrait import build_flashportrait_transformer, is_
     load_flashportrait_transformer
 from avatarcli.loading.memory import place_transformer
 from avatarcli.loading.transformer import convert_original_keys
+from avatarcli.models.wan import use_numerics
+from avatarcli.runtime import quiet_diffusers
 from avatarcli.sampling.flashportrait import ExpressionGuidance, FlashPortraitDenoiser, latent_frames_for_driving, \
     plan_flashportrait_windows
 from avatarcli.sampling.schedule import flow_sigmas
@@ -68,7 +77,10 @@ from common import build_decoders, random_latents, timed, timed_decode
 VARIANTS = {  # name -> (offload, weights dtype)
     "stock": ("none", "bf16"), "full": ("none", "bf16"), "model": ("model", "bf16"), "group": ("group", "bf16"),
     "sequential": ("sequential", "bf16"), "fp8": ("none", "fp8"), "fp8+group": ("group", "fp8"),
+    "fast": ("none", "bf16"), "compiled": ("none", "bf16"), "compiled-fast": ("none", "bf16"),
 }
+LEVERS = {"fast": ("fast", False), "compiled": ("reference", True), "compiled-fast": ("fast", True)}  # numerics, compile
+REUSE = {"warmup": 3, "max_reused": 1, "order": 0, "tolerance": 1000.0}  # `balanced`'s audio-driver setting
 WINDOW = 51
 TEXT_TOKENS = 120  # a typical prompt; the model zero-pads to text_len (512) as the reference
 
@@ -170,6 +182,11 @@ def main() -> None:
         model = build_flashportrait_transformer(state, wan_config(sizes), dtype=compute, device="cpu")
         placement = place_transformer(model, device, offload=offload, weights_dtype=weights_dtype,
                                       compute_dtype=compute)
+        numerics, compiled = LEVERS.get(variant, ("reference", False))
+        use_numerics(model, numerics)  # before compiling, as the driver does
+        if compiled and device.type == "cuda":
+            with quiet_diffusers():
+                model.compile_repeated_blocks(fullgraph=True)
         return model, placement
 
     gen = torch.Generator(device).manual_seed(0)
@@ -177,8 +194,8 @@ def main() -> None:
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=compute)
 
-    def step_fn(model, placement, frames: int, h: int, w: int):
-        """One window-step closure for the variant."""
+    def step_fn(model, placement, frames: int, h: int, w: int, alone: bool = False):
+        """One window-step closure for the variant (`alone`: the conditional branch only, batch 1)."""
         latents = rand(1, 16, frames, h, w)
         condition = torch.cat([torch.zeros(1, 4, frames, h, w, device=device, dtype=compute),
                                rand(1, 16, frames, h, w)], 1)
@@ -204,11 +221,14 @@ def main() -> None:
 
         def run():
             with torch.no_grad():
+                if alone:
+                    return denoiser.branch_predictions(window, 5, latents, [guidance.conditional])
                 return denoiser(window, 5, latents)
         return run
 
     rows = []
-    header = f"{'variant':<11} {'size':>9} {'tokens':>7} {'s/step':>8} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9}"
+    header = (f"{'variant':<13} {'size':>9} {'tokens':>7} {'s/step':>8} {'min s':>8} {'TFLOP/s':>8} {'peak GiB':>9} "
+              f"{'cond s':>7}")
     print(header, flush=True)
     for variant in variants:
         if device.type == "cuda":
@@ -221,18 +241,26 @@ def main() -> None:
             h, w = height // 8, width // 8
             frames = 3 if args.tiny else WINDOW
             tokens = frames * (h // 2) * (w // 2)
-            step_fn(model, placement, 3, h, w)()  # warm-up: kernels, allocator, offload hooks
+            compiled = LEVERS.get(variant, ("reference", False))[1] and device.type == "cuda"
+            warm_seconds = timed(step_fn(model, placement, frames if compiled else 3, h, w), 0, 1, device)[0]
+            if compiled:  # the compile of both batch sizes, at the timed shapes
+                warm_seconds += timed(step_fn(model, placement, frames, h, w, alone=True), 0, 1, device)[0]
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             times = timed(step_fn(model, placement, frames, h, w), 0, args.repeat, device)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             seconds = statistics.median(times)
+            alone = float("nan")
+            if placement is not None:
+                alone = statistics.median(timed(step_fn(model, placement, frames, h, w, alone=True), 0, args.repeat,
+                                                device))
             row = (variant, f"{width}x{height}", tokens, seconds, min(times),
-                   flops_per_step(tokens, sizes) / seconds / 1e12, peak, build_seconds)
+                   flops_per_step(tokens, sizes) / seconds / 1e12, peak, alone, build_seconds,
+                   warm_seconds if compiled else float("nan"))
             rows.append(row)
-            print(f"{row[0]:<11} {row[1]:>9} {row[2]:>7} {row[3]:>8.2f} {row[4]:>8.2f} {row[5]:>8.1f} "
-                  f"{row[6]:>9.2f}", flush=True)
+            print(f"{row[0]:<13} {row[1]:>9} {row[2]:>7} {row[3]:>8.2f} {row[4]:>8.2f} {row[5]:>8.1f} "
+                  f"{row[6]:>9.2f} {row[7]:>7.2f}", flush=True)
         if placement is not None:
             placement.release()
         del model, placement
@@ -243,27 +271,54 @@ def main() -> None:
     print(f"\ndevice: {name}; torch {torch.__version__}; {params / 1e9:.2f} B params (FlashPortrait; stock lacks the "
           f"{sum(v.numel() for k, v in state.items() if is_expression_key(k)) / 1e9:.2f} B expression projections); "
           f"{WINDOW if not args.tiny else 3} latent frames per window; compute {compute}; {load_note}")
-    print("s/step: one window-step = 2 expression-CFG branches in one batch-2 forward (+ combine); peak GiB: "
-          "torch.cuda.max_memory_allocated during the timed steps (weights resident on the GPU included)")
-    print(header + f" {'build s':>8}")
+    print("s/step: one window-step = 2 expression-CFG branches in one batch-2 forward (+ combine); cond s: the "
+          "conditional branch alone (batch 1), a guidance-reuse step; peak GiB: torch.cuda.max_memory_allocated "
+          "during the timed steps (weights resident on the GPU included); compile s: a compiled variant's first "
+          "pair and first conditional-alone step")
+    print(header + f" {'build s':>8} {'compile s':>9}")
     for r in rows:
-        print(f"{r[0]:<11} {r[1]:>9} {r[2]:>7} {r[3]:>8.2f} {r[4]:>8.2f} {r[5]:>8.1f} {r[6]:>9.2f} {r[7]:>8.1f}")
-    full_steps = {r[1]: r[3] for r in rows if r[0] == "full"}
-    if args.clip_seconds > 0 and full_steps:
-        clip_table(full_steps, args.clip_seconds, device, compute, args.tiny)
+        print(f"{r[0]:<13} {r[1]:>9} {r[2]:>7} {r[3]:>8.2f} {r[4]:>8.2f} {r[5]:>8.1f} {r[6]:>9.2f} {r[7]:>7.2f} "
+              f"{r[8]:>8.1f} {r[9]:>9.1f}")
+    steps = {(r[0], r[1]): (r[3], r[7]) for r in rows if r[0] in ("full", *LEVERS)}
+    if args.clip_seconds > 0 and any(variant == "full" for variant, _ in steps):
+        clip_table(steps, args.clip_seconds, device, compute, args.tiny)
 
 
 PRESETS = (("30-step (reference)", 30, 30, "full"), ("turbo", 4, 30, "tiny"))  # name, steps, overlap, decoder
 
 
-def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torch.device, dtype: torch.dtype,
-               tiny: bool, fps: int = 25) -> None:
-    """Seconds per video second of a driving clip per preset, from the measured window-step and decode rates."""
+class _Pair:
+    """A stand-in window denoiser for counting: two constant branches under expression CFG (no model)."""
+
+    guidance = ExpressionGuidance()
+    branches = 2
+
+    def branch_predictions(self, window, step, latents, rows=None):
+        return torch.ones(len(rows) if rows is not None else self.branches, 1)
+
+
+def reuse_schedule(steps: int) -> tuple[int, int]:
+    """(pair steps, conditional-alone steps) of one window of `steps` computed steps under REUSE, counted by the
+    real rule (avatarcli/sampling/guidance_reuse.py) run on a stand-in denoiser."""
+    from avatarcli.sampling.guidance_reuse import GuidanceReuse
+
+    reusing = GuidanceReuse(**REUSE).bind(_Pair(), flow_sigmas(steps))
+    window = Window(0, 0, 1, 0)
+    for step in range(steps):
+        reusing(window, step, torch.zeros(1, 1))
+    return reusing.full_steps, reusing.reused_steps
+
+
+def clip_table(steps: dict[tuple[str, str], tuple[float, float]], clip_seconds: float, device: torch.device,
+               dtype: torch.dtype, tiny: bool, fps: int = 25) -> None:
+    """Seconds per video second of a driving clip per preset and lever, from the measured window-steps (pair and
+    conditional alone, per variant) and decode rates."""
     vae, tiny_vae = build_decoders(tiny, device, dtype)
     frames = max(1, round(clip_seconds * fps))
     latent_frames = latent_frames_for_driving(frames)
+    sizes = sorted({size for _, size in steps})
     decode_fps = {}
-    for size in step_seconds:
+    for size in sizes:
         width, height = (int(v) for v in size.split("x"))
         latents = random_latents(5 if tiny else 21, width, height, device)
         for kind in ("full", "tiny"):
@@ -272,20 +327,36 @@ def clip_table(step_seconds: dict[str, float], clip_seconds: float, device: torc
     del vae, tiny_vae
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny model: checks the script only)"
     print(f"\n{clip_seconds:g} s driving clip ({frames} frames, {latent_frames} latent frames), {name}; composed from "
-          "this run's `full` window-step and streamed decode rates (random weights)")
-    print(f"{'preset':<22} {'size':>9} {'windows':>7} {'steps':>5} {'DiT s':>8} {'decoder':>7} {'decode s':>8} "
-          f"{'total s':>8} {'s / video s':>11} {'decode share':>12}")
-    for size, step in step_seconds.items():
-        for label, steps, overlap, decoder in PRESETS:
+          "this run's window-steps (pair, conditional alone) and streamed decode rates (random weights); reuse: "
+          f"guidance reuse {REUSE}")
+    print(f"{'preset':<22} {'size':>9} {'variant':<13} {'reuse':>5} {'windows':>7} {'pair+alone':>10} {'DiT s':>8} "
+          f"{'decoder':>7} {'decode s':>8} {'total s':>8} {'s / video s':>11} {'vs full':>7}")
+    for size in sizes:
+        for label, count, overlap, decoder in PRESETS:
             windows = len(plan_flashportrait_windows(latent_frames, WINDOW, overlap).windows)
-            dit = windows * steps * step
-            for kind in (decoder, "tiny" if decoder == "full" else "full"):
-                decode = frames / decode_fps[size, kind]
-                total = dit + decode
-                mark = "" if kind == decoder else " *"
-                print(f"{label + mark:<22} {size:>9} {windows:>7} {steps:>5} {dit:>8.1f} {kind:>7} {decode:>8.2f} "
-                      f"{total:>8.1f} {total / clip_seconds:>11.2f} {decode / total:>11.1%}")
-    print("* the preset with its other decoder (--decoder full|tiny)")
+            schedules = {False: (count, 0), True: reuse_schedule(count)}
+            decode = frames / decode_fps[size, decoder]
+            baseline = windows * count * steps["full", size][0] + decode if ("full", size) in steps else None
+            for (variant, at), (pair, alone) in steps.items():
+                if at != size:
+                    continue
+                for reuse, (pairs, alones) in schedules.items():
+                    dit = windows * (pairs * pair + alones * alone)
+                    total = dit + decode
+                    speedup = f"{baseline / total:>6.2f}x" if baseline else f"{'-':>7}"
+                    print(f"{label:<22} {size:>9} {variant:<13} {'yes' if reuse else 'no':>5} {windows:>7} "
+                          f"{f'{pairs}+{alones}':>10} {dit:>8.1f} {decoder:>7} {decode:>8.2f} {total:>8.1f} "
+                          f"{total / clip_seconds:>11.2f} {speedup}")
+            other = "tiny" if decoder == "full" else "full"
+            if ("full", size) in steps:
+                dit = windows * count * steps["full", size][0]
+                total = dit + frames / decode_fps[size, other]
+                print(f"{label + ' *':<22} {size:>9} {'full':<13} {'no':>5} {windows:>7} {f'{count}+0':>10} "
+                      f"{dit:>8.1f} {other:>7} {frames / decode_fps[size, other]:>8.2f} {total:>8.1f} "
+                      f"{total / clip_seconds:>11.2f}")
+    print("* the preset with its other decoder (--decoder full|tiny); pair+alone: per window, steps with both "
+          "expression-CFG branches and steps with the conditional branch alone; vs full: the `full` variant without reuse "
+          "over this row")
 
 
 if __name__ == "__main__":
