@@ -79,7 +79,8 @@ VARIANTS = {  # name -> (offload, weights dtype)
     "sequential": ("sequential", "bf16"), "fp8": ("none", "fp8"), "fp8+group": ("group", "fp8"),
     "fast": ("none", "bf16"), "compiled": ("none", "bf16"), "compiled-fast": ("none", "bf16"),
 }
-LEVERS = {"fast": ("fast", False), "compiled": ("reference", True), "compiled-fast": ("fast", True)}  # numerics, compile
+# variant -> (numerics, compiled blocks)
+LEVERS = {"fast": ("fast", False), "compiled": ("reference", True), "compiled-fast": ("fast", True)}
 REUSE = {"warmup": 3, "max_reused": 1, "order": 0, "tolerance": 1000.0}  # `balanced`'s audio-driver setting
 WINDOW = 51
 TEXT_TOKENS = 120  # a typical prompt; the model zero-pads to text_len (512) as the reference
@@ -355,8 +356,8 @@ def clip_table(steps: dict[tuple[str, str], tuple[float, float]], clip_seconds: 
                       f"{dit:>8.1f} {other:>7} {frames / decode_fps[size, other]:>8.2f} {total:>8.1f} "
                       f"{total / clip_seconds:>11.2f}")
     print("* the preset with its other decoder (--decoder full|tiny); pair+alone: per window, steps with both "
-          "expression-CFG branches and steps with the conditional branch alone; vs full: the `full` variant without reuse "
-          "over this row")
+          "expression-CFG branches and steps with the conditional branch alone; vs full: the `full` variant "
+          "without reuse over this row")
 
 
 if __name__ == "__main__":
