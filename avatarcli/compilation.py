@@ -68,3 +68,12 @@ def is_compiled(transformer: Any) -> bool:
     on each block)."""
     blocks = getattr(transformer, "blocks", None) or ()
     return any(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+
+
+def compile_blocks(transformer: Any) -> None:
+    """Compile each of the transformer's blocks in place (diffusers' regional compilation, full graphs), without
+    diffusers' log lines; the drivers and the benchmarks share it."""
+    from avatarcli.runtime import quiet_diffusers
+
+    with quiet_diffusers():
+        transformer.compile_repeated_blocks(fullgraph=True)

@@ -11,7 +11,7 @@ emo off) as one batch-2 forward, plus the guidance combine. Variants (all bf16 c
   fp8         --weights-dtype fp8 (diffusers layerwise casting: fp8 storage, bf16 compute), whole model on the GPU
   fp8+group   both
   fast        `full` with --numerics fast (modulation, norms, residual adds and RoPE in bf16)
-  compiled    `full` with its blocks compiled as `animate --compile on` does (compile_repeated_blocks)
+  compiled    `full` with its blocks compiled as `animate --compile on` does (avatarcli.compilation.compile_blocks)
   compiled-fast  both
 Every variant but stock also times the conditional branch alone (batch 1, emo on): the forward a guidance-reuse
 step runs in place of the pair (avatarcli/sampling/guidance_reuse.py). A compiled variant's first window-step at the
@@ -56,15 +56,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from avatarcli.compilation import compile_blocks
 from avatarcli.loading.flashportrait import build_flashportrait_transformer, is_expression_key, \
     load_flashportrait_transformer
 from avatarcli.loading.memory import place_transformer
 from avatarcli.loading.transformer import convert_original_keys
 from avatarcli.models.wan import use_numerics
-from avatarcli.runtime import quiet_diffusers
 from avatarcli.sampling.flashportrait import ExpressionGuidance, FlashPortraitDenoiser, latent_frames_for_driving, \
     plan_flashportrait_windows
 from avatarcli.sampling.schedule import flow_sigmas
@@ -74,13 +75,20 @@ from avatarcli.testing.flashportrait import FULL_SIZE, TINY_SIZE, is_fine_tuned,
 
 from common import build_decoders, random_latents, timed, timed_decode
 
-VARIANTS = {  # name -> (offload, weights dtype)
-    "stock": ("none", "bf16"), "full": ("none", "bf16"), "model": ("model", "bf16"), "group": ("group", "bf16"),
-    "sequential": ("sequential", "bf16"), "fp8": ("none", "fp8"), "fp8+group": ("group", "fp8"),
-    "fast": ("none", "bf16"), "compiled": ("none", "bf16"), "compiled-fast": ("none", "bf16"),
+class Variant(NamedTuple):
+    offload: str = "none"
+    weights: str = "bf16"  # weights dtype
+    numerics: str = "reference"
+    compiled: bool = False  # blocks compiled (on CUDA), as `animate --compile on`
+    lever: bool = False  # a speed lever of the clip table (beside `full`)
+
+
+VARIANTS = {
+    "stock": Variant(), "full": Variant(lever=True), "model": Variant("model"), "group": Variant("group"),
+    "sequential": Variant("sequential"), "fp8": Variant(weights="fp8"), "fp8+group": Variant("group", "fp8"),
+    "fast": Variant(numerics="fast", lever=True), "compiled": Variant(compiled=True, lever=True),
+    "compiled-fast": Variant(numerics="fast", compiled=True, lever=True),
 }
-# variant -> (numerics, compiled blocks)
-LEVERS = {"fast": ("fast", False), "compiled": ("reference", True), "compiled-fast": ("fast", True)}
 REUSE = {"warmup": 3, "max_reused": 1, "order": 0, "tolerance": 1000.0}  # `balanced`'s audio-driver setting
 WINDOW = 51
 TEXT_TOKENS = 120  # a typical prompt; the model zero-pads to text_len (512) as the reference
@@ -156,7 +164,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}")
     if args.tiny:
-        variants = [v for v in variants if VARIANTS[v][1] != "fp8"] + [v for v in variants if VARIANTS[v][1] == "fp8"]
+        variants = sorted(variants, key=lambda v: VARIANTS[v].weights == "fp8")  # fp8 last
 
     t0 = time.perf_counter()
     state = cpu_state(sizes, device, compute)
@@ -179,16 +187,17 @@ def main() -> None:
     def build(variant: str):
         if variant == "stock":
             return stock_model(state, sizes, device), None
-        offload, weights_dtype = VARIANTS[variant]
+        spec = VARIANTS[variant]
         model = build_flashportrait_transformer(state, wan_config(sizes), dtype=compute, device="cpu")
-        placement = place_transformer(model, device, offload=offload, weights_dtype=weights_dtype,
+        placement = place_transformer(model, device, offload=spec.offload, weights_dtype=spec.weights,
                                       compute_dtype=compute)
-        numerics, compiled = LEVERS.get(variant, ("reference", False))
-        use_numerics(model, numerics)  # before compiling, as the driver does
-        if compiled and device.type == "cuda":
-            with quiet_diffusers():
-                model.compile_repeated_blocks(fullgraph=True)
+        use_numerics(model, spec.numerics)  # before compiling, as the driver does
+        if compiles(variant):
+            compile_blocks(model)
         return model, placement
+
+    def compiles(variant: str) -> bool:
+        return VARIANTS[variant].compiled and device.type == "cuda"
 
     gen = torch.Generator(device).manual_seed(0)
 
@@ -242,7 +251,7 @@ def main() -> None:
             h, w = height // 8, width // 8
             frames = 3 if args.tiny else WINDOW
             tokens = frames * (h // 2) * (w // 2)
-            compiled = LEVERS.get(variant, ("reference", False))[1] and device.type == "cuda"
+            compiled = compiles(variant)
             warm_seconds = timed(step_fn(model, placement, frames if compiled else 3, h, w), 0, 1, device)[0]
             if compiled:  # the compile of both batch sizes, at the timed shapes
                 warm_seconds += timed(step_fn(model, placement, frames, h, w, alone=True), 0, 1, device)[0]
@@ -280,7 +289,7 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:<13} {r[1]:>9} {r[2]:>7} {r[3]:>8.2f} {r[4]:>8.2f} {r[5]:>8.1f} {r[6]:>9.2f} {r[7]:>7.2f} "
               f"{r[8]:>8.1f} {r[9]:>9.1f}")
-    steps = {(r[0], r[1]): (r[3], r[7]) for r in rows if r[0] in ("full", *LEVERS)}
+    steps = {(r[0], r[1]): (r[3], r[7]) for r in rows if VARIANTS[r[0]].lever}
     if args.clip_seconds > 0 and any(variant == "full" for variant, _ in steps):
         clip_table(steps, args.clip_seconds, device, compute, args.tiny)
 
@@ -337,7 +346,8 @@ def clip_table(steps: dict[tuple[str, str], tuple[float, float]], clip_seconds: 
             windows = len(plan_flashportrait_windows(latent_frames, WINDOW, overlap).windows)
             schedules = {False: (count, 0), True: reuse_schedule(count)}
             decode = frames / decode_fps[size, decoder]
-            baseline = windows * count * steps["full", size][0] + decode if ("full", size) in steps else None
+            full_dit = windows * count * steps["full", size][0] if ("full", size) in steps else None
+            baseline = full_dit + decode if full_dit else None
             for (variant, at), (pair, alone) in steps.items():
                 if at != size:
                     continue
@@ -349,12 +359,11 @@ def clip_table(steps: dict[tuple[str, str], tuple[float, float]], clip_seconds: 
                           f"{f'{pairs}+{alones}':>10} {dit:>8.1f} {decoder:>7} {decode:>8.2f} {total:>8.1f} "
                           f"{total / clip_seconds:>11.2f} {speedup}")
             other = "tiny" if decoder == "full" else "full"
-            if ("full", size) in steps:
-                dit = windows * count * steps["full", size][0]
-                total = dit + frames / decode_fps[size, other]
+            if full_dit:
+                other_decode = frames / decode_fps[size, other]
+                total = full_dit + other_decode
                 print(f"{label + ' *':<22} {size:>9} {'full':<13} {'no':>5} {windows:>7} {f'{count}+0':>10} "
-                      f"{dit:>8.1f} {other:>7} {frames / decode_fps[size, other]:>8.2f} {total:>8.1f} "
-                      f"{total / clip_seconds:>11.2f}")
+                      f"{full_dit:>8.1f} {other:>7} {other_decode:>8.2f} {total:>8.1f} {total / clip_seconds:>11.2f}")
     print("* the preset with its other decoder (--decoder full|tiny); pair+alone: per window, steps with both "
           "expression-CFG branches and steps with the conditional branch alone; vs full: the `full` variant "
           "without reuse over this row")

@@ -12,7 +12,8 @@ import pytest
 from avatarcli.batch import BatchEntry, BatchReport, ModelSets
 from avatarcli.batch import build_job as build_manifest_job
 from avatarcli.cli import _bare_compile
-from avatarcli.compilation import BREAK_EVEN_WINDOW_STEPS, compiles, computed_steps_per_window, planned_window_steps
+from avatarcli.compilation import BREAK_EVEN_WINDOW_STEPS, compile_blocks, compiles, computed_steps_per_window, \
+    planned_window_steps
 from avatarcli.drivers.stableavatar import DRIVER
 from avatarcli.errors import AvatarError
 from avatarcli.job import AnimateJob
@@ -82,3 +83,15 @@ def test_a_batch_decides_once_for_the_jobs_that_share_a_model_set():
     sets.begin_group(entries[:-1])
     assert sets._compile_decided(entries[0], DRIVER, CUDA).compile == "off"
     assert sets._compile_decided(entries[0], DRIVER, CPU).compile == "off"
+
+
+def test_compile_blocks_compiles_each_block_as_a_full_graph_and_restores_the_log_level():
+    from diffusers.utils import logging as diffusers_logging
+
+    calls = []
+    transformer = SimpleNamespace(compile_repeated_blocks=lambda **kwargs: calls.append(
+        (kwargs, diffusers_logging.get_verbosity())))
+    before = diffusers_logging.get_verbosity()
+    compile_blocks(transformer)
+    assert calls == [({"fullgraph": True}, diffusers_logging.ERROR)]  # quiet while it compiles
+    assert diffusers_logging.get_verbosity() == before

@@ -92,12 +92,12 @@ class FlashPortraitDriver:
                 job.preset.lora_strength, job.preset.decoder, job.preset.numerics)
 
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype) -> FlashPortraitModels:
+        from avatarcli.compilation import compile_blocks
         from avatarcli.features.expression import ExpressionExtractor
         from avatarcli.hub import resolve_weights
         from avatarcli.loading.flashportrait import load_flashportrait
         from avatarcli.loading.memory import place_transformer
         from avatarcli.models.wan import use_numerics
-        from avatarcli.runtime import quiet_diffusers
 
         weights = resolve_weights("flashportrait", job.weights, job.allow_download, also=turbo_files(job.preset))
         offloaded = job.offload != "none" or job.weights_dtype == "fp8"
@@ -129,8 +129,7 @@ class FlashPortraitDriver:
             placement = Placement(device, dtype)
         use_numerics(components.transformer, job.preset.numerics)  # before compiling
         if job.compile == "on" and device.type == "cuda" and job.offload == "none":  # auto: decided before loading
-            with quiet_diffusers():
-                components.transformer.compile_repeated_blocks(fullgraph=True)
+            compile_blocks(components.transformer)
         extractor = ExpressionExtractor.from_folder(weights / FLASHPORTRAIT_FOLDER, device=str(device))
         return FlashPortraitModels(components, extractor, placement, tiny_decoder, weights, disk_prompts)
 

@@ -113,6 +113,7 @@ class StableAvatarDriver:
     def load(self, job: AnimateJob, inputs: Inputs, device: torch.device, dtype: torch.dtype):
         """The models; the DiT on the host when it is offloaded, umT5 (when a prompt is not cached) loaded last, so
         whether it fits the GPU whole is judged beside everything else (`place_models`)."""
+        from avatarcli.compilation import compile_blocks
         from avatarcli.loading.components import load_text_encoder
         from avatarcli.loading.stableavatar import T5_FILE, TOKENIZER_FOLDER, load_stableavatar, text_dtype_for
         from avatarcli.models.wan import use_numerics
@@ -139,8 +140,8 @@ class StableAvatarDriver:
                 from avatarcli.models.fp8 import use_fp8
 
                 use_fp8(components.transformer)  # after fusing (it quantizes the fused layers), before compiling
-            if compiling:
-                components.transformer.compile_repeated_blocks(fullgraph=True)
+        if compiling:
+            compile_blocks(components.transformer)
         if job.preset.decoder == "tiny":
             from avatarcli.loading.taehv import load_tiny_decoder
             from avatarcli.runtime import resolve_dtype
