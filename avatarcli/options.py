@@ -182,7 +182,7 @@ def _preset(given: dict[str, Any], paths: dict[str, Path | None], base: Path | N
         raise AvatarError(f"{name('fps')} does not apply to {name('driving')}: the video keeps the driving video's "
                           "frame rate")
     preset = load_preset(preset_name).for_driver("driving" if paths["driving"] is not None else "audio")
-    defaults, source = model_defaults(given.get("model"), paths["weights"])
+    defaults, source = model_defaults(given.get("model"), paths["weights"], preset.name)
     if defaults:
         preset = preset.with_defaults(defaults, source)
     preset = preset.with_overrides(**overrides)
@@ -194,17 +194,14 @@ MODEL_DEFAULTS_FILE = "avatarcli-defaults.yaml"
 NOT_MODEL_SETTINGS = ("name", "description", "driving", "drivers")
 
 
-def model_defaults(model: str | None, weights: Path | None) -> tuple[dict[str, Any], str]:
+def model_defaults(model: str | None, weights: Path | None, preset: str = "") -> tuple[dict[str, Any], str]:
     """A model's own settings and where they come from: the preset fields that its weights folder's
     avatarcli-defaults.yaml sets (the demo model ships one: its size and guidance scales). They take the place of
-    the preset's values; the user's flags override both. ({}, "") when the folder has none."""
-    folder = weights.expanduser() if weights is not None else None
-    if folder is None and model == "demo":
-        from avatarcli.demo.model import demo_weights_dir
-
-        folder = demo_weights_dir()
-    path = folder / MODEL_DEFAULTS_FILE if folder is not None else None
-    if path is None or not path.is_file():
+    the preset's values; the user's flags override both. The file's `presets:` section gives settings for one preset
+    by name, over the model's general ones (a one-step preset may want gentler guidance than a 50-step grid).
+    ({}, "") when the folder has none."""
+    path = _model_defaults_path(model, weights)
+    if path is None:
         return {}, ""
     import yaml
 
@@ -212,13 +209,33 @@ def model_defaults(model: str | None, weights: Path | None) -> tuple[dict[str, A
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise AvatarError(f"{path}: cannot read the model's settings ({' '.join(str(error).split())})") from None
+    if not isinstance(data, dict):
+        raise AvatarError(f"{path}: the model's settings must be a mapping of preset fields")
+    per_preset = data.pop("presets", None) or {}
+    if not isinstance(per_preset, dict) or not all(isinstance(v, dict) for v in per_preset.values()):
+        raise AvatarError(f"{path}: 'presets' must map preset names to their settings")
+    for section in [data, *per_preset.values()]:
+        _check_model_settings(section, path)
+    return {**data, **per_preset.get(preset, {})}, f"{path} (the model's settings)"
+
+
+def _model_defaults_path(model: str | None, weights: Path | None) -> Path | None:
+    folder = weights.expanduser() if weights is not None else None
+    if folder is None and model == "demo":
+        from avatarcli.demo.model import demo_weights_dir
+
+        folder = demo_weights_dir()
+    path = folder / MODEL_DEFAULTS_FILE if folder is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def _check_model_settings(data: dict[str, Any], path: Path) -> None:
     from avatarcli.presets import Preset
 
     allowed = [f for f in Preset.__dataclass_fields__ if f not in NOT_MODEL_SETTINGS]
-    unknown = [key for key in data if key not in allowed] if isinstance(data, dict) else ["(not a mapping)"]
+    unknown = [key for key in data if key not in allowed]
     if unknown:
-        raise AvatarError(f"{path}: unknown setting '{unknown[0]}' (allowed: {', '.join(allowed)})")
-    return data, f"{path} (the model's settings)"
+        raise AvatarError(f"{path}: unknown setting '{unknown[0]}' (allowed: {', '.join(allowed)}, presets)")
 
 
 def check_choices(given: dict[str, Any], name: Callable[[str], str] = cli_name) -> None:

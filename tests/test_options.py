@@ -98,7 +98,10 @@ def test_a_job_is_checked_against_the_processes_that_share_it():
 def test_a_model_carries_its_own_defaults_between_the_preset_and_the_flags(tmp_path):
     base = {"portrait": "p.png", "audio": "a.wav", "model": "demo"}
     job = build_job(base)  # the demo's avatarcli-defaults.yaml: its native size and audio CFG scale
-    assert (job.preset.size, job.preset.audio_scale) == ("128x128", 3.0)
+    assert (job.preset.size, job.preset.audio_scale) == ("128x128", 4.0)
+    live = build_job({**base, "preset": "live"})  # its `presets: live:` section: gentler guidance for one step
+    assert (live.preset.size, live.preset.audio_scale, live.preset.steps) == ("128x128", 3.0, 1)
+    assert build_job({**base, "preset": "live", "audio_scale": 6.0}).preset.audio_scale == 6.0
     job = build_job({**base, "audio_scale": 2.5, "size": "64x64"})  # the user's flags win
     assert (job.preset.size, job.preset.audio_scale) == ("64x64", 2.5)
     assert build_job({**base, "guidance": "ang"}).preset.guidance == "ang"  # a cfg scale default does not get in the way
@@ -109,6 +112,15 @@ def test_a_model_carries_its_own_defaults_between_the_preset_and_the_flags(tmp_p
     (folder / "avatarcli-defaults.yaml").write_text("text_scale: 4.5\nsteps: 12\n")
     job = build_job({**base, "weights": str(folder)})
     assert (job.preset.text_scale, job.preset.steps, job.preset.audio_scale) == (4.5, 12, 5.0)
+    (folder / "avatarcli-defaults.yaml").write_text("text_scale: 4.5\npresets:\n  fast: {text_scale: 2.0}\n")
+    assert build_job({**base, "weights": str(folder), "preset": "fast"}).preset.text_scale == 2.0
+    assert build_job({**base, "weights": str(folder), "preset": "quality"}).preset.text_scale == 4.5
+    (folder / "avatarcli-defaults.yaml").write_text("presets:\n  fast: {stepz: 2}\n")
+    with pytest.raises(AvatarError, match="unknown setting 'stepz'"):
+        build_job({**base, "weights": str(folder)})
+    (folder / "avatarcli-defaults.yaml").write_text("presets: [fast]\n")
+    with pytest.raises(AvatarError, match="'presets' must map preset names"):
+        build_job({**base, "weights": str(folder)})
     (folder / "avatarcli-defaults.yaml").write_text("stepz: 12\n")
     with pytest.raises(AvatarError, match="unknown setting 'stepz'"):
         build_job({**base, "weights": str(folder)})
