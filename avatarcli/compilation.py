@@ -1,11 +1,11 @@
 """`--compile auto|on|off`: whether `animate` compiles the DiT blocks, and whether a loaded transformer runs compiled.
 
-Compiling (the q/k/v projections fused, each transformer block torch.compile'd: diffusers' regional compilation)
-costs a fixed time at the first forwards of a shape, then makes every window-step faster (about 20% at 480x832 on an
-H100, benchmarks/README.md). `auto`, the default, compiles on CUDA when the job's planned window-steps repay that
-time; `on` compiles on CUDA; `off` never does. Nothing is compiled on the CPU. A batch decides once for the jobs that
-share a model set (avatarcli/batch.py), over their window-steps together, and keeps the compiled blocks for all of
-them.
+Compiling (the q/k/v projections fused, each transformer block torch.compile'd: diffusers' regional compilation) costs
+a fixed time at the first forwards of a shape, then makes every window-step faster (about 20% at 480x832 on an H100,
+benchmarks/README.md). `auto`, the default, compiles on CUDA when the job's planned window-steps repay that time
+(never for the demo model, whose DiT is too small to repay it); `on` compiles on CUDA; `off` never does. Nothing is
+compiled on the CPU. A batch decides once for the jobs that share a model set (avatarcli/batch.py), over their
+window-steps together, and keeps the compiled blocks for all of them.
 
 Torch-free: the options and a manifest's validation read it before torch is imported.
 """
@@ -23,6 +23,9 @@ COMPILE_MODES = ("auto", "on", "off")
 # window-step (1.937 s eager, 1.576 s compiled) = 39; with a warm cache 5. It is the audio driver's 1.3B DiT's; the
 # driving-video driver's 14B one saves more per window-step, so there it errs towards not compiling.
 BREAK_EVEN_WINDOW_STEPS = 39
+# Models `auto` never compiles: the embedded demo model's DiT has 1.7M parameters (a window-step of its 3 branches is
+# ~0.25 s on 2 CPU cores, milliseconds on a GPU), so the seconds of compiling cannot be repaid. `on` still compiles it.
+NEVER_WORTH_COMPILING = ("demo",)
 
 
 def compile_mode(value: Any) -> Any:
@@ -51,16 +54,20 @@ def planned_window_steps(driver: Any, job: Any, frames: int) -> int:
     return len(driver.window_plan(job, frames).windows) * computed_steps_per_window(job.preset)
 
 
-def compiles(mode: str, device: Any, window_steps: int) -> bool:
-    """Whether a job (or a batch's jobs sharing a model set) of `window_steps` compiles on `device` (its `.type`)."""
+def compiles(mode: str, device: Any, window_steps: int, model: str | None = None) -> bool:
+    """Whether a job (or a batch's jobs sharing a model set) of `window_steps` with `model` (the job's `--model`)
+    compiles on `device` (its `.type`)."""
     if mode == "off" or getattr(device, "type", device) != "cuda":
         return False
-    return mode == "on" or window_steps >= BREAK_EVEN_WINDOW_STEPS
+    if mode == "on":
+        return True
+    return model not in NEVER_WORTH_COMPILING and window_steps >= BREAK_EVEN_WINDOW_STEPS
 
 
 def decided(job: Any, device: Any, window_steps: int) -> Any:
     """The job with its compile mode decided, "on" or "off": what a driver loads the models with."""
-    return dataclasses.replace(job, compile="on" if compiles(job.compile, device, window_steps) else "off")
+    on = compiles(job.compile, device, window_steps, getattr(job, "model", None))
+    return dataclasses.replace(job, compile="on" if on else "off")
 
 
 def is_compiled(transformer: Any) -> bool:

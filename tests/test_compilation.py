@@ -3,6 +3,7 @@ break-even, never on the CPU; true/false still mean on/off; a batch decides once
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ from avatarcli.batch import BatchEntry, BatchReport, ModelSets
 from avatarcli.batch import build_job as build_manifest_job
 from avatarcli.cli import _bare_compile
 from avatarcli.compilation import BREAK_EVEN_WINDOW_STEPS, compile_blocks, compiles, computed_steps_per_window, \
-    planned_window_steps
+    decided, planned_window_steps
 from avatarcli.drivers.stableavatar import DRIVER
 from avatarcli.errors import AvatarError
 from avatarcli.job import AnimateJob
@@ -29,6 +30,17 @@ def test_auto_compiles_on_cuda_from_the_break_even_and_never_on_the_cpu():
         False, True, True)
     assert not any(compiles(mode, CPU, 10 * at) for mode in ("auto", "on", "off"))
     assert compiles("on", CUDA, 1) and not compiles("off", CUDA, 10 * at)
+
+
+def test_auto_never_compiles_the_demo_model_and_on_still_does():
+    many = 100 * BREAK_EVEN_WINDOW_STEPS
+    assert not compiles("auto", CUDA, many, "demo") and compiles("auto", CUDA, many, "stableavatar")
+    assert compiles("on", CUDA, 1, "demo")
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=EXAMPLES / "speech.wav", output=Path("o.mp4"),
+                     preset=load_preset("balanced"), model="demo")
+    assert decided(job, CUDA, many).compile == "off"
+    assert decided(dataclasses.replace(job, model="stableavatar"), CUDA, many).compile == "on"
+    assert decided(dataclasses.replace(job, compile="on"), CUDA, 1).compile == "on"
 
 
 def test_the_window_steps_are_the_plan_times_the_fewest_steps_the_preset_computes():
