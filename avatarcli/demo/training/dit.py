@@ -21,7 +21,11 @@ Why the video did not look like the portrait, as far as the DiT is concerned:
 * The first frame. Windows were cut uniformly from the 56 starts of a 76-latent video, so 1 window in 56 held the
   video's first latent frame (the first video frame alone, encoded and decoded as a chunk of its own); inference's
   first window always starts there. That frame came out paler and the first second worse than the rest. Now a share
-  dit_first_window of the windows starts at latent frame 0 (data.latent_windows).
+  dit_first_window of the windows starts at latent frame 0 (data.latent_windows). It still comes out smeared, with
+  doubled edges, under every preset (benchmarks/README.md, demo_goals.py): every window's reference is the neutral
+  portrait while its first frame is the person mid-sway (world.motion's random phases) or later in the clip, an
+  offset the DiT cannot know, so it learns their blend. StableAvatar conditions each training clip on its own first
+  frame; doing that per window is the next change to this stage.
 """
 
 from __future__ import annotations
