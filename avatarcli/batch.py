@@ -350,7 +350,8 @@ class ModelSets:
         from avatarcli.compilation import decided, planned_window_steps
 
         group = self.group or [entry]
-        return decided(entry.job, device, sum(planned_window_steps(driver, e.job, e.frames) for e in group))
+        window_steps = sum(planned_window_steps(driver, e.job, e.frames) for e in group)
+        return decided(entry.job, device, window_steps, driver.compile_break_even(entry.job))
 
     def begin_group(self, group: list[BatchEntry]) -> None:
         self.group = group

@@ -2,8 +2,8 @@
 
 Compiling (the q/k/v projections fused, each transformer block torch.compile'd: diffusers' regional compilation) costs
 a fixed time at the first forwards of a shape, then makes every window-step faster (about 20% at 480x832 on an H100,
-benchmarks/README.md). `auto`, the default, compiles on CUDA when the job's planned window-steps repay that time
-(never for the demo model, whose DiT is too small to repay it); `on` compiles on CUDA; `off` never does. Nothing is
+benchmarks/README.md). `auto`, the default, compiles on CUDA when the job's planned window-steps reach the break-even
+of its model (the driver's `compile_break_even`); `on` compiles on CUDA; `off` never does. Nothing is
 compiled on the CPU. A batch decides once for the jobs that share a model set (avatarcli/batch.py), over their
 window-steps together, and keeps the compiled blocks for all of them.
 
@@ -21,11 +21,8 @@ COMPILE_MODES = ("auto", "on", "off")
 # compile time of the first compiled window-steps over the time each later one saves, with a cold compile cache, as
 # benchmarks/bench_compile.py measured it on an H100 (2026-12-06): 14.1 s of compiling against 0.361 s saved per cfg
 # window-step (1.937 s eager, 1.576 s compiled) = 39; with a warm cache 5. It is the audio driver's 1.3B DiT's; the
-# driving-video driver's 14B one saves more per window-step, so there it errs towards not compiling.
+# driving-video driver's 14B one has its own (avatarcli/drivers/flashportrait.py).
 BREAK_EVEN_WINDOW_STEPS = 39
-# Models `auto` never compiles: the embedded demo model's DiT has 1.7M parameters (a window-step of its 3 branches is
-# ~0.25 s on 2 CPU cores, milliseconds on a GPU), so the seconds of compiling cannot be repaid. `on` still compiles it.
-NEVER_WORTH_COMPILING = ("demo",)
 
 
 def compile_mode(value: Any) -> Any:
@@ -54,19 +51,17 @@ def planned_window_steps(driver: Any, job: Any, frames: int) -> int:
     return len(driver.window_plan(job, frames).windows) * computed_steps_per_window(job.preset)
 
 
-def compiles(mode: str, device: Any, window_steps: int, model: str | None = None) -> bool:
-    """Whether a job (or a batch's jobs sharing a model set) of `window_steps` with `model` (the job's `--model`)
-    compiles on `device` (its `.type`)."""
+def compiles(mode: str, device: Any, window_steps: int, break_even: int | None = BREAK_EVEN_WINDOW_STEPS) -> bool:
+    """Whether a job (or a batch's jobs sharing a model set) of `window_steps` compiles on `device` (its `.type`):
+    under `auto` once they reach the model's `break_even` (None: a model no job repays)."""
     if mode == "off" or getattr(device, "type", device) != "cuda":
         return False
-    if mode == "on":
-        return True
-    return model not in NEVER_WORTH_COMPILING and window_steps >= BREAK_EVEN_WINDOW_STEPS
+    return mode == "on" or (break_even is not None and window_steps >= break_even)
 
 
-def decided(job: Any, device: Any, window_steps: int) -> Any:
+def decided(job: Any, device: Any, window_steps: int, break_even: int | None = BREAK_EVEN_WINDOW_STEPS) -> Any:
     """The job with its compile mode decided, "on" or "off": what a driver loads the models with."""
-    on = compiles(job.compile, device, window_steps, getattr(job, "model", None))
+    on = compiles(job.compile, device, window_steps, break_even)
     return dataclasses.replace(job, compile="on" if on else "off")
 
 

@@ -193,7 +193,7 @@ def decide_compile(job: AnimateJob, driver, inputs, device) -> AnimateJob:
     (avatarcli/compilation.py). Models handed in were loaded with their own decision (a batch's, for its group)."""
     from avatarcli.compilation import decided, planned_window_steps
 
-    return decided(job, device, planned_window_steps(driver, job, inputs.frames))
+    return decided(job, device, planned_window_steps(driver, job, inputs.frames), driver.compile_break_even(job))
 
 
 def raise_if_stopped(stop, job: AnimateJob, inputs) -> None:

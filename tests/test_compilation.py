@@ -34,13 +34,26 @@ def test_auto_compiles_on_cuda_from_the_break_even_and_never_on_the_cpu():
 
 def test_auto_never_compiles_the_demo_model_and_on_still_does():
     many = 100 * BREAK_EVEN_WINDOW_STEPS
-    assert not compiles("auto", CUDA, many, "demo") and compiles("auto", CUDA, many, "stableavatar")
-    assert compiles("on", CUDA, 1, "demo")
     job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=EXAMPLES / "speech.wav", output=Path("o.mp4"),
                      preset=load_preset("balanced"), model="demo")
-    assert decided(job, CUDA, many).compile == "off"
-    assert decided(dataclasses.replace(job, model="stableavatar"), CUDA, many).compile == "on"
-    assert decided(dataclasses.replace(job, compile="on"), CUDA, 1).compile == "on"
+    published = dataclasses.replace(job, model="stableavatar")
+    assert DRIVER.compile_break_even(job) is None and DRIVER.compile_break_even(published) == BREAK_EVEN_WINDOW_STEPS
+    assert not compiles("auto", CUDA, many, None) and compiles("auto", CUDA, many, BREAK_EVEN_WINDOW_STEPS)
+    assert compiles("on", CUDA, 1, None)
+    assert decided(job, CUDA, many, DRIVER.compile_break_even(job)).compile == "off"
+    assert decided(published, CUDA, many, DRIVER.compile_break_even(published)).compile == "on"
+    assert decided(dataclasses.replace(job, compile="on"), CUDA, 1, None).compile == "on"
+
+
+def test_each_driver_gives_its_own_model_s_break_even():
+    from avatarcli.drivers.flashportrait import DRIVER as DRIVING
+
+    job = AnimateJob(portrait=EXAMPLES / "portrait.png", audio=None, driving=EXAMPLES / "portrait.png",
+                     output=Path("o.mp4"), preset=load_preset("reference"))
+    break_even = DRIVING.compile_break_even(job)
+    assert break_even == 20  # the 14B DiT saves 2.49 s a window-step for 48 s of compiling
+    assert (compiles("auto", CUDA, break_even - 1, break_even), compiles("auto", CUDA, break_even, break_even)) == (
+        False, True)
 
 
 def test_the_window_steps_are_the_plan_times_the_fewest_steps_the_preset_computes():

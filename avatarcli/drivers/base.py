@@ -66,6 +66,10 @@ class Driver(Protocol):
         """The sliding windows of an output of `frames` frames; pure (`build` uses it, and --compile auto counts the
         window-steps with it before any model loads)."""
 
+    def compile_break_even(self, job: AnimateJob) -> int | None:
+        """The window-steps after which compiling the job's DiT has paid for itself, for --compile auto
+        (avatarcli/compilation.py); None where no job repays it."""
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         """What the loaded models depend on: jobs with the same key can share them."""
 

@@ -87,6 +87,11 @@ class FlashPortraitDriver:
 
         return plan_flashportrait_windows(latent_frames_for_driving(frames), WINDOW_LATENT_FRAMES, job.preset.overlap)
 
+    def compile_break_even(self, job: AnimateJob) -> int | None:
+        """The 14B DiT's: 48 s of compiling against 2.49 s saved per window-step (14.15 -> 11.66 s at 512x512 on an
+        H100, benchmarks/bench_flashportrait.py) pays after 20 window-steps."""
+        return 20
+
     def models_key(self, job: AnimateJob, inputs: Inputs) -> tuple:
         return (self.name, str(job.weights), job.device, job.dtype, job.offload, job.weights_dtype, job.compile,
                 job.preset.lora_strength, job.preset.decoder, job.preset.numerics)
