@@ -2,6 +2,8 @@
 
     python benchmarks/train_demo.py --out demo-weights --minutes 9   # one GPU, the whole run held to 9 minutes
     python benchmarks/train_demo.py --out /tmp/w --tiny              # a few iterations on CPU (smoke test)
+    python benchmarks/train_demo.py --out demo --minutes 15 --stop-after vae   # then the same command without
+    python benchmarks/train_demo.py --out demo --minutes 15                    # --stop-after goes on from the VAE
 
 Everything is generated from --seed; see avatarcli/demo/training/ for the stages. Prints the expected H200 time of
 each stage, progress, and a JSON summary; the folder it writes is in the published StableAvatar layout and is checked
@@ -43,6 +45,11 @@ def main() -> int:
     parser.add_argument("--vae-base", type=int, help="VAE base width (Wan 2.1 layout; the loader reads it from the file)")
     parser.add_argument("--vae-kl", type=float)
     parser.add_argument("--vae-still-share", type=float, help="share of the VAE's time on stills before the clips")
+    parser.add_argument("--vae-decoder-share", type=float,
+                        help="share of a new VAE's time on its decoder side alone, after the whole VAE")
+    parser.add_argument("--vae-decoder-lr", type=float)
+    parser.add_argument("--stop-after", choices=("vae",),
+                        help="end once the VAE is written; the same command without it goes on from there")
     parser.add_argument("--device")
     parser.add_argument("--init", help="continue from this weights folder (VAE decoder and DiT train on)")
     parser.add_argument("--vae-lr", type=float)
@@ -57,7 +64,8 @@ def main() -> int:
                             workers=args.workers, vae_seconds=args.vae_seconds, dit_seconds=args.dit_seconds,
                             audio_steps=args.audio_steps, vae_steps=args.vae_steps, dit_steps=args.dit_steps,
                             vae_batch=args.vae_batch, dit_batch=args.dit_batch, vae_kl=args.vae_kl,
-                            vae_still_share=args.vae_still_share,
+                            vae_still_share=args.vae_still_share, vae_decoder_share=args.vae_decoder_share,
+                            vae_decoder_lr=args.vae_decoder_lr,
                             device=args.device, init=args.init, vae_lr=args.vae_lr, dit_lr=args.dit_lr,
                             vae_episode_latents=args.vae_episode_latents, vae_grad_latents=args.vae_grad_latents,
                             export_dtype=args.export_dtype)
@@ -66,9 +74,10 @@ def main() -> int:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - STARTED:7.1f} s] {line}", flush=True)
 
-    summary = train(args.out, config, log, started=STARTED)
-    verify(args.out)
-    log("weights load strictly through avatarcli.loading")
+    summary = train(args.out, config, log, started=STARTED, stop_after=args.stop_after)
+    if "stopped_after" not in summary:
+        verify(args.out)
+        log("weights load strictly through avatarcli.loading")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}), flush=True)
     return 0
 

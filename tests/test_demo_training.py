@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -233,3 +234,55 @@ def test_a_new_vae_trains_on_stills_first_and_a_continued_one_does_not(one_threa
         assert shapes and all(s[0] == config.vae_batch for s in shapes)
     finally:
         V.piece_losses = original
+
+
+def test_a_new_vae_can_spend_a_share_of_its_time_on_the_decoder_alone(one_thread):
+    """vae_decoder_share: the whole VAE trains for the rest of the time, its latent statistics are folded in, then
+    only its decoder side trains on (the encoder, and so the DiT's latents, stay as they were)."""
+    from dataclasses import replace
+
+    import avatarcli.demo.training.run as R
+    from avatarcli.demo.training import Budget, TrainConfig, make_pool
+
+    config = replace(TrainConfig.tiny(), vae_decoder_share=0.25, vae_seconds=100.0, vae_steps=2)
+    pool = make_pool(config, lambda line: None)
+    calls, encoders = [], []
+    original = R.train_vae
+
+    def spy(pool, config, log, vae=None, seconds=None):
+        calls.append((vae is None, seconds, config.vae_lr))
+        out = original(pool, config, log, vae=vae, seconds=seconds)
+        encoders.append({k: v.clone() for k, v in out.encoder.state_dict().items()})
+        return out
+
+    R.train_vae = spy
+    try:
+        R.audio_encoder_and_vae(pool, config, lambda line: None, torch.device("cpu"), Budget(None))
+    finally:
+        R.train_vae = original
+    assert calls == [(True, 75.0, config.vae_lr), (False, 25.0, config.vae_decoder_lr)]
+    for key, value in encoders[1].items():
+        assert torch.equal(value, encoders[0][key]), key
+
+
+def test_a_run_stopped_after_its_vae_goes_on_from_there(tmp_path, one_thread):
+    """train(stop_after="vae") writes the VAE and the audio encoder with the progress file and ends; the next train()
+    of the same config into the folder takes them up (the VAE file is not rewritten) and finishes the folder; another
+    config is refused."""
+    from dataclasses import replace
+
+    from avatarcli.demo.training import TrainConfig, train, verify
+    from avatarcli.demo.training.run import PROGRESS, VAE_FILE
+
+    config, out = TrainConfig.tiny(), tmp_path / "w"
+    first = train(out, config, stop_after="vae")
+    vae_file = out / "Wan2.1-Fun-V1.1-1.3B-InP" / VAE_FILE
+    written = vae_file.read_bytes()
+    assert first["stopped_after"] == "vae" and (out / PROGRESS).exists()
+    assert not (out / "StableAvatar-1.3B").exists()
+    with pytest.raises(ValueError, match="other settings"):
+        train(out, replace(config, seed=1))
+    second = train(out, config)
+    assert second["resumed_after_seconds"] == pytest.approx(first["seconds"], abs=0.1)
+    assert not (out / PROGRESS).exists() and vae_file.read_bytes() == written
+    verify(out)

@@ -79,6 +79,8 @@ class TrainConfig:
     vae_still_share: float = 0.5  # share of the VAE's time spent on stills first (vae.train_stills); 0: streamed only
     vae_still_batch: int = 64
     vae_still_lr: float = 2e-3
+    vae_decoder_share: float = 0.0  # share of a new VAE's time on its decoder side alone, after the whole VAE (run.py)
+    vae_decoder_lr: float = 3e-4  # learning rate of that decoder phase
     vae_per_frame_start: bool = True  # a new VAE starts per-frame on video (vae.per_frame_start)
     vae_check_frames: tuple[int, ...] = (81, 301)  # round-trip lengths logged after VAE training (stability)
     dit_steps: int = 100000

@@ -118,7 +118,10 @@ def latent_windows(pool: Pool, latents: torch.Tensor, count: int, gen: torch.Gen
     idx = torch.randint(0, latents.shape[0], (count,), generator=gen)
     start = torch.randint(0, latents.shape[2] - WINDOW + 1, (count,), generator=gen)
     start = torch.where(torch.rand(count, generator=gen) < first, torch.zeros_like(start), start)
-    where = list(zip(idx.tolist(), start.tolist()))
-    x0 = torch.stack([latents[i, :, s : s + WINDOW] for i, s in where])
-    clips = torch.stack([pool.audio[i, 4 * s * hop : 4 * s * hop + span] for i, s in where])
+    # One gather each on the device (a Python loop of `count` slices was most of a DiT step's host time).
+    rows, start = idx.to(latents.device)[:, None], start.to(latents.device)
+    frames = start[:, None] + torch.arange(WINDOW, device=latents.device)
+    x0 = latents[rows, :, frames].permute(0, 2, 1, 3, 4)  # [count, WINDOW, 16, h, w] -> [count, 16, WINDOW, h, w]
+    samples = (4 * hop * start.to(pool.audio.device))[:, None] + torch.arange(span, device=pool.audio.device)
+    clips = pool.audio[rows.to(pool.audio.device), samples]
     return x0, idx, clips

@@ -133,18 +133,23 @@ class FlowBatch:
 
 
 def flow_batch(pool: Pool, latents: torch.Tensor, wav2vec, prompts: torch.Tensor, count: int, gen: torch.Generator,
-               device, first: float = 0.0) -> FlowBatch:
+               device, first: float = 0.0, noise_gen: torch.Generator | None = None) -> FlowBatch:
     """`count` random windows (a share `first` from the video's start), their audio features and conditioning
-    branches, noise levels and noise."""
+    branches, noise levels and noise. The noise is drawn on the device by `noise_gen` (a generator there; default:
+    `gen`, on the host, then copied: at batch 96 that was a third of a step on a GPU)."""
     from avatarcli.sampling.schedule import shift_sigma
 
     x0, idx, clips = latent_windows(pool, latents, count, gen, first)
+    x0 = x0.contiguous()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         features = wav2vec(normalise_audio(clips)).last_hidden_state.float()
     features, branch_audio, text = branch_inputs(draw_branches(count, gen), features, prompts)
     text = text.to(device)
     sigma = torch.tensor(shift_sigma(torch.rand(count, generator=gen).numpy(), SHIFT), dtype=torch.float32).to(device)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
+    if noise_gen is None:
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+    else:
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
     return FlowBatch(x0, idx, features, branch_audio, text, sigma, noise)
 
 
@@ -183,11 +188,13 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     opt = torch.optim.AdamW(dit_param_groups(model, config.dit_audio_lr_scale), lr=config.dit_lr, betas=(0.9, 0.99))
     weight = face_weight(latents.shape[3], latents.shape[4], config.dit_mouth_weight, device)
     deadline = Deadline(config.dit_seconds if seconds is None else seconds, config.dit_steps)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 302)
     step, losses = 0, []
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.dit_lr * group["scale"] * cosine(int(deadline.progress(step) * 1000), 1000, 20)
-        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device, config.dit_first_window)
+        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device, config.dit_first_window,
+                           noise_gen)
         loss = flow_matching_loss(model, batch, conditions, image_tokens, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

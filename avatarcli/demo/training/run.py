@@ -5,19 +5,28 @@ fixed components and prompts -> pool -> audio encoder -> VAE (+ its latent stati
 Continuing from a weights folder (config.init), the audio encoder is kept, the VAE's decoder side and the DiT train
 on, and the latent statistics stay as they were.
 
+A new VAE may spend a share of its time (config.vae_decoder_share) on its decoder side alone after the whole VAE has
+trained and its latent statistics are folded in: what a continued run (--init) does, in the same process.
+
 Time: each stage runs to its step count or its time budget; with config.minutes the VAE and the DiT share what the
 stages before them leave of the whole budget (schedule.Budget), so the run ends on time on any GPU. The expected
 H200 seconds of every stage (config.estimate) are logged first.
+
+Resume: once the VAE stage is done its weights are in the folder, with PROGRESS (the config and the seconds spent).
+`train(..., stop_after="vae")` ends there; a later train() into the same folder with the same config goes on from
+the saved VAE and audio encoder (as float16 files, as inference loads them) with the rest of the budget.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from avatarcli.demo.training.config import H200_FIXED_SECONDS, PROMPT, WINDOW_VIDEO_FRAMES, TrainConfig, estimate
 from avatarcli.demo.training.data import Pool, make_pool
@@ -68,11 +77,59 @@ def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device, budget: 
                                              reserve=reserve(config, "latents", "checks")))
         return wav2vec, vae, load_stableavatar_transformer(init, "square", dtype=torch.float32, device=device)
     wav2vec = train_audio_encoder(pool, config, log)
-    vae = train_vae(pool, config, log, seconds=budget.share(config.vae_seconds, config.dit_seconds,
-                                                            reserve=reserve(config, "latents", "checks")))
+    later = reserve(config, "latents", "checks")
+    whole = budget.share(config.vae_seconds, config.dit_seconds, reserve=later) * (1 - config.vae_decoder_share)
+    vae = train_vae(pool, config, log, seconds=whole)
     mean, std = latent_statistics(vae, pool)
     fold_latent_statistics(vae, mean, std)
+    if config.vae_decoder_share > 0:
+        decoder = budget.share(config.vae_seconds * config.vae_decoder_share, config.dit_seconds, reserve=later)
+        log(f"vae: the decoder side alone for {decoder:.0f} s")
+        vae = train_vae(pool, replace(config, vae_lr=config.vae_decoder_lr, seed=config.seed + 1), log, vae=vae,
+                        seconds=decoder)
     return wav2vec, vae, None
+
+
+PROGRESS = "train-progress.json"
+VAE_FILE = "Wan2.1_VAE.safetensors"
+
+
+def _resumable(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def saved_progress(out: Path, config: TrainConfig) -> float | None:
+    """Seconds an earlier run of this config into `out` spent before it stopped after its VAE, or None."""
+    path = out / PROGRESS
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state["config"] != _resumable(config):
+        raise ValueError(f"{out} holds a stopped run with other settings: remove it or give another folder")
+    return float(state["seconds"])
+
+
+def vae_stage(out: Path, pool: Pool, config: TrainConfig, log, device, budget: Budget, summary: dict):
+    """Audio encoder and VAE trained (or continued), checked and written to `out` with PROGRESS:
+    (wav2vec2, VAE, DiT to train on from or None)."""
+    wav2vec, vae, init_transformer = audio_encoder_and_vae(pool, config, log, device, budget)
+    summary.update(log_round_trips(vae, config.vae_check_frames, pool.videos.shape[2], log))
+    save_wav2vec(wav2vec, out / WAV2VEC)
+    save_file(export_vae(vae, config.sizes, getattr(torch, config.export_dtype)), str(out / BASE / VAE_FILE))
+    (out / PROGRESS).write_text(json.dumps({"config": _resumable(config), "seconds": budget.elapsed()}))
+    return wav2vec, vae, init_transformer
+
+
+def saved_models(out: Path, config: TrainConfig, device):
+    """What vae_stage wrote to `out`, loaded back: (wav2vec2, VAE, DiT to train on from or None)."""
+    from avatarcli.loading.components import load_audio_encoder, load_vae
+    from avatarcli.loading.transformer import load_stableavatar_transformer
+
+    wav2vec, _ = load_audio_encoder(out / WAV2VEC, device=device)
+    vae = load_vae(out / BASE / VAE_FILE, device=device)
+    init = (load_stableavatar_transformer(Path(config.init), "square", dtype=torch.float32, device=device)
+            if config.init else None)
+    return wav2vec, vae, init
 
 
 def portrait_inputs(vae, image_encoder, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -104,14 +161,15 @@ def logged_condition_check(ema, vae, wav2vec, image_encoder, prompts: torch.Tens
 
 
 def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] = lambda line: None,
-          started: float | None = None) -> dict:
+          started: float | None = None, stop_after: str | None = None) -> dict:
     """Run every stage and write the weights folder; returns a summary (steps, losses, checks, seconds).
-    `started`: the time.perf_counter() the whole run's budget (config.minutes) counts from (default: now)."""
-    from safetensors.torch import save_file
-
+    `started`: the time.perf_counter() the whole run's budget (config.minutes) counts from (default: now).
+    `stop_after="vae"`: end once the VAE is written; a run stopped so is taken up again by the next train() of the
+    same config into the same folder (its budget counts the seconds already spent)."""
     out = Path(out_dir)
     started = time.perf_counter() if started is None else started
-    budget = Budget(config.minutes, started)
+    spent = saved_progress(out, config)
+    budget = Budget(config.minutes, started - (spent or 0.0))
     planned = estimate(config)
     log("expected on one H200: " + ", ".join(f"{k} {v:.0f} s" for k, v in planned.items()))
     torch.manual_seed(config.seed)
@@ -128,11 +186,16 @@ def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] =
     prompts, image_encoder = fixed_components(out, config, device)
     pool = make_pool(config, log)
     lap("data")
-    wav2vec, vae, init_transformer = audio_encoder_and_vae(pool, config, log, device, budget)
-    lap("audio+vae")
-    summary.update(log_round_trips(vae, config.vae_check_frames, pool.videos.shape[2], log))
-    save_wav2vec(wav2vec, out / WAV2VEC)
-    save_file(export_vae(vae, config.sizes, dtype), str(out / BASE / "Wan2.1_VAE.safetensors"))
+    if spent is None:
+        wav2vec, vae, init_transformer = vae_stage(out, pool, config, log, device, budget, summary)
+        lap("audio+vae")
+        if stop_after == "vae":
+            log(f"stopped after the VAE ({budget.elapsed():.0f} s): the same command goes on from there")
+            return dict(summary, stopped_after="vae", stage_seconds=seconds, seconds=round(budget.elapsed(), 1))
+    else:
+        log(f"going on after the VAE of a run stopped at {spent:.0f} s")
+        wav2vec, vae, init_transformer = saved_models(out, config, device)
+        summary["resumed_after_seconds"] = round(spent, 1)
     latents = encode_pool(vae, pool)
     summary["latent_mean_abs"] = float(latents.mean(dim=(0, 2, 3, 4)).abs().max())
     summary["latent_std"] = [round(float(v), 3) for v in latents.std(dim=(0, 2, 3, 4))]
@@ -146,9 +209,10 @@ def train(out_dir: str | Path, config: TrainConfig, log: Callable[[str], None] =
     avatar = out / AVATAR
     avatar.mkdir(parents=True, exist_ok=True)
     save_file(export_transformer(ema, config.sizes, dtype), str(avatar / "transformer3d-square.safetensors"))
+    (out / PROGRESS).unlink(missing_ok=True)
     lap("checks")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"stage seconds: {seconds}; weights folder {size / 2**20:.1f} MiB")
     summary.update(dit_steps=steps, stage_seconds=seconds, weights_mib=round(size / 2**20, 2),
-                   seconds=round(time.perf_counter() - started, 1))
+                   seconds=round(budget.elapsed(), 1))
     return summary
