@@ -135,8 +135,9 @@ class FlowBatch:
 def flow_batch(pool: Pool, latents: torch.Tensor, wav2vec, prompts: torch.Tensor, count: int, gen: torch.Generator,
                device, first: float = 0.0, noise_gen: torch.Generator | None = None) -> FlowBatch:
     """`count` random windows (a share `first` from the video's start), their audio features and conditioning
-    branches, noise levels and noise. The noise is drawn on the device by `noise_gen` (a generator there; default:
-    `gen`, on the host, then copied: at batch 96 that was a third of a step on a GPU)."""
+    branches, noise levels and noise. The noise is drawn on the device by `noise_gen`, a generator there (default:
+    by `gen` on the host, then copied: part of the host work that was 43% of a step at batch 96 on an H100,
+    bench_train_step.py)."""
     from avatarcli.sampling.schedule import shift_sigma
 
     x0, idx, clips = latent_windows(pool, latents, count, gen, first)
