@@ -13,10 +13,10 @@ little more time). `dit batch prep` is flow_batch alone: the host-side work of a
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -106,26 +106,23 @@ def vae_rows(pool, config: TrainConfig, args, device) -> list[dict]:
 def dit_rows(pool, config: TrainConfig, args, device) -> list[dict]:
     vae = new_vae(config.sizes).to(device).eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as folder:
-        prompts, image_encoder = fixed_components(__import__("pathlib").Path(folder), config, device)
+        prompts, image_encoder = fixed_components(Path(folder), config, device)
         latents = encode_pool(vae, pool)
         conditions, tokens, _ = portrait_inputs(vae, image_encoder, pool)
     wav2vec = new_wav2vec(config.sizes).to(device).eval()
-    gen = torch.Generator().manual_seed(0)
+    gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(1)
     rows = []
     for batch in ints(args.dit_batches):
-        model = [None]
 
-        def run(n, batch=batch):
+        def run(n, batch=batch):  # a new DiT each call: its construction is nothing beside n steps
             c = replace(config, dit_batch=batch, dit_steps=n, dit_seconds=1e9)
-            ema, _ = train_dit(pool, latents, conditions, tokens, prompts, wav2vec, c, lambda line: None,
-                               model[0], 1e9)
-            model[0] = copy.deepcopy(ema).train()
+            train_dit(pool, latents, conditions, tokens, prompts, wav2vec, c, lambda line: None, None, 1e9)
 
         rows.append(measure("dit", batch, 1, run, args.steps, device))
 
-        def prep(n, batch=batch):
+        def prep(n, batch=batch):  # as train_dit prepares its batches
             for _ in range(n):
-                flow_batch(pool, latents, wav2vec, prompts, batch, gen, device, config.dit_first_window)
+                flow_batch(pool, latents, wav2vec, prompts, batch, gen, device, noise_gen, config.dit_first_window)
 
         rows.append(measure("dit batch prep", batch, 1, prep, args.steps, device))
     return rows

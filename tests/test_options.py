@@ -115,15 +115,10 @@ def test_a_model_carries_its_own_defaults_between_the_preset_and_the_flags(tmp_p
     (folder / "avatarcli-defaults.yaml").write_text("text_scale: 4.5\npresets:\n  fast: {text_scale: 2.0}\n")
     assert build_job({**base, "weights": str(folder), "preset": "fast"}).preset.text_scale == 2.0
     assert build_job({**base, "weights": str(folder), "preset": "quality"}).preset.text_scale == 4.5
-    (folder / "avatarcli-defaults.yaml").write_text("presets:\n  fast: {stepz: 2}\n")
-    with pytest.raises(AvatarError, match="unknown setting 'stepz'"):
-        build_job({**base, "weights": str(folder)})
-    (folder / "avatarcli-defaults.yaml").write_text("presets: [fast]\n")
-    with pytest.raises(AvatarError, match="'presets' must map preset names"):
-        build_job({**base, "weights": str(folder)})
-    (folder / "avatarcli-defaults.yaml").write_text("stepz: 12\n")
-    with pytest.raises(AvatarError, match="unknown setting 'stepz'"):
-        build_job({**base, "weights": str(folder)})
-    (folder / "avatarcli-defaults.yaml").write_text("steps: 0\n")
-    with pytest.raises(AvatarError, match="avatarcli-defaults.yaml"):
-        build_job({**base, "weights": str(folder)})
+    refused = [("presets:\n  fast: {stepz: 2}\n", "unknown setting 'stepz'"),
+               ("presets: [fast]\n", "'presets' must map preset names"),
+               ("stepz: 12\n", "unknown setting 'stepz'"), ("steps: 0\n", "avatarcli-defaults.yaml")]
+    for text, message in refused:
+        (folder / "avatarcli-defaults.yaml").write_text(text)
+        with pytest.raises(AvatarError, match=message):
+            build_job({**base, "weights": str(folder)})

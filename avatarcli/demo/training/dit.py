@@ -133,10 +133,10 @@ class FlowBatch:
 
 
 def flow_batch(pool: Pool, latents: torch.Tensor, wav2vec, prompts: torch.Tensor, count: int, gen: torch.Generator,
-               device, first: float = 0.0, noise_gen: torch.Generator | None = None) -> FlowBatch:
+               device, noise_gen: torch.Generator, first: float = 0.0) -> FlowBatch:
     """`count` random windows (a share `first` from the video's start), their audio features and conditioning
-    branches, noise levels and noise. The noise is drawn on the device by `noise_gen`, a generator there (default:
-    by `gen` on the host, then copied: part of the host work that was 43% of a step at batch 96 on an H100,
+    branches, noise levels and noise. The noise is drawn on the device by `noise_gen`, a generator there (drawn on
+    the host and copied, it was part of the host work that took 43% of a step at batch 96 on an H100,
     bench_train_step.py)."""
     from avatarcli.sampling.schedule import shift_sigma
 
@@ -147,10 +147,7 @@ def flow_batch(pool: Pool, latents: torch.Tensor, wav2vec, prompts: torch.Tensor
     features, branch_audio, text = branch_inputs(draw_branches(count, gen), features, prompts)
     text = text.to(device)
     sigma = torch.tensor(shift_sigma(torch.rand(count, generator=gen).numpy(), SHIFT), dtype=torch.float32).to(device)
-    if noise_gen is None:
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-    else:
-        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+    noise = torch.randn(x0.shape, generator=noise_gen, device=device)
     return FlowBatch(x0, idx, features, branch_audio, text, sigma, noise)
 
 
@@ -194,8 +191,8 @@ def train_dit(pool: Pool, latents: torch.Tensor, conditions: torch.Tensor, image
     while not deadline.done(step):
         for group in opt.param_groups:
             group["lr"] = config.dit_lr * group["scale"] * cosine(int(deadline.progress(step) * 1000), 1000, 20)
-        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device, config.dit_first_window,
-                           noise_gen)
+        batch = flow_batch(pool, latents, wav2vec, prompts, config.dit_batch, gen, device, noise_gen,
+                           config.dit_first_window)
         loss = flow_matching_loss(model, batch, conditions, image_tokens, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

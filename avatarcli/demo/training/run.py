@@ -68,14 +68,13 @@ def audio_encoder_and_vae(pool: Pool, config: TrainConfig, log, device, budget: 
     from, None from scratch)."""
     if config.init:
         from avatarcli.loading.components import load_audio_encoder, load_vae
-        from avatarcli.loading.transformer import load_stableavatar_transformer
 
         init = Path(config.init)
         wav2vec, _ = load_audio_encoder(init / WAV2VEC, device=device)
         vae = train_vae(pool, config, log, vae=load_vae(init / BASE / "Wan2.1_VAE.pth", device=device),
                         seconds=budget.share(config.vae_seconds, config.dit_seconds,
                                              reserve=reserve(config, "latents", "checks")))
-        return wav2vec, vae, load_stableavatar_transformer(init, "square", dtype=torch.float32, device=device)
+        return wav2vec, vae, init_transformer(config, device)
     wav2vec = train_audio_encoder(pool, config, log)
     later = reserve(config, "latents", "checks")
     whole = budget.share(config.vae_seconds, config.dit_seconds, reserve=later) * (1 - config.vae_decoder_share)
@@ -120,16 +119,21 @@ def vae_stage(out: Path, pool: Pool, config: TrainConfig, log, device, budget: B
     return wav2vec, vae, init_transformer
 
 
+def init_transformer(config: TrainConfig, device):
+    """The DiT of the weights folder config.init to train on from (float32), or None for a new one."""
+    if not config.init:
+        return None
+    from avatarcli.loading.transformer import load_stableavatar_transformer
+
+    return load_stableavatar_transformer(Path(config.init), "square", dtype=torch.float32, device=device)
+
+
 def saved_models(out: Path, config: TrainConfig, device):
     """What vae_stage wrote to `out`, loaded back: (wav2vec2, VAE, DiT to train on from or None)."""
     from avatarcli.loading.components import load_audio_encoder, load_vae
-    from avatarcli.loading.transformer import load_stableavatar_transformer
 
     wav2vec, _ = load_audio_encoder(out / WAV2VEC, device=device)
-    vae = load_vae(out / BASE / VAE_FILE, device=device)
-    init = (load_stableavatar_transformer(Path(config.init), "square", dtype=torch.float32, device=device)
-            if config.init else None)
-    return wav2vec, vae, init
+    return wav2vec, load_vae(out / BASE / VAE_FILE, device=device), init_transformer(config, device)
 
 
 def portrait_inputs(vae, image_encoder, pool: Pool) -> tuple[torch.Tensor, torch.Tensor, float]:
