@@ -111,17 +111,40 @@ def status(page) -> tuple[str, str]:
     }""")
 
 
+# Every status line the page renders, logged in the page by a MutationObserver: a line shown for less than one poll
+# (the last window-step just before "done", on a busy machine) is not missed. Each call starts a new log.
+RECORD_STATUS = """() => {
+    window.__statusLog = [];
+    const record = () => {
+        const el = document.querySelector('#status .avatarcli-status');
+        const entry = el ? [el.dataset.state, el.innerText.trim()] : ['', ''];
+        const last = window.__statusLog[window.__statusLog.length - 1];
+        if (!last || last[0] !== entry[0] || last[1] !== entry[1]) window.__statusLog.push(entry);
+    };
+    record();
+    if (!window.__statusObserver) {
+        window.__statusObserver = new MutationObserver(() => window.__statusRecord());
+        window.__statusObserver.observe(document.body,
+                                        {subtree: true, childList: true, characterData: true, attributes: true});
+    }
+    window.__statusRecord = record;
+}"""
+
+
 def watch(page, until: tuple[str, ...], timeout: float = 120, on_text=None) -> list[tuple[float, str, str]]:
-    """The status lines seen (seconds since the call, state, text), until the state is one of `until`."""
-    started, seen = time.perf_counter(), []
+    """The status lines shown (seconds since the call when read, state, text), until the state is one of `until`."""
+    started, seen, read = time.perf_counter(), [], 0
+    page.evaluate(RECORD_STATUS)
     while time.perf_counter() - started < timeout:
-        state, text = status(page)
-        if not seen or seen[-1][1:] != (state, text):
-            seen.append((time.perf_counter() - started, state, text))
-            if on_text is not None:
-                on_text(text)
-        if state in until:
-            return seen
+        entries = page.evaluate(f"() => window.__statusLog.slice({read})")
+        read += len(entries)
+        for state, text in entries:
+            if not seen or seen[-1][1:] != (state, text):
+                seen.append((time.perf_counter() - started, state, text))
+                if on_text is not None:
+                    on_text(text)
+            if state in until:
+                return seen
         time.sleep(0.05)
     pytest.fail(f"the page did not reach {until} in {timeout} s; it showed {seen[-3:]}")
 
